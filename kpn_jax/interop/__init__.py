@@ -1,0 +1,1 @@
+"""PyTorch interop: weight conversion and a reference implementation."""

@@ -1,0 +1,1 @@
+"""Flax models: torchvision-layout ResNets and the keypoint-pooling network."""
