@@ -1,0 +1,74 @@
+"""The paper's settings: ResNet-50 KPN + coherence learning, 320 px, batch 48, 60 epochs.
+
+Run: python run.py --config=configs/default.py --workdir=DIR \
+         --config.dataset=oai/default --config.data_dir=~/tensorflow_datasets
+"""
+
+import ml_collections
+
+from kpn_jax import grades
+
+
+def get_config():
+    config = ml_collections.ConfigDict()
+
+    # Data. 'synthetic_knee' builds the embedded synthetic dataset on first use
+    # (parameters in config.synthetic); any other value names a built TFDS dataset
+    # 'builder/config' under data_dir (see docs/DATASETS.md).
+    config.dataset = "synthetic_knee"
+    config.data_dir = "~/tensorflow_datasets"
+    config.synthetic = ml_collections.ConfigDict(dict(
+        image_size=320, num_train=2000, num_validation=500, num_test=500, num_unlabeled=2000,
+        seed=0, rater_noise=0.1))
+    config.tasks = grades.TASKS
+    config.labeled_fraction = 1.0     # subject-level subsample of the labelled training set
+    config.labeled_fraction_seed = 0  # the rest of the training set becomes unlabelled
+    config.num_data_threads = 4
+
+    # Model.
+    config.model = ml_collections.ConfigDict(dict(
+        pooling="keypoints",          # 'keypoints' (KPN) or 'global' (the ResNet baseline)
+        depth=50,
+        width=64,
+        aggregation="concat",         # KPN: 'concat' (paper) or 'mean' over the points
+        densify_k=0,                  # >0: resample each compartment to k points
+        feature_layer="layer3",
+        aux_regression=False,         # Antony et al.'s auxiliary regression head
+        input_mode="repeat",          # 'repeat' grey -> 3 channels, or 'single' channel stem
+        conv1x1="einsum",             # 'einsum' or 'conv' (same parameters, same numbers)
+    ))
+    config.dtype = "float32"          # compute dtype: 'float32' or 'bfloat16'
+    config.init_from = ""             # torchvision ResNet weights (.pth/.safetensors) for the backbone
+
+    # Losses (eq. 5): L = lambda_cls L_cls + lambda_gmm L_gmm.
+    config.lambda_cls = 1.0
+    config.aux_regression_weight = 1.0
+    config.coherence = ml_collections.ConfigDict(dict(
+        enabled=True, num_components=10, sigma=0.2, tau=0.5, lambda_gmm=1.0,
+        warmup_epochs=1, gmm_repeats=1, gmm_seed=0))
+
+    # Optimisation (the paper: Adam, wd 1e-2, lr 1e-4 halved after epochs 10 and 30).
+    config.batch_size = 48            # labelled examples per global batch
+    config.unlabeled_batch_size = 48  # unlabelled examples per global batch (CL only)
+    config.eval_batch_size = 64
+    config.num_epochs = 60
+    config.learning_rate = 1e-4
+    config.weight_decay = 1e-2
+    config.weight_decay_style = "l2"  # 'l2' = torch Adam(weight_decay) (paper); 'decoupled' = AdamW
+    config.lr_decay_epochs = (10, 30)
+    config.lr_decay_factor = 0.5
+
+    # Augmentation at 320 px (translation scales with image size).
+    config.augment = ml_collections.ConfigDict(dict(
+        max_translation_px=10.0, max_rotation_deg=5.0, scale_range=(0.95, 1.05)))
+
+    # Bookkeeping.
+    config.seed = 0
+    config.log_every_steps = 50
+    config.eval_every_epochs = 1
+    config.checkpoint_every_steps = 500
+    config.keep_checkpoints = 2
+    config.best_metric = "validation/oarsi_average/accuracy"  # or e.g. validation/kl/accuracy
+    config.eval_split = "test"        # split for --mode=evaluate
+    config.max_steps = 0              # >0 stops early (tests, smoke runs)
+    return config

@@ -1,0 +1,258 @@
+"""Data: TFDS array_record sources -> grain -> per-process numpy batches.
+
+Every global training batch holds ``B_l`` labelled and ``B_u`` unlabelled
+examples (the paper's semi-supervised batches). The labelled stream walks the
+labelled training set in a fresh permutation every epoch; the unlabelled stream
+walks the ``unlabeled`` split together with the labelled training set (as in the
+paper), its grades hidden. Example ``j`` of global batch ``s`` is a pure
+function of ``(seed, s, j)``, so a run restarted at step ``s`` sees exactly the
+batches it would have seen, and each process reads only its own slice of every
+global batch.
+
+A local batch is a dict of numpy arrays:
+  ``image`` uint8 [B, H, W, 1], ``keypoints`` float32 [B, N, 2],
+  ``keypoints_valid`` bool [B, N], ``grades`` int32 [B, 7] (-1 = not graded or
+  hidden), ``labeled`` bool [B] (example from the labelled stream), and for
+  evaluation ``mask`` bool [B] (False for padding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Iterator, Sequence
+
+import grain
+import numpy as np
+
+from kpn_jax import grades as grades_lib
+
+ARRAY_KEYS = ("image", "keypoints", "keypoints_valid", "grades")
+
+
+@dataclasses.dataclass
+class DatasetHandle:
+    """An opened dataset: random-access sources per split and what they hold."""
+
+    name: str
+    sources: dict
+    image_size: int
+    keypoint_schema: str
+    num_examples: dict
+
+    def split(self, split: str):
+        if split not in self.sources:
+            raise ValueError(f"dataset {self.name!r} has no split {split!r}; it has "
+                             f"{sorted(self.sources)}")
+        return self.sources[split]
+
+
+def resolve_dataset_name(config) -> str:
+    """The ``builder/config`` name to open; builds the synthetic knees on first use."""
+    name = config.dataset
+    if name == "synthetic_knee":
+        from data_prep import synthetic_knee  # only needed for the embedded dataset
+
+        syn = config.synthetic
+        return synthetic_knee.build(
+            os.path.expanduser(config.data_dir), image_size=syn.image_size,
+            num_train=syn.num_train, num_validation=syn.num_validation, num_test=syn.num_test,
+            num_unlabeled=syn.num_unlabeled, seed=syn.seed, rater_noise=syn.rater_noise)
+    return name
+
+
+def open_dataset(config) -> DatasetHandle:
+    """Opens ``config.dataset`` under ``config.data_dir`` (building synthetic data if needed)."""
+    from data_prep import tfds_util
+
+    data_dir = os.path.expanduser(config.data_dir)
+    if config.dataset != "synthetic_knee" and not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"config.data_dir {data_dir!r} does not exist")
+    name = resolve_dataset_name(config)
+    builder = tfds_util.open_builder(data_dir, name)
+    info = builder.info
+    image_size = int(info.metadata.get("image_size", 0) or info.features["image"].shape[0])
+    schema = info.metadata.get("keypoint_schema", "kneel16")
+    sources = builder.as_data_source()
+    return DatasetHandle(name=name, sources=dict(sources), image_size=image_size,
+                         keypoint_schema=schema,
+                         num_examples={k: v.num_examples for k, v in info.splits.items()})
+
+
+def read_field(source, field: str, batch: int = 256) -> np.ndarray:
+    """Reads one field of every record of a source, skipping image decoding."""
+    import tensorflow_datasets as tfds
+
+    skip = {"image": tfds.decode.SkipDecoding()}
+    # Re-open the same files with a decoder that leaves PNG bytes undecoded.
+    fast = source.__class__(dataset_info=source.dataset_info, split=source.split, decoders=skip) \
+        if hasattr(source, "dataset_info") else source
+    values = []
+    for start in range(0, len(fast), batch):
+        records = fast.__getitems__(list(range(start, min(start + batch, len(fast)))))
+        values += [r[field] for r in records]
+    if not values:
+        return np.zeros((0,), np.int32)
+    if isinstance(values[0], bytes):
+        return np.asarray([v.decode() for v in values])
+    return np.stack(values)
+
+
+def labeled_indices(grades: np.ndarray, subject_ids: np.ndarray, fraction: float, seed: int,
+                    tasks: Sequence[str]) -> np.ndarray:
+    """Indices of training examples used as labelled.
+
+    Examples with no grade for any of ``tasks`` are never labelled. With
+    ``fraction < 1`` whole subjects are kept (subject-level subsampling, fixed
+    ``seed``), so both knees of a person are labelled or neither.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"config.labeled_fraction must be in (0, 1], got {fraction}")
+    cols = [grades_lib.TASKS.index(t) for t in tasks]
+    has_label = np.any(grades[:, cols] != grades_lib.MISSING, axis=1)
+    index = np.flatnonzero(has_label)
+    if fraction < 1.0:
+        subjects = np.unique(subject_ids[index])
+        rng = np.random.default_rng(seed)
+        keep = rng.permutation(len(subjects))[: max(1, int(round(fraction * len(subjects))))]
+        index = index[np.isin(subject_ids[index], subjects[keep])]
+    if len(index) == 0:
+        raise ValueError(f"no training example has a grade for any of the tasks {tuple(tasks)}")
+    return index
+
+
+@functools.lru_cache(maxsize=8)
+def _epoch_permutation(seed: int, stream: int, epoch: int, size: int) -> np.ndarray:
+    return np.random.default_rng((seed, stream, epoch)).permutation(size)
+
+
+class _Pool:
+    """Several (source, indices) pairs seen as one random-access collection."""
+
+    def __init__(self, parts: Sequence[tuple[object, np.ndarray]]):
+        self.parts = [(src, np.asarray(idx, np.int64)) for src, idx in parts if len(idx)]
+        self.offsets = np.cumsum([0] + [len(idx) for _, idx in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, k: int) -> dict:
+        part = int(np.searchsorted(self.offsets, k, side="right") - 1)
+        source, idx = self.parts[part]
+        return source[int(idx[k - self.offsets[part]])]
+
+
+class MixedStream(Sequence):
+    """Element ``i`` of a process's stream of training examples.
+
+    Element ``i`` belongs to global step ``s = i // L`` (``L`` = local batch);
+    its position ``j = i % L`` picks the labelled stream (first ``B_l / P``) or
+    the unlabelled one, at the process's slice of that step's global batch.
+    """
+
+    def __init__(self, labeled: _Pool, unlabeled: _Pool | None, batch_labeled: int,
+                 batch_unlabeled: int, num_steps: int, seed: int, process_index: int = 0,
+                 process_count: int = 1):
+        for name, size in (("batch_size", batch_labeled), ("unlabeled_batch_size", batch_unlabeled)):
+            if size % process_count:
+                raise ValueError(f"config.{name}={size} must divide by the {process_count} processes")
+        if batch_unlabeled and (unlabeled is None or len(unlabeled) == 0):
+            raise ValueError("coherence learning needs unlabelled examples but the pool is empty")
+        self.labeled, self.unlabeled = labeled, unlabeled
+        self.global_sizes = (batch_labeled, batch_unlabeled)
+        self.local_sizes = (batch_labeled // process_count, batch_unlabeled // process_count)
+        self.local_batch = sum(self.local_sizes)
+        self.num_steps, self.seed, self.process_index = num_steps, seed, process_index
+
+    def __len__(self) -> int:
+        return self.num_steps * self.local_batch
+
+    def _draw(self, pool: _Pool, stream: int, position: int) -> dict:
+        epoch, k = divmod(position, len(pool))
+        return pool[int(_epoch_permutation(self.seed, stream, epoch, len(pool))[k])]
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        step, j = divmod(i, self.local_batch)
+        if j < self.local_sizes[0]:
+            position = step * self.global_sizes[0] + self.process_index * self.local_sizes[0] + j
+            example = dict(self._draw(self.labeled, 0, position))
+            example["labeled"] = True
+        else:
+            j -= self.local_sizes[0]
+            position = step * self.global_sizes[1] + self.process_index * self.local_sizes[1] + j
+            example = dict(self._draw(self.unlabeled, 1, position))
+            example["grades"] = np.full_like(example["grades"], grades_lib.MISSING)
+            example["labeled"] = False
+        return example
+
+
+def make_example_checker(image_size: int, num_points: int, need_keypoints: bool):
+    """Returns a function that validates one decoded example and keeps its arrays."""
+
+    def check(example: dict) -> dict:
+        image_id = example.get("image_id", b"?")
+        image_id = image_id.decode() if isinstance(image_id, bytes) else image_id
+        image = np.asarray(example["image"])
+        if image.shape != (image_size, image_size, 1):
+            raise ValueError(f"example {image_id!r}: image shape {image.shape}, expected "
+                             f"{(image_size, image_size, 1)}")
+        keypoints = np.asarray(example["keypoints"], np.float32)
+        valid = np.asarray(example["keypoints_valid"], bool)
+        if keypoints.shape != (num_points, 2):
+            raise ValueError(f"example {image_id!r}: keypoints shape {keypoints.shape}, expected "
+                             f"{(num_points, 2)}")
+        if need_keypoints and not (valid.all() and np.isfinite(keypoints).all()):
+            raise ValueError(
+                f"example {image_id!r}: keypoint-pooling needs every keypoint, but "
+                f"{int((~valid).sum())} are missing; fill them with the landmark detector or "
+                "use config.model.pooling='global'")
+        out = {"image": image, "keypoints": np.nan_to_num(keypoints),
+               "keypoints_valid": valid, "grades": np.asarray(example["grades"], np.int32)}
+        if "labeled" in example:
+            out["labeled"] = np.bool_(example["labeled"])
+        return out
+
+    return check
+
+
+def train_iterator(stream: MixedStream, checker, start_step: int = 0,
+                   num_threads: int = 4, prefetch: int = 4) -> Iterator[dict]:
+    """Local batches of ``stream`` from global step ``start_step`` on, decoded by ``num_threads`` threads."""
+    dataset = (grain.MapDataset.source(stream).map(checker)
+               .batch(stream.local_batch, drop_remainder=True))
+    dataset = dataset.slice(slice(start_step, None))
+    read = grain.ReadOptions(num_threads=max(1, num_threads), prefetch_buffer_size=max(1, prefetch))
+    return iter(dataset.to_iter_dataset(read))
+
+
+def eval_batches(source, global_batch_size: int, checker, process_index: int = 0,
+                 process_count: int = 1, num_threads: int = 4) -> Iterator[dict]:
+    """Padded local batches covering ``source`` once, in order, with ``mask`` [B].
+
+    Every process yields the same number of batches (multi-host collectives need
+    it); padding repeats record 0 with ``mask = False``.
+    """
+    if global_batch_size % process_count:
+        raise ValueError(f"eval batch size {global_batch_size} must divide by {process_count} processes")
+    local = global_batch_size // process_count
+    total = len(source)
+    num_batches = max(1, -(-total // global_batch_size))
+
+    class _Padded(Sequence):
+        def __len__(self):
+            return num_batches * local
+
+        def __getitem__(self, i):
+            step, j = divmod(i, local)
+            position = step * global_batch_size + process_index * local + j
+            example = dict(source[position if position < total else 0])
+            checked = checker(example)
+            checked["mask"] = np.bool_(position < total)
+            return checked
+
+    dataset = grain.MapDataset.source(_Padded()).batch(local, drop_remainder=True)
+    read = grain.ReadOptions(num_threads=max(1, num_threads), prefetch_buffer_size=2)
+    return iter(dataset.to_iter_dataset(read))
