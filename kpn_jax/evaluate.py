@@ -1,0 +1,128 @@
+"""Evaluation: predictions over a split, the paper's metrics, the report folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from kpn_jax import grades as grades_lib
+from kpn_jax import input_pipeline, metrics, parallel
+
+
+def predicted_grades(outputs: dict, tasks) -> tuple[jax.Array, jax.Array]:
+    """Model outputs -> (argmax grades int32 [B, 7] with -1 for absent tasks, P float32 [B, 29]).
+
+    P holds each present task's softmax and zeros for absent tasks.
+    """
+    batch = next(iter(outputs[t] for t in tasks)).shape[0]
+    grades, blocks = [], []
+    for task in grades_lib.TASKS:
+        if task in tasks:
+            logits = outputs[task].astype(jnp.float32)
+            grades.append(jnp.argmax(logits, axis=-1).astype(jnp.int32))
+            blocks.append(jax.nn.softmax(logits, axis=-1))
+        else:
+            grades.append(jnp.full((batch,), grades_lib.MISSING, jnp.int32))
+            blocks.append(jnp.zeros((batch, grades_lib.NUM_CLASSES[task]), jnp.float32))
+    return jnp.stack(grades, axis=-1), jnp.concatenate(blocks, axis=-1)
+
+
+def make_eval_step(model, tasks, dtype=jnp.float32) -> Callable:
+    """Jitted ``(variables, batch) -> (pred_grades [B,7], probabilities [B,29])``."""
+
+    def step(variables, batch):
+        images = batch["image"].astype(dtype) / 255.0
+        outputs = model.apply(variables, images, batch["keypoints"].astype(jnp.float32), train=False)
+        return predicted_grades(outputs, tasks)
+
+    return jax.jit(step)
+
+
+def _to_host(x) -> np.ndarray:
+    if jax.process_count() > 1:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def predict_split(eval_step, variables, source, checker, mesh, batch_size: int,
+                  num_threads: int = 4) -> dict:
+    """Runs ``eval_step`` over every example of ``source`` once.
+
+    Returns numpy ``{'true': [M,7], 'pred': [M,7], 'probabilities': [M,29]}`` in
+    the source's order.
+    """
+    batch_size = max(mesh.devices.size, batch_size - batch_size % mesh.devices.size)
+    trues, preds, probs, masks = [], [], [], []
+    for local in input_pipeline.eval_batches(source, batch_size, checker, jax.process_index(),
+                                             jax.process_count(), num_threads=num_threads):
+        batch = parallel.global_batch({k: local[k] for k in ("image", "keypoints", "grades", "mask")},
+                                      mesh)
+        pred, prob = eval_step(variables, batch)
+        trues.append(_to_host(batch["grades"]))
+        masks.append(_to_host(batch["mask"]))
+        preds.append(_to_host(pred))
+        probs.append(_to_host(prob))
+    mask = np.concatenate(masks)
+    return {"true": np.concatenate(trues)[mask], "pred": np.concatenate(preds)[mask],
+            "probabilities": np.concatenate(probs)[mask]}
+
+
+def split_metrics(predictions: dict, tasks, gmm=None) -> dict:
+    """The paper's metrics for ``tasks`` (others are reported with count 0).
+
+    With a GMM, also the mean coherence log-density of the predicted P
+    (``'coherence_log_prob'``): how coherent the predicted grade vectors are.
+    """
+    true = predictions["true"].copy()
+    pred = predictions["pred"].copy()
+    for t, task in enumerate(grades_lib.TASKS):
+        if task not in tasks:
+            true[:, t] = grades_lib.MISSING
+            pred[:, t] = 0
+    result = metrics.evaluate(true, pred)
+    if gmm is not None and len(predictions["probabilities"]):
+        from kpn_jax import gmm as gmm_lib
+
+        log_prob = gmm_lib.log_prob(gmm, jnp.asarray(predictions["probabilities"]))
+        result["coherence_log_prob"] = float(jnp.mean(log_prob))
+    return result
+
+
+def flatten_metrics(result: dict, split: str) -> dict:
+    """``evaluate()`` dict -> flat ``{'{split}/{task}/{metric}': float}`` for logs."""
+    flat = {}
+    for key, value in result.items():
+        if isinstance(value, dict):
+            for metric, number in value.items():
+                if isinstance(number, (int, float, np.floating, np.integer)):
+                    flat[f"{split}/{key}/{metric}"] = float(number)
+        elif isinstance(value, (int, float, np.floating)):
+            flat[f"{split}/{key}"] = float(value)
+    return flat
+
+
+def write_split_report(workdir, split: str, result: dict, records=None, method_name="kpn-jax") -> Path:
+    """Writes ``workdir/report/`` for ``split`` (tables, json, plots)."""
+    from kpn_jax import reporting
+
+    report_dir = Path(workdir) / "report"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    reporting.write_report(report_dir, split, result, metrics_records=records, method_name=method_name)
+    return report_dir
+
+
+def majority_baseline(true_grades: np.ndarray) -> dict:
+    """Accuracy of always predicting each task's most frequent grade (chance reference)."""
+    out = {}
+    for t, task in enumerate(grades_lib.TASKS):
+        column = true_grades[:, t]
+        column = column[column >= 0]
+        if len(column):
+            out[task] = float(np.bincount(column).max() / len(column))
+    return out
+

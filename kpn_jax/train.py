@@ -1,0 +1,520 @@
+"""``train_and_evaluate(config, workdir)``: the training program.
+
+One jitted step over a 1-D ``('data',)`` mesh: on-device augmentation, model,
+classification + incoherence losses, Adam update. The input pipeline, the
+augmentation and the dropout-free model are pure functions of
+``(config.seed, step)``, so a run killed at any point resumes from its last
+checkpoint to the same parameters it would have reached uninterrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax.training import train_state
+
+from kpn_jax import augment as augment_lib
+from kpn_jax import checkpointing, evaluate as eval_lib
+from kpn_jax import gmm as gmm_lib
+from kpn_jax import grades as grades_lib
+from kpn_jax import input_pipeline, keypoints as kp_lib, losses, parallel
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DATA_INFO = "data_info.json"  # image size and keypoint schema of the training data
+
+
+class TrainState(train_state.TrainState):
+    batch_stats: Any = None
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def validate_config(config) -> None:
+    """Checks values a typo or a bad override would get wrong; raises ValueError naming the field."""
+    unknown = [t for t in config.tasks if t not in grades_lib.TASKS]
+    if unknown or not config.tasks:
+        raise ValueError(f"config.tasks: unknown task(s) {unknown}; choose from {grades_lib.TASKS}")
+    if config.dtype not in DTYPES:
+        raise ValueError(f"config.dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
+    if config.model.pooling not in ("keypoints", "global"):
+        raise ValueError(f"config.model.pooling must be 'keypoints' or 'global', got "
+                         f"{config.model.pooling!r}")
+    if config.model.depth not in (18, 34, 50):
+        raise ValueError(f"config.model.depth must be 18, 34 or 50, got {config.model.depth}")
+    if config.coherence.enabled and tuple(config.tasks) != grades_lib.TASKS:
+        raise ValueError("config.coherence.enabled needs all 7 tasks (the GMM models the joint "
+                         f"29-dim grade vector), but config.tasks={tuple(config.tasks)}")
+    if config.weight_decay_style not in ("l2", "decoupled"):
+        raise ValueError(f"config.weight_decay_style must be 'l2' or 'decoupled', got "
+                         f"{config.weight_decay_style!r}")
+    for name in ("batch_size", "eval_batch_size", "num_epochs"):
+        if int(config[name]) <= 0:
+            raise ValueError(f"config.{name} must be positive, got {config[name]}")
+
+
+def config_to_dict(config) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+# ----------------------------------------------------------------------------- model + state
+
+
+def create_model(config, keypoint_schema: str = "kneel16"):
+    """The flax module of ``config.model`` (KPN or the global-pooling baseline)."""
+    from kpn_jax.models import kpn
+
+    m = config.model
+    kwargs = dict(depth=m.depth, width=m.width, tasks=tuple(config.tasks),
+                  aux_regression=m.aux_regression, input_mode=m.input_mode,
+                  dtype=DTYPES[config.dtype], conv1x1=m.conv1x1)
+    if m.pooling == "keypoints":
+        kwargs.update(schema_name=keypoint_schema, densify_k=(m.densify_k or None),
+                      aggregation=m.aggregation, feature_layer=m.feature_layer)
+    return kpn.create_model(pooling=m.pooling, **kwargs)
+
+
+def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
+    """Adam with the paper's weight decay and step schedule.
+
+    ``weight_decay_style='l2'`` adds ``wd * w`` to the gradient before Adam, as
+    torch's ``Adam(weight_decay=...)`` (the paper's PyTorch setting) does.
+    """
+    boundaries = {int(e * steps_per_epoch): config.lr_decay_factor for e in config.lr_decay_epochs}
+    schedule = optax.piecewise_constant_schedule(config.learning_rate, boundaries)
+    if config.weight_decay_style == "decoupled":
+        return optax.adamw(schedule, weight_decay=config.weight_decay)
+    return optax.chain(optax.add_decayed_weights(config.weight_decay), optax.adam(schedule))
+
+
+def learning_rate_at(config, steps_per_epoch: int, step: int) -> float:
+    lr = config.learning_rate
+    for epoch in config.lr_decay_epochs:
+        if step >= int(epoch * steps_per_epoch):
+            lr *= config.lr_decay_factor
+    return lr
+
+
+def init_variables(model, image_size: int, num_points: int, seed: int) -> dict:
+    images = jnp.zeros((1, image_size, image_size, 1), jnp.float32)
+    keypoints = jnp.full((1, num_points, 2), image_size / 2.0, jnp.float32)
+    return model.init(jax.random.PRNGKey(seed), images, keypoints, train=False)
+
+
+def create_state(config, model, tx, image_size: int, num_points: int, mesh) -> TrainState:
+    """A replicated TrainState; the backbone comes from ``config.init_from`` when set."""
+
+    def make():
+        variables = init_variables(model, image_size, num_points, config.seed)
+        return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                                 batch_stats=variables.get("batch_stats", {}))
+
+    state = jax.jit(make, out_shardings=parallel.replicated_sharding(mesh))()
+    if config.init_from:
+        from kpn_jax.interop import torch_weights
+
+        backbone = torch_weights.load_backbone(os.path.expanduser(config.init_from), config.model.depth,
+                                               input_mode=config.model.input_mode)
+        merged = torch_weights.merge_backbone(
+            {"params": state.params, "batch_stats": state.batch_stats}, backbone)
+        state = state.replace(params=merged["params"], batch_stats=merged["batch_stats"],
+                              opt_state=tx.init(merged["params"]))
+        state = parallel.replicate(state, mesh)
+    return state
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def make_train_step(config, model, class_weights: dict, gmm):
+    """``(state, batch, use_gmm) -> (state, metrics)``, jitted with the state donated."""
+    dtype = DTYPES[config.dtype]
+    aug = config.augment
+    coherence = config.coherence
+    tasks = tuple(config.tasks)
+
+    def step(state: TrainState, batch: dict, use_gmm: jax.Array):
+        rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), state.step)
+        images = batch["image"].astype(jnp.float32) / 255.0
+        images, keypoints = augment_lib.augment(
+            rng, images, batch["keypoints"].astype(jnp.float32),
+            max_translation_px=aug.max_translation_px, max_rotation_deg=aug.max_rotation_deg,
+            scale_range=tuple(aug.scale_range))
+        images = images.astype(dtype)
+
+        def loss_fn(params):
+            outputs, updates = model.apply(
+                {"params": params, "batch_stats": state.batch_stats}, images, keypoints,
+                train=True, mutable=["batch_stats"])
+            loss, aux = losses.total_loss(
+                outputs, batch["grades"], class_weights, gmm=gmm, tau=coherence.tau,
+                lambda_cls=config.lambda_cls, lambda_gmm=coherence.lambda_gmm, use_gmm=use_gmm,
+                labeled_mask=batch["labeled"], tasks=tasks,
+                aux_regression_weight=config.aux_regression_weight)
+            return loss, (aux, updates["batch_stats"])
+
+        (loss, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
+            [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+        new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+        # A non-finite step leaves the state as it was; the host stops the run at
+        # the next log line with a message, so the last checkpoint stays clean.
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        new_state = new_state.replace(step=state.step + 1)
+        aux = dict(aux)
+        aux["finite"] = finite
+        return new_state, aux
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+# ----------------------------------------------------------------------------- data prep
+
+
+def load_training_data(config, mesh, handle=None):
+    """Opens the dataset and prepares the labelled/unlabelled streams, class weights and GMM inputs."""
+    handle = handle or input_pipeline.open_dataset(config)
+    train_source = handle.split("train")
+    train_grades = grades_lib.validate(input_pipeline.read_field(train_source, "grades"),
+                                       name=f"{handle.name} train grades")
+    subject_ids = input_pipeline.read_field(train_source, "subject_id")
+    labeled = input_pipeline.labeled_indices(train_grades, subject_ids, config.labeled_fraction,
+                                             config.labeled_fraction_seed, config.tasks)
+    labeled_grades = train_grades[labeled]
+    unlabeled_pool = None
+    if config.coherence.enabled:
+        parts = [(train_source, np.arange(len(train_source)))]
+        if "unlabeled" in handle.sources:
+            parts.insert(0, (handle.sources["unlabeled"], np.arange(len(handle.sources["unlabeled"]))))
+        unlabeled_pool = input_pipeline._Pool(parts)
+    return handle, labeled, labeled_grades, unlabeled_pool
+
+
+def fit_or_load_gmm(config, workdir: Path, labeled_grades: np.ndarray):
+    """The coherence GMM: cached as ``workdir/gmm.npz``, fitted on the labelled training grades."""
+    path = workdir / "gmm.npz"
+    if path.exists():
+        return gmm_lib.load(path)
+    c = config.coherence
+    logging.info("Fitting the coherence GMM (K=%d, sigma=%.2f) on %d labelled grade vectors",
+                 c.num_components, c.sigma, len(labeled_grades))
+    fitted = gmm_lib.fit(labeled_grades, num_components=c.num_components, sigma=c.sigma,
+                         repeats=c.gmm_repeats, seed=c.gmm_seed)
+    if jax.process_index() == 0:
+        gmm_lib.save(fitted, path)
+    return fitted
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class MetricLog:
+    """JSON lines (``metrics.jsonl``) + TensorBoard events, written by process 0 only."""
+
+    def __init__(self, workdir: Path, resume_step: int):
+        self.path = workdir / "metrics.jsonl"
+        self.enabled = jax.process_index() == 0
+        self.writer = None
+        if not self.enabled:
+            return
+        if self.path.exists():
+            # Drop records past the checkpoint we resume from: they will be logged again.
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(str(workdir / "tensorboard"))
+        except ImportError:  # TensorBoard files are a convenience, metrics.jsonl is the record
+            self.writer = None
+
+    def write(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: (float(v) if isinstance(v, (int, float, np.floating,
+                                                                          np.integer)) else v)
+                                        for k, v in values.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, float) and math.isfinite(value):
+                    self.writer.add_scalar(key, value, step)
+            self.writer.flush()
+
+    def records(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def _print(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+# ----------------------------------------------------------------------------- main loop
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains, evaluates on validation, keeps the best checkpoint, tests it, writes the report.
+
+    Returns the final ``{split: evaluate()-dict}`` of the best checkpoint.
+    """
+    validate_config(config)
+    workdir = Path(workdir).expanduser().resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_path = workdir / "config.json"
+    if config_path.exists():
+        checkpointing.check_config_compatible(json.loads(config_path.read_text()), config)
+    if jax.process_index() == 0:
+        config_path.write_text(json.dumps(config_to_dict(config), indent=2, sort_keys=True))
+
+    mesh = parallel.make_mesh()
+    handle, labeled, labeled_grades, unlabeled_pool = load_training_data(config, mesh)
+    schema = kp_lib.get_schema(handle.keypoint_schema)
+    steps_per_epoch = max(1, math.ceil(len(labeled) / config.batch_size))
+    total_steps = steps_per_epoch * config.num_epochs
+    if config.max_steps:
+        total_steps = min(total_steps, config.max_steps)
+    warmup_steps = int(config.coherence.warmup_epochs * steps_per_epoch)
+
+    class_weights = {k: jnp.asarray(v) for k, v in
+                     losses.class_weights(labeled_grades, tuple(config.tasks)).items()}
+    gmm = fit_or_load_gmm(config, workdir, labeled_grades) if config.coherence.enabled else None
+
+    if jax.process_index() == 0:
+        (workdir / DATA_INFO).write_text(json.dumps(
+            {"dataset": handle.name, "image_size": handle.image_size,
+             "keypoint_schema": handle.keypoint_schema}))
+    model = create_model(config, handle.keypoint_schema)
+    tx = make_optimizer(config, steps_per_epoch)
+    state = create_state(config, model, tx, handle.image_size, schema.num_points, mesh)
+    checkpoints = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
+    start_step = 0
+    if checkpoints.latest_step() is not None:
+        state = checkpoints.restore(state)
+        start_step = int(jax.device_get(state.step))
+        _print(f"Resuming from {workdir}/checkpoints/latest at step {start_step}")
+    log = MetricLog(workdir, start_step)
+
+    need_keypoints = config.model.pooling == "keypoints"
+    checker = input_pipeline.make_example_checker(handle.image_size, schema.num_points, need_keypoints)
+    batch_unlabeled = config.unlabeled_batch_size if config.coherence.enabled else 0
+    stream = input_pipeline.MixedStream(
+        input_pipeline._Pool([(handle.split("train"), labeled)]), unlabeled_pool,
+        config.batch_size, batch_unlabeled, total_steps, config.seed,
+        jax.process_index(), jax.process_count())
+    parallel.check_batch_size(stream.global_sizes[0] + stream.global_sizes[1], mesh)
+    train_step = make_train_step(config, model, class_weights, gmm)
+    eval_step = eval_lib.make_eval_step(model, tuple(config.tasks), DTYPES[config.dtype])
+    validation = handle.sources.get("validation")
+
+    _print(f"kpn-jax: {config.model.pooling} pooling, ResNet-{config.model.depth} "
+           f"(width {config.model.width}), {handle.name} at {handle.image_size} px, "
+           f"{len(labeled)} labelled train examples"
+           + (f" + {len(unlabeled_pool)} in the unlabelled pool, GMM K={gmm.num_components}"
+              if gmm is not None else "")
+           + f"; {steps_per_epoch} steps/epoch, {total_steps} steps, {jax.device_count()} device(s)")
+
+    def run_validation(step: int) -> None:
+        if validation is None or len(validation) == 0:
+            return
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        predictions = eval_lib.predict_split(eval_step, variables, validation, checker, mesh,
+                                             config.eval_batch_size, config.num_data_threads)
+        result = eval_lib.split_metrics(predictions, tuple(config.tasks), gmm)
+        flat = eval_lib.flatten_metrics(result, "validation")
+        flat["epoch"] = step / steps_per_epoch
+        log.write(step, flat)
+        summary = " ".join(f"{grades_lib.PAPER_NAMES[t]} {result[t]['accuracy']:.3f}"
+                           for t in config.tasks)
+        avg = result["oarsi_average"].get("accuracy", float("nan"))
+        _print(f"  validation @ step {step}: acc {summary} | OARSI avg {avg:.3f}")
+        value = flat.get(config.best_metric)
+        if value is None:
+            raise ValueError(f"config.best_metric {config.best_metric!r} is not among the "
+                             f"validation metrics (e.g. validation/kl/accuracy)")
+        best = checkpoints.best_record()
+        if best is None or value > best["value"]:
+            checkpoints.save_best(step, state, config.best_metric, value)
+
+    data = input_pipeline.train_iterator(stream, checker, start_step, config.num_data_threads)
+    eval_every = max(1, int(config.eval_every_epochs * steps_per_epoch))
+    pending, window_start, window_step = [], time.time(), start_step
+    step = start_step
+    try:
+        for step in range(start_step, total_steps):
+            local = next(data)
+            batch = parallel.global_batch(
+                {k: local[k] for k in ("image", "keypoints", "grades", "labeled")}, mesh)
+            state, aux = train_step(state, batch, jnp.asarray(step >= warmup_steps))
+            pending.append(aux)
+            done = step + 1
+            if done % config.log_every_steps == 0 or done == total_steps:
+                values = jax.device_get(pending)
+                if not all(bool(v["finite"]) for v in values):
+                    bad = start_step + [bool(v["finite"]) for v in values].index(False)
+                    raise FloatingPointError(
+                        f"non-finite loss or gradient near step {bad} (loss values "
+                        f"{[float(v['loss']) for v in values][-3:]}); the update was skipped and "
+                        f"training stopped. Lower config.learning_rate, use dtype float32, or "
+                        f"check the data; resume from {workdir}/checkpoints/latest")
+                elapsed = time.time() - window_start
+                images_per_sec = (done - window_step) * (stream.global_sizes[0] + stream.global_sizes[1]) / max(elapsed, 1e-9)
+                means = {f"train/{k}": float(np.mean([v[k] for v in values]))
+                         for k in values[0] if k != "finite"}
+                means.update({"epoch": done / steps_per_epoch, "train/images_per_sec": images_per_sec,
+                              "train/lr": learning_rate_at(config, steps_per_epoch, step),
+                              "train/gmm_on": float(step >= warmup_steps) if gmm is not None else 0.0})
+                log.write(done, means)
+                eta = (total_steps - done) * elapsed / max(1, done - window_step)
+                loss_text = " ".join(f"{k.split('/')[1]} {means[k]:.3f}" for k in
+                                     ("train/loss", "train/cls", "train/gmm") if k in means)
+                _print(f"step {done}/{total_steps} | epoch {done / steps_per_epoch:.2f} | "
+                       f"{images_per_sec:.1f} img/s | ETA {_format_duration(eta)} | {loss_text}")
+                pending, window_start, window_step = [], time.time(), done
+            if done % config.checkpoint_every_steps == 0:
+                checkpoints.save(done, state)
+            if done % eval_every == 0 or done == total_steps:
+                run_validation(done)
+    except KeyboardInterrupt:
+        checkpoints.save(int(jax.device_get(state.step)), state)
+        checkpoints.wait()
+        _print(f"Interrupted: saved a checkpoint at step {int(jax.device_get(state.step))}; "
+               "run the same command to resume")
+        raise
+    if total_steps > start_step:
+        checkpoints.save(total_steps, state)
+    checkpoints.wait()
+
+    results = final_evaluation(config, workdir, handle, model, state, checkpoints, checker, mesh,
+                               gmm, log.records())
+    log.close()
+    checkpoints.close()
+    return results
+
+
+def final_evaluation(config, workdir: Path, handle, model, state, checkpoints, checker, mesh, gmm,
+                     records) -> dict:
+    """Evaluates the best checkpoint (by validation) on validation and test; writes ``report/``."""
+    which = "best" if checkpoints.best_step() is not None else "latest"
+    state = checkpoints.restore(state, which=which)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    eval_step = eval_lib.make_eval_step(model, tuple(config.tasks), DTYPES[config.dtype])
+    results = {}
+    for split in ("validation", "test"):
+        if split not in handle.sources or len(handle.sources[split]) == 0:
+            continue
+        predictions = eval_lib.predict_split(eval_step, variables, handle.sources[split], checker,
+                                             mesh, config.eval_batch_size, config.num_data_threads)
+        result = eval_lib.split_metrics(predictions, tuple(config.tasks), gmm)
+        result["majority_accuracy"] = eval_lib.majority_baseline(predictions["true"])
+        result["checkpoint"] = {"which": which, "step": int(jax.device_get(state.step))}
+        results[split] = result
+        if jax.process_index() == 0:
+            eval_lib.write_split_report(workdir, split, result, records)
+        _print(f"{split} ({which} checkpoint, step {int(jax.device_get(state.step))}): "
+               + " ".join(f"{grades_lib.PAPER_NAMES[t]} {result[t]['accuracy']:.3f}"
+                          for t in config.tasks)
+               + f" | OARSI avg {result['oarsi_average'].get('accuracy', float('nan')):.3f}")
+    if jax.process_index() == 0 and results:
+        _print(f"Report written to {workdir / 'report'}")
+        table = workdir / "report" / "results.md"
+        if table.exists():
+            _print(table.read_text())
+    return results
+
+
+def evaluate_checkpoint(config, workdir: str, split: str | None = None) -> dict:
+    """``--mode=evaluate``: the best (else latest) checkpoint of ``workdir`` on ``split``."""
+    validate_config(config)
+    workdir = Path(workdir).expanduser().resolve()
+    if not (workdir / "checkpoints").exists():
+        raise FileNotFoundError(f"no checkpoints in workdir {workdir}")
+    config_path = workdir / "config.json"
+    if config_path.exists():
+        checkpointing.check_config_compatible(json.loads(config_path.read_text()), config)
+    split = split or config.eval_split
+    mesh = parallel.make_mesh()
+    handle = input_pipeline.open_dataset(config)
+    schema = kp_lib.get_schema(handle.keypoint_schema)
+    model = create_model(config, handle.keypoint_schema)
+    tx = make_optimizer(config, 1)
+    state = _abstract_state(config, model, tx, handle.image_size, schema.num_points, mesh)
+    checkpoints = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
+    which = "best" if checkpoints.best_step() is not None else "latest"
+    state = checkpoints.restore(state, which=which)
+    checker = input_pipeline.make_example_checker(handle.image_size, schema.num_points,
+                                                  config.model.pooling == "keypoints")
+    gmm = gmm_lib.load(workdir / "gmm.npz") if (workdir / "gmm.npz").exists() else None
+    eval_step = eval_lib.make_eval_step(model, tuple(config.tasks), DTYPES[config.dtype])
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    predictions = eval_lib.predict_split(eval_step, variables, handle.split(split), checker, mesh,
+                                         config.eval_batch_size, config.num_data_threads)
+    result = eval_lib.split_metrics(predictions, tuple(config.tasks), gmm)
+    result["majority_accuracy"] = eval_lib.majority_baseline(predictions["true"])
+    result["checkpoint"] = {"which": which, "step": int(jax.device_get(state.step))}
+    records = MetricLog(workdir, 10**12).records() if jax.process_index() == 0 else None
+    if jax.process_index() == 0:
+        eval_lib.write_split_report(workdir, split, result, records)
+        _print((workdir / "report" / "results.md").read_text())
+    checkpoints.close()
+    return result
+
+
+def _abstract_state(config, model, tx, image_size, num_points, mesh):
+    """A state template without reading ``config.init_from`` (restoring overwrites it anyway)."""
+    stripped = ml_collections.ConfigDict(config.to_dict())
+    stripped.init_from = ""
+    return create_state(stripped, model, tx, image_size, num_points, mesh)
+
+
+def fit_gmm_to_workdir(config, workdir: str):
+    """``--mode=fit_gmm``: (re)fits the coherence GMM on the labelled training grades.
+
+    Writes ``workdir/gmm.npz`` and prints how coherent held-out expert grades are
+    under it (mean log-density of validation one-hot grades).
+    """
+    validate_config(config)
+    workdir = Path(workdir).expanduser().resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    handle, _, labeled_grades, _ = load_training_data(config, parallel.make_mesh())
+    path = workdir / "gmm.npz"
+    if path.exists():
+        path.unlink()
+    fitted = fit_or_load_gmm(config, workdir, labeled_grades)
+    message = (f"GMM with {fitted.num_components} components fitted on {len(labeled_grades)} "
+               f"labelled grade vectors -> {path}")
+    if "validation" in handle.sources:
+        val = grades_lib.validate(input_pipeline.read_field(handle.sources["validation"], "grades"))
+        val = val[grades_lib.fully_graded(val)]
+        if len(val):
+            value = float(jnp.mean(gmm_lib.log_prob(fitted, jnp.asarray(grades_lib.one_hot(val)))))
+            message += f"; mean log-density of {len(val)} validation grade vectors: {value:.2f}"
+    _print(message)
+    return fitted

@@ -1,0 +1,86 @@
+"""kpn-jax command line: flags only; the logic lives in kpn_jax.
+
+  python run.py --config=configs/demo.py --workdir=workdirs/demo            # train (resumes)
+  python run.py --config=configs/demo.py --workdir=workdirs/demo --mode=evaluate --config.eval_split=test
+  python run.py --config=configs/demo.py --workdir=workdirs/demo --mode=predict \
+      --images=knee.png --keypoints=knee.csv --output=predictions/
+  python run.py --config=configs/default.py --workdir=DIR --mode=fit_gmm
+  python run.py --config=configs/default.py --config.model.depth=34 ...   # any config override
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the report.")
+flags.DEFINE_enum("mode", "train", ["train", "evaluate", "predict", "fit_gmm", "compare_torch"],
+                  "What to do.")
+flags.DEFINE_list("images", [], "predict: image files (PNG, JPEG, 16-bit PNG or DICOM).")
+flags.DEFINE_list("keypoints", [], "predict: one keypoint file per image (CSV of x,y rows or "
+                  "BoneFinder .pts); empty = the landmark detector of --landmark_workdir.")
+flags.DEFINE_string("sides", "", "predict: side of each image, e.g. 'R,L' (default R).")
+flags.DEFINE_string("output", "", "predict: output folder (default WORKDIR/predictions).")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes (None = auto/1).")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
+
+# Errors a user can fix: print one line and exit non-zero instead of a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, FloatingPointError, NotADirectoryError,
+               PermissionError)
+
+
+def _run(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.config is None:
+        raise app.UsageError("--config is required (e.g. --config=configs/demo.py)")
+    if FLAGS.workdir is None and FLAGS.mode != "compare_torch":
+        raise app.UsageError("--workdir is required")
+    from kpn_jax import parallel
+
+    if FLAGS.num_processes and FLAGS.num_processes > 1:
+        parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                        FLAGS.process_id)
+    config = FLAGS.config
+    if FLAGS.mode == "train":
+        from kpn_jax import train
+
+        train.train_and_evaluate(config, FLAGS.workdir)
+    elif FLAGS.mode == "evaluate":
+        from kpn_jax import train
+
+        train.evaluate_checkpoint(config, FLAGS.workdir)
+    elif FLAGS.mode == "fit_gmm":
+        from kpn_jax import train
+
+        train.fit_gmm_to_workdir(config, FLAGS.workdir)
+    elif FLAGS.mode == "predict":
+        from kpn_jax import predict
+
+        sides = [s.strip() for s in FLAGS.sides.split(",") if s.strip()] if FLAGS.sides else None
+        predict.predict_files(config, FLAGS.workdir, FLAGS.images, FLAGS.keypoints or None,
+                              sides=sides, output_dir=FLAGS.output or None)
+    elif FLAGS.mode == "compare_torch":
+        sys.path.insert(0, "benchmarks")
+        import compare_torch  # benchmarks/compare_torch.py
+
+        compare_torch.main_with_config(config)
+
+
+def main(argv) -> None:
+    try:
+        _run(argv)
+    except USER_ERRORS as error:
+        logging.debug("error", exc_info=True)
+        message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        print(f"error: {type(error).__name__}: {message}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
+    app.run(main)
