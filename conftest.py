@@ -1,0 +1,1 @@
+"""Repo-root conftest: makes `configs` and `benchmarks` importable in tests."""
