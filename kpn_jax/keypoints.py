@@ -109,7 +109,10 @@ def densified_schema(schema: KeypointSchema, k: int) -> KeypointSchema:
 
 def _resample_polyline(points: jax.Array, k: int) -> jax.Array:
     """``points [M, 2]`` -> ``[k, 2]`` evenly spaced by arc length, ends kept."""
-    segment = jnp.linalg.norm(points[1:] - points[:-1], axis=-1)
+    squared = jnp.sum((points[1:] - points[:-1]) ** 2, axis=-1)
+    # Double where: a zero-length segment (two coinciding points) must not give NaN gradients.
+    positive = squared > 0
+    segment = jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
     cumulative = jnp.concatenate([jnp.zeros((1,), points.dtype), jnp.cumsum(segment)])
     targets = jnp.linspace(0.0, 1.0, k, dtype=points.dtype) * cumulative[-1]
     # Segment index of every target; clip so the last target lands on the last segment.

@@ -223,3 +223,15 @@ def test_validate_keypoints():
     with pytest.raises(ValueError, match="far outside"):
         kp.validate_keypoints(points * 10, image_shape=(64, 64))
     kp.validate_keypoints(points, image_shape=(256, 256))
+
+
+def test_densify_gradient_finite_with_coinciding_points():
+    import jax
+    import jax.numpy as jnp
+
+    from kpn_jax import keypoints as kp_lib
+
+    points = jnp.asarray(np.random.default_rng(0).uniform(0, 50, (16, 2)), jnp.float32)
+    points = points.at[1].set(points[0])  # a zero-length segment
+    grad = jax.grad(lambda p: kp_lib.densify(p, kp_lib.KNEEL16, 6).sum())(points)
+    assert bool(jnp.all(jnp.isfinite(grad)))
