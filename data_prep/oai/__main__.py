@@ -1,0 +1,116 @@
+"""Builds the OAI dataset: ``python -m data_prep.oai --manual_dir=DIR --data_dir=DIR``.
+
+Writes ``<data_dir>/oai/<config>/<version>/`` and, next to it, ``build_summary.json``
+(what was written, skipped and why); prints the summary. See docs/DATASETS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+
+
+def config_name(options, requested: str | None) -> str:
+    """``requested``, else 'default' for default options, else a name from the changes."""
+    if requested:
+        return requested
+    changed = []
+    for field in dataclasses.fields(options):
+        value = getattr(options, field.name)
+        if value != field.default:
+            text = "+".join(map(str, value)) if isinstance(value, tuple) else str(value)
+            changed.append(f"{field.name}{text}")
+    return re.sub(r"[^\w+.\-]", "_", "-".join(changed)) if changed else "default"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from data_prep.oai import builder as builder_lib
+
+    defaults = builder_lib.OaiOptions()
+    parser = argparse.ArgumentParser(prog="python -m data_prep.oai", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--manual_dir", required=True,
+                        help="the OAI tree: <visit>m/contents.csv + DICOMs, readings, .pts")
+    parser.add_argument("--data_dir", default="~/tensorflow_datasets",
+                        help="where TFDS datasets live (default %(default)s)")
+    parser.add_argument("--config_name", default=None,
+                        help="TFDS config name (default: 'default', or one made from the options "
+                             "that differ from the defaults)")
+    parser.add_argument("--image_size", type=int, default=defaults.image_size)
+    parser.add_argument("--roi_mm", type=float, default=defaults.roi_mm,
+                        help="side of the square ROI in mm (default %(default)s, as KNEEL)")
+    parser.add_argument("--series_description", default=defaults.series_description)
+    parser.add_argument("--readprj_priority", default=",".join(defaults.readprj_priority),
+                        help="tie-break order of reading projects (default %(default)s)")
+    parser.add_argument("--window", choices=builder_lib.WINDOWS, default=defaults.window,
+                        help="grey-level window: percentiles of the whole radiograph (image), "
+                             "the DICOM's WindowCenter/Width (dicom), or of the ROI (roi)")
+    parser.add_argument("--window_percentiles", default="%g,%g" % defaults.window_percentiles)
+    parser.add_argument("--unlabeled_subjects", choices=builder_lib.UNLABELED_SUBJECTS,
+                        default=defaults.unlabeled_subjects,
+                        help="whose ungraded knees go to 'unlabeled': only subjects of the "
+                             "train split (default; no held-out subject is trained on) or all")
+    parser.add_argument("--split_seed", type=int, default=defaults.split_seed)
+    parser.add_argument("--readings", nargs="*", default=None,
+                        help="readings files (default: every kxr_sq_bu??.sas7bdat/.txt and "
+                             "*kxrsemiquant*.txt under manual_dir)")
+    parser.add_argument("--pts_dir", default=None, help="BoneFinder .pts tree (default manual_dir)")
+    parser.add_argument("--kneel_csv", default=None, help="KNEEL's bf_landmarks_1_0.3.csv")
+    return parser.parse_args(argv)
+
+
+def options_from_args(args):
+    from data_prep.oai import builder as builder_lib
+
+    return builder_lib.OaiOptions(
+        image_size=args.image_size, roi_mm=args.roi_mm,
+        series_description=args.series_description,
+        readprj_priority=tuple(p.strip() for p in args.readprj_priority.split(",") if p.strip()),
+        window=args.window,
+        window_percentiles=tuple(float(p) for p in args.window_percentiles.split(",")),
+        unlabeled_subjects=args.unlabeled_subjects, split_seed=args.split_seed)
+
+
+def build(args) -> dict:
+    """Builds the dataset; returns the build summary (also written as JSON)."""
+    import tensorflow_datasets as tfds
+
+    from data_prep.oai import builder as builder_lib
+
+    options = options_from_args(args)
+    name = config_name(options, args.config_name)
+    builder = builder_lib.Oai(
+        data_dir=str(Path(args.data_dir).expanduser()),
+        config=builder_lib.OaiConfig(name=name, options=options),
+        readings_files=args.readings, pts_dir=args.pts_dir, kneel_csv=args.kneel_csv)
+    summary_path = Path(builder.data_dir) / "build_summary.json"
+    if (Path(builder.data_dir) / "dataset_info.json").exists():
+        # TFDS does not rebuild an existing dataset; keep the summary of the build that made it.
+        logging.info("%s exists already; delete it to rebuild", builder.data_dir)
+        return json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    builder.download_and_prepare(
+        file_format="array_record",
+        download_config=tfds.download.DownloadConfig(manual_dir=str(Path(args.manual_dir).expanduser())))
+    summary = builder_lib.summary_as_json(builder.summary)
+    summary["dataset"] = f"oai/{name}"
+    summary["dataset_dir"] = str(builder.data_dir)
+    summary_path.write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    summary = build(parse_args(argv))
+    print(f"build summary of {summary.get('dataset')} "
+          f"({summary.get('dataset_dir')}/build_summary.json):")
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,359 @@
+"""The OAI builder on a small fake OAI tree written by the test (data_prep.oai).
+
+The tree follows the published layouts: <visit>m/contents.csv + <batch>/<ID>/<date>/<series>/001
+DICOMs (pydicom), KL/OARSI readings as the OAI's kxr_sq_bu??.txt and as the NDA's
+oai_kxrsemiquant01.txt, BoneFinder .pts (mm; 001_f = right knee on the mirrored image).
+"""
+
+import csv
+import logging
+
+import numpy as np
+import pytest
+
+from data_prep import features, pts
+from data_prep.oai import builder as oai_builder
+from data_prep.oai import readings as oai_readings
+from data_prep.oai import tree as oai_tree
+from kpn_jax import grades as grades_lib
+
+SPACING = 0.5                   # mm per pixel
+HEIGHT, WIDTH = 120, 200        # a 60 x 100 mm "bilateral" radiograph
+ROI_MM, IMAGE_SIZE = 40.0, 48
+TASK_COLUMNS = ["XRKL", "XRJSL", "XRJSM", "XROSFL", "XROSFM", "XROSTL", "XROSTM"]
+
+
+def _subjects_by_split(count_per_split):
+    """OAI-like IDs whose hash split is known, so the test does not depend on the hash."""
+    found = {"train": [], "validation": [], "test": []}
+    for number in range(9000001, 9001000):
+        split = features.subject_split(str(number))
+        if len(found[split]) < count_per_split[split]:
+            found[split].append(str(number))
+    return found
+
+
+def right_knee_points(center_x):
+    """kneel16 of a right knee in image pixels: lateral (index 0) on the image left."""
+    femur_x = center_x + np.linspace(-27, 27, 7)
+    femur_y = 50 + 4 * np.abs(np.linspace(-1, 1, 7))
+    tibia_x = center_x + np.linspace(-30, 30, 9)
+    tibia_y = np.full(9, 70.0)
+    return np.stack([np.concatenate([femur_x, tibia_x]), np.concatenate([femur_y, tibia_y])], -1)
+
+
+def knee_points(side):
+    """Both knees of the fake radiograph: the right knee on the image left (PA view).
+
+    The left knee is a mirrored right knee (lateral on the image right), placed a little
+    differently so that swapping the two knees' files would show.
+    """
+    if side == "R":
+        return right_knee_points(50.0)
+    left = right_knee_points(46.0)
+    left[:, 0] = WIDTH - 1 - left[:, 0]
+    left[:, 1] += 6.0
+    return left
+
+
+def draw_radiograph(rng):
+    """uint16 [H, W]: noise, and a bright disk (radius 3 px) at every keypoint."""
+    image = 400 + rng.integers(0, 100, size=(HEIGHT, WIDTH))
+    yy, xx = np.mgrid[:HEIGHT, :WIDTH]
+    for side in ("R", "L"):
+        for x, y in knee_points(side):
+            image[(xx - x) ** 2 + (yy - y) ** 2 <= 9] = 3000
+    return image.astype(np.uint16)
+
+
+def write_dicom(path, pixels, photometric="MONOCHROME2", spacing=SPACING):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # CR image storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CR"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.ImagerPixelSpacing = [spacing, spacing]
+    if photometric == "MONOCHROME1":
+        pixels = 4095 - pixels
+    ds.PixelData = pixels.astype("<u2").tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def write_bonefinder(directory, rng):
+    """001.pts (left knee, as is) and 001_f.pts (right knee, on the mirrored image), in mm."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for side, name in (("L", "001.pts"), ("R", "001_f.pts")):
+        points = knee_points(side).copy()
+        if side == "R":  # BoneFinder saw the mirrored radiograph
+            points[:, 0] = WIDTH - 1 - points[:, 0]
+        shape = rng.uniform(0, 50, size=(74, 2))   # the other BoneFinder points
+        shape[list(pts.BONEFINDER_TO_KNEEL16)] = points
+        pts.write_pts(directory / name, shape * SPACING)
+
+
+def reading_rows(visit, visit_grades):
+    """Wide OAI rows (ID, SIDE, READPRJ, V{vv}XR..) of {(id, side, prj): grades}."""
+    return [{"ID": sid, "SIDE": {"R": "1: Right", "L": "2: Left"}[side], "READPRJ": prj,
+             **{f"V{visit}{c}": ("" if g is None else str(g)) for c, g in zip(TASK_COLUMNS, grades)}}
+            for (sid, side, prj), grades in visit_grades.items()]
+
+
+def write_wide(path, visit, visit_grades):
+    rows = reading_rows(visit, visit_grades)
+    columns = ["ID", "SIDE", "READPRJ", "VERSION"] + [f"V{visit}{c}" for c in TASK_COLUMNS]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns, delimiter="|", restval="1.2")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_nda(path, readings_by_visit):
+    columns = ["subjectkey", "src_subject_id", "interview_date", "visit", "readprj", "side",
+               "barcode"] + [c.lower() for c in TASK_COLUMNS]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_ALL)
+        writer.writerow(columns)
+        writer.writerow([f"Description of {c}" for c in columns])  # NDA's second header line
+        for visit, visit_grades in readings_by_visit.items():
+            for (sid, side, prj), grades in visit_grades.items():
+                writer.writerow([f"NDAR_INV{sid}", sid, "01/01/2005", f"V{visit}", prj,
+                                 {"R": "1", "L": "2"}[side], "0166"]
+                                + ["" if g is None else str(g) for g in grades])
+
+
+@pytest.fixture(scope="module")
+def fake_oai(tmp_path_factory):
+    """A fake OAI tree; returns (root, info about what is in it)."""
+    root = tmp_path_factory.mktemp("oai")
+    rng = np.random.default_rng(0)
+    ids = _subjects_by_split({"train": 4, "validation": 1, "test": 0})
+    graded, mono1, truncated, garbage = ids["train"]
+    held_out = ids["validation"][0]
+    contents = {"00m": [], "12m": []}
+
+    def add_series(visit_dir, batch, sid, date, series, photometric="MONOCHROME2", pts_too=True):
+        folder = f"{batch}/{sid}/{date}/{series}"
+        write_dicom(root / visit_dir / folder / "001", draw_radiograph(rng), photometric)
+        contents[visit_dir].append([folder, sid, date, f"0{series[:7]}", "OAI^XRAY^KNEE",
+                                    oai_tree.BILATERAL_PA])
+        if pts_too:  # KNEEL's layout: landmarks_oai/<vv>/<batch>/<any>/<ID>/<date>/<series>/
+            write_bonefinder(root / "landmarks_oai" / visit_dir[:2] / batch / "x" / sid / date
+                             / series, rng)
+        return root / visit_dir / folder / "001"
+
+    add_series("00m", "0.C.2", graded, "20040901", "10000001")
+    add_series("12m", "1.C.2", graded, "20050901", "10000002")
+    add_series("00m", "0.C.2", mono1, "20040902", "10000003", photometric="MONOCHROME1")
+    truncated_path = add_series("00m", "0.C.2", truncated, "20040903", "10000004")
+    truncated_path.write_bytes(truncated_path.read_bytes()[:-20000])   # pixel data cut short
+    garbage_path = add_series("00m", "0.C.2", garbage, "20040904", "10000005")
+    garbage_path.write_bytes(b"not a dicom at all" * 10)
+    add_series("00m", "0.C.2", held_out, "20040905", "10000006")
+    add_series("12m", "1.C.2", mono1, "20050902", "10000007", pts_too=False)
+    # A series of another kind must be ignored, and a missing-keypoints one counted.
+    contents["00m"].append([f"0.C.2/{graded}/20040901/10000009", graded, "20040901", "0999",
+                            "OAI^XRAY^KNEE", "Lateral Right Knee"])
+    for visit_dir, rows in contents.items():
+        with open(root / visit_dir / "contents.csv", "w", newline="") as f:
+            writer = csv.writer(f, quoting=csv.QUOTE_ALL)
+            writer.writerow(["Folder", "ParticipantID", "StudyDate", "Barcode", "StudyDescription",
+                             "SeriesDescription"])
+            writer.writerows(rows)
+
+    v00 = {
+        (graded, "R", "15"): (2, 0, 1, 0, 1, 0, 2),
+        (graded, "R", "37"): (3, 0, 1, 0, 1, 0, None),   # less complete: loses to project 15
+        (graded, "L", "37"): (1, 0, 0, 0, 0, 1, 0),
+        (graded, "L", "42"): (4, 0, 0, 0, 0, 1, 0),      # equally complete: 37 comes first
+        (mono1, "R", "15"): (0, 0, 0, 0, 0, 0, 0),       # mono1's left knee has no reading
+        (truncated, "R", "15"): (1, 0, 0, 0, 0, 0, 0),
+        (truncated, "L", "15"): (1, 0, 0, 0, 0, 0, 0),
+        (held_out, "R", "15"): (3, 1, 2, 1, 1, 1, 1),    # held_out's left knee: no reading
+    }
+    v01 = {(graded, "R", "15"): (2, 0, 1.5, 0, 1, 0, 9),  # 1.5 -> 1, 9 out of range -> -1
+           (graded, "L", "15"): (1, 0, 0, 0, 0, 1, 0)}
+    (root / "readings").mkdir()
+    write_wide(root / "readings" / "kxr_sq_bu00.txt", "00", v00)
+    write_wide(root / "readings" / "kxr_sq_bu01.txt", "01", v01)
+    info = dict(graded=graded, mono1=mono1, truncated=truncated, garbage=garbage,
+                held_out=held_out, truncated_path=truncated_path, garbage_path=garbage_path,
+                v00=v00, v01=v01)
+    return root, info
+
+
+def test_visit_folders_map_to_oai_visit_codes():
+    assert [oai_tree.visit_of_folder(n) for n in ("00m", "12m", "24m", "OAI_36m", "48m", "72m",
+                                                  "96m")] == ["00", "01", "03", "05", "06", "08",
+                                                              "10"]
+    assert oai_tree.visit_of_folder("landmarks_oai") is None
+    with pytest.raises(oai_tree.TreeError, match="13 months"):
+        oai_tree.visit_of_folder("13m")
+
+
+def test_readings_both_published_forms_agree(fake_oai, tmp_path):
+    root, info = fake_oai
+    wide = oai_readings.load_readings(sorted((root / "readings").glob("kxr_sq_bu*.txt")))
+    write_nda(tmp_path / "oai_kxrsemiquant01.txt", {"00": info["v00"], "01": info["v01"]})
+    report = oai_readings.ReadingsReport()
+    nda = oai_readings.load_readings([tmp_path / "oai_kxrsemiquant01.txt"], report=report)
+    assert set(wide) == set(nda)
+    for key in wide:
+        np.testing.assert_array_equal(wide[key][0], nda[key][0])
+        assert wide[key][1] == nda[key][1]
+    graded = info["graded"]
+    # READPRJ choice: the most complete reading, then the priority order 15, 37, 42.
+    assert nda[(graded, "00", "R")][1] == "15"
+    np.testing.assert_array_equal(nda[(graded, "00", "R")][0], [2, 0, 1, 0, 1, 0, 2])
+    assert nda[(graded, "00", "L")][1] == "37"
+    # Visit 01 (12 months); 1.5 floored, 9 out of range -> not graded.
+    np.testing.assert_array_equal(nda[(graded, "01", "R")][0], [2, 0, 1, 0, 1, 0, -1])
+    assert report.fractional_grades == 1 and report.out_of_range_grades == 1
+    assert report.duplicate_readings == 2
+    assert report.bad_side_rows == 0    # the description line is not counted as a bad row
+
+
+def test_readings_values_as_sas_gives_them():
+    """pandas.read_sas returns numbers as floats and text as bytes/str: both are handled."""
+    assert oai_readings.normalise_id(9000099.0) == "9000099"
+    assert oai_readings.normalise_id(b"9000099") == "9000099"
+    assert [oai_readings.parse_side(v) for v in (1.0, 2.0, "1: Right", "2: Left", "left", 3)] == \
+        ["R", "L", "R", "L", "L", None]
+    report = oai_readings.ReadingsReport()
+    import pandas as pd
+    got = oai_readings.parse_grades(pd.Series([2.0, np.nan, b"3: 3", ".: Missing", 0.5, 5.0]), 5,
+                                    report)
+    np.testing.assert_array_equal(got, [2, -1, 3, -1, 0, -1])
+
+
+def test_readings_file_without_grade_columns_is_refused(tmp_path):
+    path = tmp_path / "kxr_sq_bu00.txt"
+    path.write_text("ID|SIDE|SOMETHING\n9000001|1|2\n")
+    with pytest.raises(oai_readings.ReadingsError, match="kxr_sq_bu00.txt"):
+        oai_readings.read_readings(path)
+
+
+def test_kneel_csv_roi_maps_back_to_the_radiograph():
+    """Inverse of KNEEL's create_datasets_from_via transform, written out here."""
+    rng = np.random.default_rng(3)
+    spacing, pad, roi_px = (0.14, 0.14), 100, int(140 / 0.3)
+    for side in ("R", "L"):
+        original = rng.uniform(500, 1500, size=(16, 2))
+        scaled = original * (spacing[1] / 0.3) + pad              # resampled to 0.3 mm, padded
+        center = scaled[7 + 4].astype(int)                          # middle tibia point
+        bbox = (center[0] - roi_px // 2, center[1] - roi_px // 2,
+                center[0] + roi_px // 2, center[1] + roi_px // 2)
+        roi = scaled - np.asarray(bbox[:2])
+        if side == "L":
+            roi[:, 0] = (bbox[2] - bbox[0]) - roi[:, 0]
+        back = oai_tree.kneel_roi_to_image(roi, side, bbox, spacing)
+        np.testing.assert_allclose(back, original, atol=1e-3)
+
+
+def test_plan_sends_knees_to_splits(fake_oai, caplog):
+    root, info = fake_oai
+    options = oai_builder.OaiOptions(image_size=IMAGE_SIZE, roi_mm=ROI_MM)
+    with caplog.at_level(logging.WARNING):
+        jobs, summary = oai_builder.plan_oai(root, options)
+    by_id = {j.image_id: j for split_jobs in jobs.values() for j in split_jobs}
+    graded, mono1, held_out = info["graded"], info["mono1"], info["held_out"]
+    assert by_id[f"{graded}-V01-R"].split == "train"
+    assert by_id[f"{mono1}-V00-L"].split == "unlabeled"          # image but no reading
+    assert by_id[f"{held_out}-V00-R"].split == "validation"
+    assert f"{held_out}-V00-L" not in by_id                      # held-out subject, no reading
+    assert summary["unlabeled_knees_of_held_out_subjects"] == 1
+    assert summary["images_unreadable"] == [str(info["garbage_path"])]
+    assert str(info["garbage_path"]) in caplog.text
+    assert summary["series_listed"] == 7                          # the lateral view is not listed
+    assert summary["keypoints_source"] == {"bonefinder": 10}
+    assert summary["knees_without_keypoints"] == 2               # mono1's 12m series: no .pts
+    assert all(j.keypoints_predicted for j in by_id.values())
+    # The 'all' option keeps the held-out subject's ungraded knee as unlabelled.
+    jobs_all, _ = oai_builder.plan_oai(root, oai_builder.OaiOptions(
+        image_size=IMAGE_SIZE, roi_mm=ROI_MM, unlabeled_subjects="all"))
+    assert f"{held_out}-V00-L" in {j.image_id for j in jobs_all["unlabeled"]}
+
+
+def test_build_writes_rois_with_keypoints_on_the_bone(fake_oai, tmp_path, caplog):
+    import tensorflow_datasets as tfds
+
+    from data_prep import tfds_util
+
+    root, info = fake_oai
+    options = oai_builder.OaiOptions(image_size=IMAGE_SIZE, roi_mm=ROI_MM)
+    builder = oai_builder.Oai(data_dir=str(tmp_path), config=oai_builder.OaiConfig(
+        name="test", options=options))
+    with caplog.at_level(logging.WARNING):
+        builder.download_and_prepare(file_format="array_record",
+                                     download_config=tfds.download.DownloadConfig(manual_dir=str(root)))
+    summary = oai_builder.summary_as_json(builder.summary)
+    # The truncated DICOM passes the header check and fails to decode: named and counted.
+    assert str(info["truncated_path"]) in caplog.text
+    assert sorted(summary["images_unreadable"]) == sorted([str(info["garbage_path"]),
+                                                           str(info["truncated_path"])])
+    assert summary["written"] == {"train": 5, "unlabeled": 1, "validation": 1}
+    assert summary["planned"]["train"] == 7                      # 2 truncated knees not written
+
+    sources, ds_info = tfds_util.data_sources(tmp_path, "oai/test")
+    assert ds_info.metadata["image_size"] == IMAGE_SIZE
+    assert ds_info.metadata["keypoint_schema"] == "kneel16"
+    examples = {}
+    for split, source in sources.items():
+        for i in range(len(source)):
+            example = dict(source[i])
+            for key in ("image_id", "subject_id", "side"):   # TFDS text comes back as bytes
+                example[key] = example[key].decode()
+            examples[example["image_id"]] = (split, example)
+    graded = info["graded"]
+    assert set(examples) == {f"{graded}-V00-R", f"{graded}-V00-L", f"{graded}-V01-R",
+                             f"{graded}-V01-L", f"{info['mono1']}-V00-R", f"{info['mono1']}-V00-L",
+                             f"{info['held_out']}-V00-R"}
+    np.testing.assert_array_equal(examples[f"{graded}-V00-L"][1]["grades"], [1, 0, 0, 0, 0, 1, 0])
+    np.testing.assert_array_equal(examples[f"{graded}-V01-R"][1]["grades"], [2, 0, 1, 0, 1, 0, -1])
+    assert examples[f"{info['mono1']}-V00-L"][0] == "unlabeled"
+    assert np.all(examples[f"{info['mono1']}-V00-L"][1]["grades"] == grades_lib.MISSING)
+    for image_id, (split, example) in examples.items():
+        image, points = example["image"][..., 0], example["keypoints"]
+        assert image.shape == (IMAGE_SIZE, IMAGE_SIZE)
+        assert example["keypoints_valid"].all() and example["keypoints_predicted"]
+        assert example["side"] == image_id.split("-")[2]
+        # Every keypoint sits on its bright disk: mm -> px, the '_f' mirror, the left-knee
+        # flip, the crop and the resize all agree (MONOCHROME1 inverted too).
+        cols = np.clip(np.round(points[:, 0]).astype(int), 0, IMAGE_SIZE - 1)
+        rows = np.clip(np.round(points[:, 1]).astype(int), 0, IMAGE_SIZE - 1)
+        assert image[rows, cols].min() > 100, (image_id, image[rows, cols])
+        assert np.median(image) < 60
+        # Right-knee orientation: lateral (index 0 of each bone) on the image left.
+        assert points[0, 0] < points[6, 0] and points[7, 0] < points[15, 0]
+        # The joint centre is the ROI centre.
+        centre = (points[:7].mean(0) + points[7:].mean(0)) / 2
+        np.testing.assert_allclose(centre, (IMAGE_SIZE - 1) / 2, atol=0.01)
+
+
+def test_cli_builds_and_writes_the_summary(fake_oai, tmp_path, capsys):
+    import json
+
+    from data_prep.oai import __main__ as cli
+
+    root, info = fake_oai
+    argv = [f"--manual_dir={root}", f"--data_dir={tmp_path}", f"--image_size={IMAGE_SIZE}",
+            f"--roi_mm={ROI_MM:g}", "--unlabeled_subjects=all"]
+    assert cli.main(argv) == 0
+    name = "image_size48-roi_mm40.0-unlabeled_subjectsall"
+    summary = json.loads((tmp_path / "oai" / name / "1.0.0" / "build_summary.json").read_text())
+    assert summary["dataset"] == f"oai/{name}"
+    assert summary["written"]["unlabeled"] == 2          # the held-out subject's knee too
+    assert str(info["truncated_path"]) in summary["images_unreadable"]
+    assert f"{summary['dataset_dir']}/build_summary.json" in capsys.readouterr().out
+    # A second run finds the dataset and keeps its summary.
+    assert cli.build(cli.parse_args(argv))["written"] == summary["written"]
