@@ -84,9 +84,11 @@ def build(args) -> dict:
 
     options = options_from_args(args)
     name = config_name(options, args.config_name)
+    # TFDS refuses a config object named like a registered one: name the registered one.
+    registered = name == "default" and options == builder_lib.OaiOptions()
     builder = builder_lib.Oai(
         data_dir=str(Path(args.data_dir).expanduser()),
-        config=builder_lib.OaiConfig(name=name, options=options),
+        config=name if registered else builder_lib.OaiConfig(name=name, options=options),
         readings_files=args.readings, pts_dir=args.pts_dir, kneel_csv=args.kneel_csv)
     summary_path = Path(builder.data_dir) / "build_summary.json"
     if (Path(builder.data_dir) / "dataset_info.json").exists():
