@@ -40,12 +40,15 @@ class Radiograph:
       window: ``(low, high)`` display window in the units of ``pixels`` from the file
         (DICOM WindowCenter/WindowWidth), or None.
       path: where it was read from.
+      bit_depth: bits per grey value in the file (8 for PNG/JPEG, 16 for a 16-bit PNG,
+        BitsStored for DICOM).
     """
 
     pixels: np.ndarray
     spacing_mm: tuple[float, float] | None
     window: tuple[float, float] | None
     path: str
+    bit_depth: int = 8
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -91,8 +94,10 @@ def read_raster(path: str | os.PathLike) -> Radiograph:
             img.load()
             if img.mode in ("L", "I", "I;16", "I;16B", "I;16L", "F"):
                 pixels = np.asarray(img)
+                bit_depth = {"L": 8, "I": 32, "F": 32}.get(img.mode, 16)
             elif img.mode in ("LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "1"):
                 pixels = np.asarray(img.convert("L"))
+                bit_depth = 8
             else:
                 raise ImageReadError(f"{path}: unsupported image mode {img.mode!r}")
     except ImageReadError:
@@ -102,7 +107,8 @@ def read_raster(path: str | os.PathLike) -> Radiograph:
     pixels = np.asarray(pixels, dtype=np.float32)
     if pixels.ndim != 2 or min(pixels.shape) == 0:
         raise ImageReadError(f"{path}: expected a 2-D grey image, got shape {pixels.shape}")
-    return Radiograph(pixels=pixels, spacing_mm=None, window=None, path=str(path))
+    return Radiograph(pixels=pixels, spacing_mm=None, window=None, path=str(path),
+                      bit_depth=bit_depth)
 
 
 def dicom_pixel_spacing(ds) -> tuple[float, float] | None:
@@ -212,7 +218,7 @@ def read_dicom(path: str | os.PathLike) -> Radiograph:
         raise ImageReadError(f"{path}: PhotometricInterpretation {photometric!r} is not a grey "
                              "radiograph (MONOCHROME1/2)")
     return Radiograph(pixels=pixels, spacing_mm=dicom_pixel_spacing(ds), window=window,
-                      path=str(path))
+                      path=str(path), bit_depth=int(ds.get("BitsStored", 16)))
 
 
 def window_limits(pixels: np.ndarray, percentiles=DEFAULT_PERCENTILES) -> tuple[float, float]:

@@ -137,9 +137,9 @@ def fake_oai(tmp_path_factory):
     """A fake OAI tree; returns (root, info about what is in it)."""
     root = tmp_path_factory.mktemp("oai")
     rng = np.random.default_rng(0)
-    ids = _subjects_by_split({"train": 4, "validation": 1, "test": 0})
+    ids = _subjects_by_split({"train": 4, "validation": 2, "test": 0})
     graded, mono1, truncated, garbage = ids["train"]
-    held_out = ids["validation"][0]
+    held_out, never_graded = ids["validation"]
     contents = {"00m": [], "12m": []}
 
     def add_series(visit_dir, batch, sid, date, series, photometric="MONOCHROME2", pts_too=True):
@@ -161,6 +161,7 @@ def fake_oai(tmp_path_factory):
     garbage_path.write_bytes(b"not a dicom at all" * 10)
     add_series("00m", "0.C.2", held_out, "20040905", "10000006")
     add_series("12m", "1.C.2", mono1, "20050902", "10000007", pts_too=False)
+    add_series("00m", "0.C.2", never_graded, "20040906", "10000008")
     # A series of another kind must be ignored, and a missing-keypoints one counted.
     contents["00m"].append([f"0.C.2/{graded}/20040901/10000009", graded, "20040901", "0999",
                             "OAI^XRAY^KNEE", "Lateral Right Knee"])
@@ -187,7 +188,7 @@ def fake_oai(tmp_path_factory):
     write_wide(root / "readings" / "kxr_sq_bu00.txt", "00", v00)
     write_wide(root / "readings" / "kxr_sq_bu01.txt", "01", v01)
     info = dict(graded=graded, mono1=mono1, truncated=truncated, garbage=garbage,
-                held_out=held_out, truncated_path=truncated_path, garbage_path=garbage_path,
+                held_out=held_out, never_graded=never_graded, truncated_path=truncated_path, garbage_path=garbage_path,
                 v00=v00, v01=v01)
     return root, info
 
@@ -272,10 +273,12 @@ def test_plan_sends_knees_to_splits(fake_oai, caplog):
     assert by_id[f"{held_out}-V00-R"].split == "validation"
     assert f"{held_out}-V00-L" not in by_id                      # held-out subject, no reading
     assert summary["unlabeled_knees_of_held_out_subjects"] == 1
+    # A subject never graded cannot be in validation/test: its knees are unlabelled data.
+    assert by_id[f"{info['never_graded']}-V00-R"].split == "unlabeled"
     assert summary["images_unreadable"] == [str(info["garbage_path"])]
     assert str(info["garbage_path"]) in caplog.text
-    assert summary["series_listed"] == 7                          # the lateral view is not listed
-    assert summary["keypoints_source"] == {"bonefinder": 10}
+    assert summary["series_listed"] == 8                          # the lateral view is not listed
+    assert summary["keypoints_source"] == {"bonefinder": 12}
     assert summary["knees_without_keypoints"] == 2               # mono1's 12m series: no .pts
     assert all(j.keypoints_predicted for j in by_id.values())
     # The 'all' option keeps the held-out subject's ungraded knee as unlabelled.
@@ -301,7 +304,7 @@ def test_build_writes_rois_with_keypoints_on_the_bone(fake_oai, tmp_path, caplog
     assert str(info["truncated_path"]) in caplog.text
     assert sorted(summary["images_unreadable"]) == sorted([str(info["garbage_path"]),
                                                            str(info["truncated_path"])])
-    assert summary["written"] == {"train": 5, "unlabeled": 1, "validation": 1}
+    assert summary["written"] == {"train": 5, "unlabeled": 3, "validation": 1}
     assert summary["planned"]["train"] == 7                      # 2 truncated knees not written
 
     sources, ds_info = tfds_util.data_sources(tmp_path, "oai/test")
@@ -317,7 +320,8 @@ def test_build_writes_rois_with_keypoints_on_the_bone(fake_oai, tmp_path, caplog
     graded = info["graded"]
     assert set(examples) == {f"{graded}-V00-R", f"{graded}-V00-L", f"{graded}-V01-R",
                              f"{graded}-V01-L", f"{info['mono1']}-V00-R", f"{info['mono1']}-V00-L",
-                             f"{info['held_out']}-V00-R"}
+                             f"{info['held_out']}-V00-R", f"{info['never_graded']}-V00-R",
+                             f"{info['never_graded']}-V00-L"}
     np.testing.assert_array_equal(examples[f"{graded}-V00-L"][1]["grades"], [1, 0, 0, 0, 0, 1, 0])
     np.testing.assert_array_equal(examples[f"{graded}-V01-R"][1]["grades"], [2, 0, 1, 0, 1, 0, -1])
     assert examples[f"{info['mono1']}-V00-L"][0] == "unlabeled"
@@ -352,7 +356,7 @@ def test_cli_builds_and_writes_the_summary(fake_oai, tmp_path, capsys):
     name = "image_size48-roi_mm40.0-unlabeled_subjectsall"
     summary = json.loads((tmp_path / "oai" / name / "1.0.0" / "build_summary.json").read_text())
     assert summary["dataset"] == f"oai/{name}"
-    assert summary["written"]["unlabeled"] == 2          # the held-out subject's knee too
+    assert summary["written"]["unlabeled"] == 4          # the held-out subject's knee too
     assert str(info["truncated_path"]) in summary["images_unreadable"]
     assert f"{summary['dataset_dir']}/build_summary.json" in capsys.readouterr().out
     # A second run finds the dataset and keeps its summary.

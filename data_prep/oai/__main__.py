@@ -53,8 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--window_percentiles", default="%g,%g" % defaults.window_percentiles)
     parser.add_argument("--unlabeled_subjects", choices=builder_lib.UNLABELED_SUBJECTS,
                         default=defaults.unlabeled_subjects,
-                        help="whose ungraded knees go to 'unlabeled': only subjects of the "
-                             "train split (default; no held-out subject is trained on) or all")
+                        help="whose ungraded knees go to 'unlabeled': 'train' (default) leaves "
+                             "out subjects with graded knees in validation/test, so no held-out "
+                             "subject is trained on; 'all' keeps every one")
     parser.add_argument("--split_seed", type=int, default=defaults.split_seed)
     parser.add_argument("--readings", nargs="*", default=None,
                         help="readings files (default: every kxr_sq_bu??.sas7bdat/.txt and "

@@ -4,7 +4,8 @@ One example per knee per bilateral PA fixed-flexion radiograph: the ROI centred 
 joint (the mean of the femur and tibia keypoint centroids), ``roi_mm`` millimetres
 square, left knees mirrored, resized to ``image_size``; keypoints follow the image.
 Knees with grades go to a subject-level 2:1:1 train/validation/test split; knees with
-an image but no reading go to ``unlabeled``. See docs/DATASETS.md for the choices.
+an image but no reading go to ``unlabeled``, except (by default) those of subjects whose
+graded knees are in validation or test. See docs/DATASETS.md for the choices.
 """
 
 from __future__ import annotations
@@ -198,6 +199,7 @@ def plan_oai(manual_dir: str | os.PathLike, options: OaiOptions = OaiOptions(),
     baseline_series = collections.Counter(s.subject_id for s in series if s.visit == "00")
     per_visit = collections.Counter((s.subject_id, s.visit) for s in series)
 
+    graded_subjects = {subject for subject, _, _ in readings}
     jobs: dict[str, list[KneeJob]] = {split: [] for split in features_lib.SPLITS}
     used_readings = set()
     for s in sorted(series, key=lambda s: (s.subject_id, s.visit, s.folder)):
@@ -229,7 +231,10 @@ def plan_oai(manual_dir: str | os.PathLike, options: OaiOptions = OaiOptions(),
                 split = features_lib.subject_split(s.subject_id, seed=options.split_seed)
             else:
                 grades = np.full(len(grades_lib.TASKS), grades_lib.MISSING, np.int32)
-                held_out = features_lib.subject_split(s.subject_id, seed=options.split_seed) != "train"
+                # A subject with graded knees may have them in validation/test; its ungraded
+                # knees must then stay out of training. Subjects never graded cannot leak.
+                held_out = (s.subject_id in graded_subjects and features_lib.subject_split(
+                    s.subject_id, seed=options.split_seed) != "train")
                 if options.unlabeled_subjects == "train" and held_out:
                     summary["unlabeled_knees_of_held_out_subjects"] += 1
                     continue
