@@ -1,0 +1,1 @@
+"""Radiographs listed in a CSV -> TFDS (``python -m data_prep.manifest``; docs/DATASETS.md)."""

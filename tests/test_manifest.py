@@ -1,0 +1,258 @@
+"""The CSV-manifest builder (data_prep.manifest) and the image readers (data_prep.image_io)."""
+
+import csv
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_prep import image_io, pts
+from data_prep.manifest import builder as mf
+
+IMAGE_SIZE = 48
+
+
+def knee_points(center, side):
+    """kneel16 of one knee in image pixels; lateral (index 0) on the image left for R."""
+    cx, cy = center
+    femur = np.stack([np.linspace(-20, 20, 7), -8 + 3 * np.abs(np.linspace(-1, 1, 7))], -1)
+    tibia = np.stack([np.linspace(-22, 22, 9), np.full(9, 8.0)], -1)
+    points = np.concatenate([femur, tibia])
+    if side == "L":
+        points[:, 0] = -points[:, 0]
+    return points + np.asarray([cx, cy])
+
+
+def draw(shape, point_sets, background=40.0, value=250.0, rng=None):
+    """float [H, W]: background noise and a disk (radius 3) at each point."""
+    rng = rng or np.random.default_rng(0)
+    image = background + rng.uniform(0, 10, size=shape)
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    for points in point_sets:
+        for x, y in points:
+            image[(xx - x) ** 2 + (yy - y) ** 2 <= 9] = value
+    return image
+
+
+def write_dicom(path, pixels, photometric="MONOCHROME2", spacing_tag="ImagerPixelSpacing",
+                spacing=0.5, window=None):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    setattr(ds, spacing_tag, [spacing, spacing])
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    ds.PixelData = np.asarray(pixels, np.uint16).astype("<u2").tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+# ---------------------------------------------------------------- image_io
+
+
+def test_raster_formats_keep_their_values(tmp_path):
+    ramp = (np.arange(40 * 30).reshape(40, 30) * 50).astype(np.uint16)  # up to 59950
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    deep = image_io.read_image(tmp_path / "deep.png")
+    np.testing.assert_array_equal(deep.pixels, ramp)
+    assert deep.bit_depth == 16 and deep.spacing_mm is None
+    grey = (np.arange(40 * 30).reshape(40, 30) % 256).astype(np.uint8)
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    assert image_io.read_image(tmp_path / "grey.png").bit_depth == 8
+    np.testing.assert_array_equal(image_io.read_image(tmp_path / "grey.png").pixels, grey)
+    smooth = np.tile(np.linspace(0, 255, 30), (40, 1)).astype(np.uint8)
+    Image.fromarray(smooth).convert("RGB").save(tmp_path / "colour.jpg", quality=95)
+    jpeg = image_io.read_image(tmp_path / "colour.jpg")
+    assert jpeg.pixels.shape == (40, 30) and np.abs(jpeg.pixels - smooth).max() < 8
+
+
+def test_dicom_monochrome1_is_inverted_and_spacing_read(tmp_path):
+    raw = np.full((20, 24), 3000, np.uint16)
+    raw[5:15, 6:18] = 500                  # MONOCHROME1: low values display bright (bone)
+    write_dicom(tmp_path / "m1", raw, "MONOCHROME1", spacing_tag="PixelSpacing", spacing=0.2,
+                window=(1000, 1000))
+    assert image_io.is_dicom(tmp_path / "m1")          # no suffix, found by the DICM magic
+    image = image_io.read_image(tmp_path / "m1")
+    assert image.pixels[10, 10] > image.pixels[0, 0]   # bone bright after inversion
+    assert image.spacing_mm == (0.2, 0.2) and image.bit_depth == 12
+    # The window (500..1500 raw) follows the inversion: pivot 3500 -> 2000..3000.
+    assert image.window == (2000.0, 3000.0)
+    np.testing.assert_allclose(image.pixels, 3500 - raw.astype(np.float32))
+    write_dicom(tmp_path / "m2.dcm", raw, "MONOCHROME2", spacing=0.15)
+    both = image_io.read_dicom_header(tmp_path / "m2.dcm")
+    assert (both.rows, both.columns, both.spacing_mm) == (20, 24, (0.15, 0.15))
+
+
+def test_unreadable_files_are_named(tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    (tmp_path / "broken.dcm").write_bytes(b"\x00" * 300)
+    for name in ("broken.png", "broken.dcm", "missing.png"):
+        with pytest.raises(image_io.ImageReadError, match=name):
+            image_io.read_image(tmp_path / name)
+
+
+def test_window_and_polarity_score():
+    image = draw((60, 60), [knee_points((30, 30), "R")], background=20, value=200)
+    low, high = image_io.window_limits(image, (5, 99))
+    assert low < 30 and high == pytest.approx(200)
+    assert image_io.to_uint8(image, (low, high)).max() == 255
+    bright_centre = np.full((40, 40), 30.0)
+    bright_centre[10:30, 10:30] = 200
+    assert image_io.centre_minus_border(bright_centre) > 0
+    assert image_io.centre_minus_border(255 - bright_centre) < 0
+
+
+# ---------------------------------------------------------------- manifest
+
+
+def write_manifest(path, rows, columns=None):
+    columns = columns or sorted({k for row in rows for k in row})
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def inline(points):
+    return " ".join(f"{v:.3f}" for v in np.asarray(points).reshape(-1))
+
+
+@pytest.fixture()
+def radiographs(tmp_path):
+    """A bilateral DICOM with BoneFinder files, a 16-bit PNG, an 8-bit PNG and a JPEG."""
+    rng = np.random.default_rng(0)
+    bilateral_r, bilateral_l = knee_points((50, 60), "R"), knee_points((150, 62), "L")
+    pixels = draw((120, 200), [bilateral_r, bilateral_l], background=400, value=3000, rng=rng)
+    write_dicom(tmp_path / "bilateral.dcm", pixels.astype(np.uint16), spacing=0.5)
+    shape = rng.uniform(0, 50, size=(74, 2))
+    shape[list(pts.BONEFINDER_TO_KNEEL16)] = bilateral_l
+    pts.write_pts(tmp_path / "bilateral.pts", shape * 0.5)            # left knee, in mm
+    mirrored = bilateral_r.copy()
+    mirrored[:, 0] = 199 - mirrored[:, 0]
+    shape[list(pts.BONEFINDER_TO_KNEEL16)] = mirrored
+    pts.write_pts(tmp_path / "bilateral_f.pts", shape * 0.5)          # right knee, mirrored
+    deep_points = knee_points((45, 40), "L")
+    deep = draw((80, 90), [deep_points], background=9000, value=50000, rng=rng)
+    Image.fromarray(deep.astype(np.uint16)).save(tmp_path / "deep.png")
+    grey_points = knee_points((32, 30), "L")
+    Image.fromarray(draw((64, 64), [grey_points], rng=rng).astype(np.uint8)).save(tmp_path / "grey.png")
+    Image.fromarray(draw((50, 70), [], rng=rng).astype(np.uint8)).save(tmp_path / "plain.jpg")
+    (tmp_path / "garbage.png").write_bytes(b"not a png")
+    return dict(bilateral_r=bilateral_r, bilateral_l=bilateral_l, deep_points=deep_points,
+                grey_points=grey_points)
+
+
+def test_row_problems_are_reported_with_row_numbers(tmp_path, radiographs, caplog):
+    good = inline(radiographs["grey_points"])
+    rows = [
+        dict(image="grey.png", subject_id="s1", side="L", kl="2", keypoints=good),    # row 2
+        dict(image="nope.png", subject_id="s2", side="R", kl="1"),                     # row 3
+        dict(image="grey.png", subject_id="s3", side="R", kl="7", image_id="x3"),      # row 4
+        dict(image="grey.png", subject_id="s4", side="R", image_id="x4",
+             keypoints=" ".join(["1"] * 30)),                                           # row 5
+        dict(image="grey.png", subject_id="s5", side="sideways", image_id="x5"),       # row 6
+        dict(image="grey.png", subject_id="s6", side="R", image_id="x6", keypoints=good,
+             pts="bilateral.pts"),                                                      # row 7
+        dict(image="grey.png", subject_id="s1", side="L", kl="1"),                     # row 8
+        dict(image="grey.png", subject_id="s7", side="R", kl="1", split="train",
+             image_id="x9"),                                                            # row 9
+        dict(image="plain.jpg", subject_id="s7", side="L", kl="1", split="test"),      # row 10
+        dict(image="grey.png", subject_id="s8", side="R", image_id="x11", split="holdout"),
+    ]
+    manifest = tmp_path / "manifest.csv"
+    write_manifest(manifest, rows)
+    with caplog.at_level(logging.WARNING):
+        jobs, summary = mf.plan_manifest(manifest)
+    problems = summary["row_problems"]
+    expected = {3: "file not found", 4: "kl: 7 out of range 0..4", 5: "30 numbers; expected 32",
+                6: "'sideways' is not R or L", 7: "either keypoints or pts",
+                8: "'grey-L' is also row 2", 10: "subject 's7' is in 'train' at row 9",
+                11: "'holdout' is not one of"}
+    assert len(problems) == len(expected)
+    for row, text in expected.items():
+        assert any(p.startswith(f"row {row}: ") and text in p for p in problems), (row, problems)
+        assert f"row {row}: " in caplog.text
+    assert {j.row for js in jobs.values() for j in js} == {2, 9}
+    with pytest.raises(mf.ManifestError) as info:
+        mf.plan_manifest(manifest, strict=True)
+    assert all(f"row {row}: " in str(info.value) for row in expected)
+    # An unreadable image is found when the rows are built: a row problem too.
+    write_manifest(manifest, [dict(image="garbage.png", subject_id="s9", side="R", kl="1"),
+                              dict(image="grey.png", subject_id="s9", side="L", kl="1")])
+    jobs, summary = mf.plan_manifest(manifest)
+    (split, split_jobs), = jobs.items()
+    written = list(mf.generate_examples(split_jobs, mf.ManifestOptions(image_size=IMAGE_SIZE),
+                                        summary))
+    assert [key for key, _ in written] == ["grey-L"]
+    assert summary["row_problems"][0].startswith("row 2: image:") and \
+        "garbage.png" in summary["row_problems"][0]
+    with pytest.raises(mf.ManifestError, match="row 2: image"):
+        list(mf.generate_examples(split_jobs, mf.ManifestOptions(), summary, strict=True))
+
+
+def test_missing_required_column_is_fatal(tmp_path):
+    write_manifest(tmp_path / "m.csv", [dict(image="a.png", side="R")])
+    with pytest.raises(mf.ManifestError, match="subject_id"):
+        mf.plan_manifest(tmp_path / "m.csv")
+
+
+def test_build_every_format_with_keypoints_on_the_bone(tmp_path, radiographs):
+    from data_prep import tfds_util
+    from data_prep.manifest import __main__ as cli
+
+    rows = [
+        dict(image="bilateral.dcm", pts="bilateral.pts", subject_id="p1", side="L",
+             kl="3", jsn_lateral="0", jsn_medial="2", ost_femur_lateral="1", ost_femur_medial="2",
+             ost_tibia_lateral="0", ost_tibia_medial="3", split="train"),
+        dict(image="bilateral.dcm", pts="bilateral_f.pts", subject_id="p1", side="R", kl="1",
+             split="train"),
+        dict(image="deep.png", keypoints=inline(radiographs["deep_points"]), subject_id="p2",
+             side="L", kl="0", split="val"),
+        dict(image="grey.png", keypoints=inline(radiographs["grey_points"]), subject_id="p3",
+             side="L", jsn_medial="1", split="test"),
+        dict(image="plain.jpg", subject_id="p4", side="R"),                  # no grade, no keypoints
+    ]
+    write_manifest(tmp_path / "manifest.csv", rows)
+    summary = cli.build(cli.parse_args([
+        f"--manifest={tmp_path / 'manifest.csv'}", f"--data_dir={tmp_path / 'tfds'}",
+        f"--image_size={IMAGE_SIZE}", "--roi_mm=40", "--strict"]))
+    assert summary["written"] == {"test": 1, "train": 2, "unlabeled": 1, "validation": 1}
+    assert summary["row_problems"] == []
+    sources, info = tfds_util.data_sources(tmp_path / "tfds", summary["dataset"])
+    assert info.metadata["image_size"] == IMAGE_SIZE
+    examples = {}
+    for split, source in sources.items():
+        for i in range(len(source)):
+            example = source[i]
+            examples[example["image_id"].decode()] = (split, example)
+    assert set(examples) == {"bilateral-L", "bilateral-R", "deep-L", "grey-L", "plain-R"}
+    np.testing.assert_array_equal(examples["bilateral-L"][1]["grades"], [3, 0, 2, 1, 2, 0, 3])
+    np.testing.assert_array_equal(examples["grey-L"][1]["grades"], [-1, -1, 1, -1, -1, -1, -1])
+    assert examples["plain-R"][0] == "unlabeled"
+    assert not examples["plain-R"][1]["keypoints_valid"].any()
+    assert examples["bilateral-R"][1]["keypoints_predicted"]          # from a .pts file
+    assert not examples["deep-L"][1]["keypoints_predicted"]           # inline
+    for image_id in ("bilateral-L", "bilateral-R", "deep-L", "grey-L"):
+        example = examples[image_id][1]
+        image, points = example["image"][..., 0], example["keypoints"]
+        assert example["keypoints_valid"].all()
+        cols = np.clip(np.round(points[:, 0]).astype(int), 0, IMAGE_SIZE - 1)
+        rows_ = np.clip(np.round(points[:, 1]).astype(int), 0, IMAGE_SIZE - 1)
+        assert image[rows_, cols].min() > 100, (image_id, image[rows_, cols])
+        assert np.median(image) < 90, image_id
+        assert points[0, 0] < points[6, 0] and points[7, 0] < points[15, 0], image_id
+    # The DICOM knees are 40 mm ROIs around the joint: its centre is the image centre.
+    points = examples["bilateral-L"][1]["keypoints"]
+    np.testing.assert_allclose((points[:7].mean(0) + points[7:].mean(0)) / 2,
+                               (IMAGE_SIZE - 1) / 2, atol=0.01)
