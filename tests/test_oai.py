@@ -351,7 +351,7 @@ def test_cli_builds_and_writes_the_summary(fake_oai, tmp_path, capsys):
 
     root, info = fake_oai
     argv = [f"--manual_dir={root}", f"--data_dir={tmp_path}", f"--image_size={IMAGE_SIZE}",
-            f"--roi_mm={ROI_MM:g}", "--unlabeled_subjects=all"]
+            f"--roi_mm={ROI_MM:g}", "--unlabeled_subjects=all", "--num_workers=2"]
     assert cli.main(argv) == 0
     name = "image_size48-roi_mm40.0-unlabeled_subjectsall"
     summary = json.loads((tmp_path / "oai" / name / "1.0.0" / "build_summary.json").read_text())

@@ -62,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "*kxrsemiquant*.txt under manual_dir)")
     parser.add_argument("--pts_dir", default=None, help="BoneFinder .pts tree (default manual_dir)")
     parser.add_argument("--kneel_csv", default=None, help="KNEEL's bf_landmarks_1_0.3.csv")
+    parser.add_argument("--num_workers", type=int, default=0,
+                        help="threads decoding DICOMs (default 0: none)")
     return parser.parse_args(argv)
 
 
@@ -90,7 +92,8 @@ def build(args) -> dict:
     builder = builder_lib.Oai(
         data_dir=str(Path(args.data_dir).expanduser()),
         config=name if registered else builder_lib.OaiConfig(name=name, options=options),
-        readings_files=args.readings, pts_dir=args.pts_dir, kneel_csv=args.kneel_csv)
+        readings_files=args.readings, pts_dir=args.pts_dir, kneel_csv=args.kneel_csv,
+        num_workers=args.num_workers)
     summary_path = Path(builder.data_dir) / "build_summary.json"
     if (Path(builder.data_dir) / "dataset_info.json").exists():
         # TFDS does not rebuild an existing dataset; keep the summary of the build that made it.

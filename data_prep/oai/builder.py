@@ -268,36 +268,70 @@ def knee_example(job: KneeJob, radiograph: image_io.Radiograph, options: OaiOpti
         image_id=job.image_id, side=job.side, keypoints_predicted=job.keypoints_predicted)
 
 
-def generate_examples(jobs: Iterable[KneeJob], options: OaiOptions,
-                      summary: dict) -> Iterator[tuple[str, dict]]:
+def radiograph_examples(jobs: Sequence[KneeJob], options: OaiOptions):
+    """The examples of the knees of ONE radiograph (one decode), or the read error.
+
+    Returns:
+      ``[(key, example, split)]``, or the error message (str) when the DICOM does not
+      decode.
+    """
+    try:
+        radiograph = image_io.read_dicom(jobs[0].dicom_path)
+    except image_io.ImageReadError as e:
+        return str(e)
+    return [(job.image_id, knee_example(job, radiograph, options), job.split) for job in jobs]
+
+
+def _ordered_thread_map(function, items: Sequence, num_workers: int) -> Iterator:
+    """``map(function, items)`` on ``num_workers`` threads, in order, at most
+    ``2 * num_workers`` results ahead of the consumer (bounded memory)."""
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(num_workers) as executor:
+        pending = collections.deque()
+        for item in items:
+            pending.append(executor.submit(function, item))
+            if len(pending) >= 2 * num_workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def generate_examples(jobs: Iterable[KneeJob], options: OaiOptions, summary: dict,
+                      num_workers: int = 0) -> Iterator[tuple[str, dict]]:
     """``(key, example)`` for every knee whose radiograph decodes; the rest are counted.
 
-    Both knees of a radiograph are read with one decode (jobs sorted by file).
+    Args:
+      num_workers: > 1 decodes radiographs in that many threads (order is kept; file
+        reading, numpy's partition, PIL's resize and zlib release the GIL).
 
     Raises:
       RuntimeError: when not one knee of the split could be written (TFDS cannot write
         an empty split), naming the split.
     """
-    jobs = sorted(jobs, key=lambda j: (str(j.dicom_path), j.side))
-    cached_path, cached = None, None
-    written = 0
+    by_file: dict[Path, list[KneeJob]] = collections.defaultdict(list)
     for job in jobs:
-        if job.dicom_path != cached_path:
-            cached_path = job.dicom_path
-            try:
-                cached = image_io.read_dicom(job.dicom_path)
-            except image_io.ImageReadError as e:
-                logger.warning("skipping unreadable DICOM %s", e)
-                summary["images_unreadable"].append(str(job.dicom_path))
-                cached = None
-        if cached is None:
+        by_file[job.dicom_path].append(job)
+    groups = [sorted(by_file[path], key=lambda j: j.side) for path in sorted(by_file, key=str)]
+    num_jobs = sum(len(g) for g in groups)
+    if num_workers > 1 and len(groups) > 1:
+        results = _ordered_thread_map(lambda group: radiograph_examples(group, options), groups,
+                                      num_workers)
+    else:
+        results = (radiograph_examples(group, options) for group in groups)
+    written = 0
+    for group, result in zip(groups, results):
+        if isinstance(result, str):
+            logger.warning("skipping unreadable DICOM %s", result)
+            summary["images_unreadable"].append(str(group[0].dicom_path))
             continue
-        yield job.image_id, knee_example(job, cached, options)
-        summary["written"][job.split] += 1
-        written += 1
-    if jobs and not written:
-        raise RuntimeError(f"split {jobs[0].split!r}: none of its {len(jobs)} knees could be read "
-                           "(see the warnings above); TFDS cannot write an empty split")
+        for key, example, split in result:
+            summary["written"][split] += 1
+            written += 1
+            yield key, example
+    if num_jobs and not written:
+        raise RuntimeError(f"split {groups[0][0].split!r}: none of its {num_jobs} knees could be "
+                           "read (see the warnings above); TFDS cannot write an empty split")
 
 
 @dataclasses.dataclass
@@ -312,8 +346,8 @@ class Oai(tfds.core.GeneratorBasedBuilder):
 
     Paths that do not change the dataset's content are constructor arguments:
     ``readings_files`` (default: found under manual_dir), ``pts_dir`` (default:
-    manual_dir) and ``kneel_csv``. After ``download_and_prepare``, ``summary`` holds
-    the build summary (:func:`summary_as_json`).
+    manual_dir), ``kneel_csv`` and ``num_workers`` (decoding threads). After
+    ``download_and_prepare``, ``summary`` holds the build summary (:func:`summary_as_json`).
     """
 
     VERSION = tfds.core.Version("1.0.0")
@@ -321,10 +355,12 @@ class Oai(tfds.core.GeneratorBasedBuilder):
     BUILDER_CONFIGS = [OaiConfig(name="default", description="320 px, 140 mm ROI")]
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
 
-    def __init__(self, *, readings_files=None, pts_dir=None, kneel_csv=None, **kwargs):
+    def __init__(self, *, readings_files=None, pts_dir=None, kneel_csv=None, num_workers=0,
+                 **kwargs):
         self._readings_files = readings_files
         self._pts_dir = pts_dir
         self._kneel_csv = kneel_csv
+        self._num_workers = num_workers
         self.summary = new_summary()
         super().__init__(**kwargs)
 
@@ -351,4 +387,4 @@ class Oai(tfds.core.GeneratorBasedBuilder):
         return {split: self._generate_examples(split_jobs) for split, split_jobs in jobs.items()}
 
     def _generate_examples(self, jobs):
-        yield from generate_examples(jobs, self.options, self.summary)
+        yield from generate_examples(jobs, self.options, self.summary, self._num_workers)
