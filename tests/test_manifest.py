@@ -146,7 +146,8 @@ def radiographs(tmp_path):
     deep = draw((80, 90), [deep_points], background=9000, value=50000, rng=rng)
     Image.fromarray(deep.astype(np.uint16)).save(tmp_path / "deep.png")
     grey_points = knee_points((32, 30), "L")
-    Image.fromarray(draw((64, 64), [grey_points], rng=rng).astype(np.uint8)).save(tmp_path / "grey.png")
+    grey = draw((64, 64), [grey_points], rng=rng).astype(np.uint8)
+    Image.fromarray(grey).save(tmp_path / "grey.png")
     Image.fromarray(draw((50, 70), [], rng=rng).astype(np.uint8)).save(tmp_path / "plain.jpg")
     (tmp_path / "garbage.png").write_bytes(b"not a png")
     return dict(bilateral_r=bilateral_r, bilateral_l=bilateral_l, deep_points=deep_points,

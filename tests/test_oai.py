@@ -188,7 +188,8 @@ def fake_oai(tmp_path_factory):
     write_wide(root / "readings" / "kxr_sq_bu00.txt", "00", v00)
     write_wide(root / "readings" / "kxr_sq_bu01.txt", "01", v01)
     info = dict(graded=graded, mono1=mono1, truncated=truncated, garbage=garbage,
-                held_out=held_out, never_graded=never_graded, truncated_path=truncated_path, garbage_path=garbage_path,
+                held_out=held_out, never_graded=never_graded, truncated_path=truncated_path,
+                garbage_path=garbage_path,
                 v00=v00, v01=v01)
     return root, info
 
@@ -297,8 +298,9 @@ def test_build_writes_rois_with_keypoints_on_the_bone(fake_oai, tmp_path, caplog
     builder = oai_builder.Oai(data_dir=str(tmp_path), config=oai_builder.OaiConfig(
         name="test", options=options))
     with caplog.at_level(logging.WARNING):
-        builder.download_and_prepare(file_format="array_record",
-                                     download_config=tfds.download.DownloadConfig(manual_dir=str(root)))
+        builder.download_and_prepare(
+            file_format="array_record",
+            download_config=tfds.download.DownloadConfig(manual_dir=str(root)))
     summary = oai_builder.summary_as_json(builder.summary)
     # The truncated DICOM passes the header check and fails to decode: named and counted.
     assert str(info["truncated_path"]) in caplog.text

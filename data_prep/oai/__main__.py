@@ -101,7 +101,8 @@ def build(args) -> dict:
         return json.loads(summary_path.read_text()) if summary_path.exists() else {}
     builder.download_and_prepare(
         file_format="array_record",
-        download_config=tfds.download.DownloadConfig(manual_dir=str(Path(args.manual_dir).expanduser())))
+        download_config=tfds.download.DownloadConfig(
+            manual_dir=str(Path(args.manual_dir).expanduser())))
     summary = builder_lib.summary_as_json(builder.summary)
     summary["dataset"] = f"oai/{name}"
     summary["dataset_dir"] = str(builder.data_dir)

@@ -182,7 +182,8 @@ def plan_oai(manual_dir: str | os.PathLike, options: OaiOptions = OaiOptions(),
     if not contents_files:
         raise FileNotFoundError(f"{manual_dir}: no <visit>/contents.csv (e.g. 00m/contents.csv)"
                                 f"\n{MANUAL_DOWNLOAD_INSTRUCTIONS}")
-    series = [s for f in contents_files for s in tree_lib.read_contents(f, options.series_description)]
+    series = [s for f in contents_files
+              for s in tree_lib.read_contents(f, options.series_description)]
     summary["series_listed"] = len(series)
 
     if readings_files is None:

@@ -157,7 +157,8 @@ def _long_from_wide(table: pd.DataFrame, source: str) -> list[pd.DataFrame]:
     visits = sorted({m.group(1) for c in columns if (m := _WIDE_KL.match(c))})
     for required in ("ID", "SIDE"):
         if required not in columns:
-            raise ReadingsError(f"{source}: column {required} missing (has {sorted(columns)[:12]}...)")
+            raise ReadingsError(f"{source}: column {required} missing "
+                                f"(has {sorted(columns)[:12]}...)")
     frames = []
     for visit in visits:
         frame = pd.DataFrame({
