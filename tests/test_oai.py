@@ -363,3 +363,17 @@ def test_cli_builds_and_writes_the_summary(fake_oai, tmp_path, capsys):
     assert f"{summary['dataset_dir']}/build_summary.json" in capsys.readouterr().out
     # A second run finds the dataset and keeps its summary.
     assert cli.build(cli.parse_args(argv))["written"] == summary["written"]
+
+
+@pytest.mark.parametrize("window", ["dicom", "roi"])
+def test_other_windows_keep_bone_bright(fake_oai, window):
+    from data_prep import image_io
+
+    root, info = fake_oai
+    options = oai_builder.OaiOptions(image_size=IMAGE_SIZE, roi_mm=ROI_MM, window=window)
+    jobs, _ = oai_builder.plan_oai(root, options)
+    job = next(j for j in jobs["train"] if j.image_id == f"{info['graded']}-V00-L")
+    example = oai_builder.knee_example(job, image_io.read_dicom(job.dicom_path), options)
+    image = features.decode_png(example["image"])[..., 0]
+    cols, rows = np.round(example["keypoints"]).astype(int).T
+    assert image[rows, cols].min() > 100 and np.median(image) < 60

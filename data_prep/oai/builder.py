@@ -252,15 +252,28 @@ def plan_oai(manual_dir: str | os.PathLike, options: OaiOptions = OaiOptions(),
     return {k: v for k, v in jobs.items() if v}, summary
 
 
-def knee_example(job: KneeJob, radiograph: image_io.Radiograph, options: OaiOptions) -> dict:
-    """The example of one knee from its decoded radiograph."""
-    pixels = radiograph.pixels
+def radiograph_window(radiograph: image_io.Radiograph, options: OaiOptions) -> tuple[float, float]:
+    """The grey-level window of a whole radiograph ('image', or 'dicom' from its tags).
+
+    'roi' windows are made per knee; the radiograph's window then only picks the fill
+    value outside the image.
+    """
     if options.window == "dicom" and radiograph.window is not None:
-        window = radiograph.window
-    else:  # 'image', and 'dicom' without window tags
-        window = image_io.window_limits(pixels, options.window_percentiles)
+        return radiograph.window
+    return image_io.window_limits(radiograph.pixels, options.window_percentiles)
+
+
+def knee_example(job: KneeJob, radiograph: image_io.Radiograph, options: OaiOptions,
+                 window: tuple[float, float] | None = None) -> dict:
+    """The example of one knee from its decoded radiograph.
+
+    Args:
+      window: :func:`radiograph_window` of ``radiograph`` when already computed.
+    """
+    if window is None:
+        window = radiograph_window(radiograph, options)
     roi_px = options.roi_mm / _isotropic_spacing(job.spacing_mm)
-    roi, keypoints = roi_lib.extract_roi(pixels, job.keypoints, job.side, roi_px,
+    roi, keypoints = roi_lib.extract_roi(radiograph.pixels, job.keypoints, job.side, roi_px,
                                          options.image_size, fill=window[0])
     if options.window == "roi":
         window = image_io.window_limits(roi, options.window_percentiles)
@@ -270,7 +283,7 @@ def knee_example(job: KneeJob, radiograph: image_io.Radiograph, options: OaiOpti
 
 
 def radiograph_examples(jobs: Sequence[KneeJob], options: OaiOptions):
-    """The examples of the knees of ONE radiograph (one decode), or the read error.
+    """The examples of the knees of ONE radiograph (one decode, one window), or the error.
 
     Returns:
       ``[(key, example, split)]``, or the error message (str) when the DICOM does not
@@ -280,7 +293,9 @@ def radiograph_examples(jobs: Sequence[KneeJob], options: OaiOptions):
         radiograph = image_io.read_dicom(jobs[0].dicom_path)
     except image_io.ImageReadError as e:
         return str(e)
-    return [(job.image_id, knee_example(job, radiograph, options), job.split) for job in jobs]
+    window = radiograph_window(radiograph, options)
+    return [(job.image_id, knee_example(job, radiograph, options, window), job.split)
+            for job in jobs]
 
 
 def _ordered_thread_map(function, items: Sequence, num_workers: int) -> Iterator:
