@@ -11,18 +11,20 @@ Three steps per knee, each from its own random stream (so changing the image siz
 rater noise changes nothing else):
 
 1. Grades (:func:`sample_grades`). A latent severity ``s`` and a medial/lateral balance
-   ``m`` per knee (each half subject-level, half knee-level) load on six Gaussian
+   ``m`` per knee (70 % of each shared by the subject's two knees) load on six Gaussian
    liabilities ``z_t = a_t s + b_t m + c_t e_t`` (unit variance); each OARSI grade is
    ``z_t`` cut at the normal quantiles of the paper's Table 1, so its marginal is Table 1's.
    KL follows from the OARSI grades by the KL definitions (:func:`kl_from_oarsi`), and a
    rater-noise step moves a share of all grades by one (:func:`apply_rater_noise`).
 2. Shape (:func:`sample_shape`). Anatomy varies between knees (size, proportions,
    position, rotation, exposure); the clean grades set joint-space widths, osteophyte
-   sizes, sclerosis and deformity.
+   sizes (small spurs at the four margin keypoints), sclerosis and deformity.
 3. Image (:func:`render`). Bones are height fields (femur above its distal contour, tibia
    below its plateau contour) cut by side profiles, so every keypoint is a point of a
-   contour by construction: ``(x, contour(x))``. Vectorised numpy on a canvas a little
-   larger than the image, then one bilinear affine warp (rotation, scale, shift).
+   contour by construction: ``(x, contour(x))``; osteophytes grow from the contour next to
+   their keypoint and do not move it. Vectorised numpy on a canvas a little larger than
+   the image, then one bilinear affine warp (rotation, scale, shift) that the keypoints
+   follow exactly.
 
 Coordinates: ``(x, y)`` pixels with pixel centres at integer coordinates; shapes are
 described in units of the image side (``u = (x + 0.5) / size``). Right-knee orientation
@@ -60,15 +62,15 @@ TABLE1_COUNTS: dict[str, tuple[int, ...]] = {
 TABLE1_PREVALENCE: dict[str, np.ndarray] = {
     task: np.asarray(counts, np.float64) / sum(counts) for task, counts in TABLE1_COUNTS.items()}
 
-# Latent model, calibrated (see docs/SYNTHETIC.md) so that KL derived by the rules below
-# lands within ~1.5 points of Table 1. Loadings (a on severity, b on medial balance):
-# osteophytes are mostly one process (a high); JSN splits strongly into medial (varus)
-# and lateral (valgus) knees, as in real OA.
-SUBJECT_SHARE = 0.5        # share of the latent variance common to both knees of a subject
-JSN_LOADING = (0.65, 0.6)
+# Latent model, calibrated by a grid search over 200,000 simulated knees so that KL
+# derived by the rules below lands within 1 point of Table 1 (docs/SYNTHETIC.md).
+# Loadings (a on severity, b on medial balance): osteophytes are mostly one process
+# (a high); JSN splits strongly into medial (varus) and lateral (valgus) knees.
+SUBJECT_SHARE = 0.7        # share of the latent variance common to both knees of a subject
+JSN_LOADING = (0.6, 0.7)
 OSTEOPHYTE_LOADING = (0.85, 0.3)
 LIPPING_LOADING = 0.3      # of the doubtful-lipping liability on severity
-LIPPING_THRESHOLD = -0.14  # liability above it: doubtful lipping (matters only without osteophytes)
+LIPPING_THRESHOLD = -0.12  # liability above it: doubtful lipping (matters only without osteophytes)
 
 # Independent random streams of one knee (and of one subject).
 _STREAM_SUBJECT, _STREAM_GRADES, _STREAM_RATER, _STREAM_SHAPE, _STREAM_PIXELS = range(5)
@@ -254,7 +256,7 @@ JSN_WIDTH_FACTOR = (1.0, 0.70, 0.44, 0.17)
 NORMAL_WIDTH = {"lateral": 0.056, "medial": 0.046}
 # Osteophyte length per grade (units of the image side): 0.02 is 6 px at 320 px.
 OSTEOPHYTE_LENGTH = (0.0, 0.021, 0.038, 0.058)
-LIPPING_LENGTH = 0.010
+LIPPING_LENGTH = 0.011  # 0.85-1.35x this: overlaps a normal bump (<= 0.012) and grade 1
 # Where the osteophytes sit: the four margins, with the keypoint they attach to.
 OSTEOPHYTE_SITES = {  # task -> (keypoint, x direction outwards, y direction towards the joint)
     "ost_femur_lateral": (0, -1.0, 1.0),
@@ -297,7 +299,7 @@ class KneeShape:
     soft_tissue_half_width: float
     # Disease.
     sclerosis: tuple[float, float]    # lateral, medial subchondral brightening
-    osteophytes: dict               # task -> (length, thickness, angle)
+    osteophytes: dict               # task -> (length, thickness, angle, base offset)
     irregularity: float             # amplitude of contour waviness (deformity)
     irregularity_phase: float
     # Imaging.
@@ -346,20 +348,31 @@ def sample_shape(seed: int, index: int, knee: KneeGrades) -> KneeShape:
     spine_x = (center_x - 0.055 + jitter(0.006), center_x + 0.065 + jitter(0.006))
     spine_height = tuple(h * (1.0 + 0.25 * deformity) * (1.0 + jitter(0.12)) for h in (0.05, 0.065))
     flattening = 1.0 - 0.35 * deformity
+    # Spurs: (length, thickness, angle from the horizontal towards the joint in degrees,
+    # base offset inwards from the margin keypoint). Sizes of adjacent grades overlap
+    # (readers disagree there); margins without an osteophyte may carry a normal bump
+    # smaller than doubtful lipping, which is smaller than grade 1.
+    lipping_site = None
+    if knee.lipping:
+        lipping_site = ("ost_tibia_medial", "ost_femur_medial", "ost_tibia_lateral",
+                        "ost_femur_lateral")[int(rng.choice(4, p=(0.4, 0.25, 0.2, 0.15)))]
     osteophytes = {}
     for t, task in enumerate(grades_lib.TASKS):
         if task not in OSTEOPHYTE_SITES:
             continue
         grade = int(g[t])
-        length = OSTEOPHYTE_LENGTH[grade] * float(rng.uniform(0.8, 1.2))
-        angle = float(rng.uniform(10.0, 40.0))   # degrees from the horizontal, towards the joint
+        size_draw, normal_bump, thickness, angle, offset = rng.random(5)
         if grade > 0:
-            osteophytes[task] = (length, 0.45 * length + 0.004, angle)
-    if knee.lipping:
-        site = ("ost_tibia_medial", "ost_femur_medial", "ost_tibia_lateral",
-                "ost_femur_lateral")[int(rng.choice(4, p=(0.4, 0.25, 0.2, 0.15)))]
-        length = LIPPING_LENGTH * float(rng.uniform(0.8, 1.2))
-        osteophytes[site] = (length, 0.5 * length + 0.003, float(rng.uniform(10.0, 40.0)))
+            length = OSTEOPHYTE_LENGTH[grade] * math.exp(0.22 * NormalDist().inv_cdf(
+                0.005 + 0.99 * size_draw))
+        elif task == lipping_site:
+            length = LIPPING_LENGTH * (0.85 + 0.5 * size_draw)
+        elif normal_bump < 0.5:
+            length = 0.003 + 0.009 * size_draw
+        else:
+            continue
+        osteophytes[task] = (length, (0.45 + 0.3 * thickness) * length + 0.003,
+                             55.0 * angle, 0.012 * offset)
     sclerosis = tuple(float(np.clip(0.05 * jsn[c] + 0.03 * severity + jitter(0.02), 0.0, 0.3))
                       for c in ("lateral", "medial"))
     gap = condyle_x[1] - condyle_x[0]
@@ -371,15 +384,15 @@ def sample_shape(seed: int, index: int, knee: KneeGrades) -> KneeShape:
         plateau_corner=0.020 + jitter(0.003),
         tibia_taper=(0.09 + jitter(0.02), 0.07 + jitter(0.02)),
         condyle_x=condyle_x, condyle_y=(0.0, 0.0),
-        femur_left=tibia_left + 0.012 + jitter(0.006),
+        femur_left=tibia_left + 0.02 + jitter(0.006),
         femur_right=tibia_right - 0.004 + jitter(0.006),
-        condyle_outer_height=(0.11 * flattening + jitter(0.01), 0.105 * flattening + jitter(0.01)),
-        condyle_outer_power=(2.0 + 1.0 * deformity + jitter(0.15), 2.0 + 1.0 * deformity + jitter(0.15)),
+        condyle_outer_height=(0.085 * flattening + jitter(0.01), 0.08 * flattening + jitter(0.01)),
+        condyle_outer_power=(2.4 + 1.0 * deformity + jitter(0.2), 2.4 + 1.0 * deformity + jitter(0.2)),
         condyle_inner_power=(1.55 + jitter(0.1), 1.55 + jitter(0.1)),
         notch_x=0.5 * (condyle_x[0] + condyle_x[1]) + jitter(0.006),
         notch_depth=0.125 + jitter(0.012),
         notch_half_width=0.11 * gap + jitter(0.004),
-        femur_taper=(0.06 + jitter(0.015), 0.05 + jitter(0.015)),
+        femur_taper=(0.09 + jitter(0.02), 0.08 + jitter(0.02)),
         fibula=(tibia_left + 0.075 + jitter(0.01), plateau_y + 0.25 + jitter(0.015),
                 0.075 + jitter(0.006), 0.095 + jitter(0.008)),
         patella=(center_x + jitter(0.02), 0.30 + jitter(0.03), 0.17 + jitter(0.015),
@@ -485,8 +498,8 @@ def femur_contour(shape: KneeShape, x) -> np.ndarray:
 def keypoint_x(shape: KneeShape) -> np.ndarray:
     """The x of the 16 kneel16 points; their y is the contour's (so they lie on it exactly)."""
     (xl, xm) = shape.condyle_x
-    femur = [xl - 0.93 * (xl - shape.femur_left), xl, 0.5 * (xl + shape.notch_x), shape.notch_x,
-             0.5 * (shape.notch_x + xm), xm, xm + 0.93 * (shape.femur_right - xm)]
+    femur = [xl - 0.85 * (xl - shape.femur_left), xl, 0.5 * (xl + shape.notch_x), shape.notch_x,
+             0.5 * (shape.notch_x + xm), xm, xm + 0.85 * (shape.femur_right - xm)]
     s1, s2 = shape.spine_x
     r = 0.3 * shape.plateau_corner
     tibia = [shape.tibia_left + r, xl, 0.5 * (xl + s1), s1, 0.5 * (s1 + s2), s2,
@@ -534,9 +547,13 @@ def _trabecular_texture(rng: np.random.Generator, shape_hw: tuple[int, int], siz
     height, width = shape_hw
 
     def noise(cell_h, cell_w):
-        return rng.standard_normal((max(2, int(round(height / max(cell_h * size, 1.5)))),
-                                    max(2, int(round(width / max(cell_w * size, 1.5))))),
-                                   dtype=np.float32)
+        """Unit-variance white noise, one value per cell (uniform: 5x cheaper than normal)."""
+        shape_hw = (max(2, int(round(height / max(cell_h * size, 1.5)))),
+                    max(2, int(round(width / max(cell_w * size, 1.5)))))
+        values = rng.random(shape_hw, dtype=np.float32)
+        values -= 0.5
+        values *= math.sqrt(12.0)
+        return values
 
     def to_grid(coarse, grid_hw):
         image = Image.fromarray(coarse, mode="F").resize((grid_hw[1], grid_hw[0]), Image.BILINEAR)
@@ -561,8 +578,12 @@ def _spur_distance(u, v, base, direction, length, thickness):
 def _chord(u, left, right):
     """Relative path length through a cylinder spanning ``[left, right]`` at columns ``u``."""
     centre, half = 0.5 * (left + right), 0.5 * (right - left)
-    t = (u[None, :] - centre) / half
-    return np.sqrt(np.clip(1.0 - t * t, 0.0, 1.0))
+    t = u[None, :] - centre
+    t /= half
+    np.square(t, out=t)
+    np.subtract(1.0, t, out=t)
+    np.clip(t, 0.0, 1.0, out=t)
+    return np.sqrt(t, out=t)
 
 
 def _span(grid: np.ndarray, low: float, high: float) -> slice:
@@ -670,9 +691,9 @@ def render(shape: KneeShape, image_size: int, rng: np.random.Generator):
     corner_top = (shape.condyle_y[0] - shape.condyle_outer_height[0],
                   shape.condyle_y[1] - shape.condyle_outer_height[1])
     left = shape.femur_left + shape.femur_taper[0] * (
-        1.0 - np.exp(-np.maximum(corner_top[0] - vf, 0.0) / 0.15))
+        1.0 - np.exp(-np.maximum(corner_top[0] - vf, 0.0) / 0.2))
     right = shape.femur_right - shape.femur_taper[1] * (
-        1.0 - np.exp(-np.maximum(corner_top[1] - vf, 0.0) / 0.15))
+        1.0 - np.exp(-np.maximum(corner_top[1] - vf, 0.0) / 0.2))
     femur_surface = (femur_y[None, :] - vf) * femur_factor[None, :]
     femur_d = np.minimum(np.minimum(femur_surface, u[None, :] - left), right - u[None, :])
     femur_chord = _chord(u, left, right)
@@ -686,9 +707,11 @@ def render(shape: KneeShape, image_size: int, rng: np.random.Generator):
 
     # Osteophytes join their bone: the union's distance is the larger one, so the cortex
     # runs around the spur.
-    for task, (length, thickness, angle) in shape.osteophytes.items():
+    for task, (length, thickness, angle, inwards) in shape.osteophytes.items():
         point, out_x, towards_joint = OSTEOPHYTE_SITES[task]
-        base = keypoints[point]
+        base_x = keypoints[point, 0] - out_x * inwards
+        contour = femur_contour if point < 7 else tibia_contour
+        base = (base_x, float(contour(shape, np.array([base_x]))[0]))
         a = math.radians(angle)
         direction = (out_x * math.cos(a), towards_joint * math.sin(a))
         reach = length + thickness + 3 * pixel
@@ -708,11 +731,21 @@ def render(shape: KneeShape, image_size: int, rng: np.random.Generator):
     near_joint = _span(v, joint_top - 0.05 - 5 * sclerosis_width, joint_bottom + 0.05 + 5 * sclerosis_width)
     wave = 0.012 * np.sin(11.0 * u + shape.irregularity_phase) + 0.005 * np.sin(23.0 * u)
 
-    def bone(d, rows, vb, surface, chord, scar_y):
-        """Attenuation of one bone on canvas rows ``rows`` (``vb`` their v, ``[R, 1]``)."""
-        occupancy = np.clip(d * size + 0.5, 0.0, 1.0)
-        density = (0.45 + 0.55 * chord) + shape.texture_strength * texture[rows]
-        density += shape.rim_strength * np.exp(np.maximum(d, 0.0) * (-1.0 / rim_width))
+    def bone(d, rows, vb, surface, density, scar_y):
+        """Attenuation of one bone on canvas rows ``rows`` (``vb`` their v, ``[R, 1]``).
+
+        ``density`` arrives holding the bone's chord and is overwritten (in-place
+        arithmetic: this is the renderer's hot loop).
+        """
+        density *= 0.55
+        density += 0.45
+        scratch = np.multiply(texture[rows], shape.texture_strength)
+        density += scratch
+        np.maximum(d, 0.0, out=scratch)
+        scratch *= -1.0 / rim_width
+        np.exp(scratch, out=scratch)
+        scratch *= shape.rim_strength
+        density += scratch
         # Subchondral sclerosis, only computed near the joint.
         local = _span(vb[:, 0], v[near_joint.start] if near_joint.stop > near_joint.start else 2.0,
                       v[near_joint.stop - 1] if near_joint.stop > near_joint.start else 2.0)
@@ -723,7 +756,11 @@ def render(shape: KneeShape, image_size: int, rng: np.random.Generator):
         local = _span(vb[:, 0], float(scar_y.min()) - 4 * rim_width, float(scar_y.max()) + 4 * rim_width)
         if local.stop > local.start:
             density[local] += 0.2 * np.exp(-(((vb[local] - scar_y[None, :]) / (2 * rim_width)) ** 2))
-        return (shape.bone_density * occupancy) * density
+        np.multiply(d, size * shape.bone_density, out=scratch)
+        scratch += 0.5 * shape.bone_density
+        np.clip(scratch, 0.0, shape.bone_density, out=scratch)  # soft-edged occupancy
+        density *= scratch
+        return density
 
     # Soft tissue: a cylinder, thickest in the middle, the calf a little thicker.
     offset = (u - JOINT_CENTER[0]) / shape.soft_tissue_half_width
