@@ -34,6 +34,9 @@ USER_ERRORS = (ValueError, FileNotFoundError, KeyError, FloatingPointError, NotA
 
 
 def _run(argv) -> None:
+    if not FLAGS["verbosity"].present:
+        # Library INFO logs (orbax, grain, tfds) drown the progress lines; --verbosity=0 shows them.
+        logging.set_verbosity(logging.WARNING)
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.config is None:

@@ -224,7 +224,8 @@ def train_iterator(stream: MixedStream, checker, start_step: int = 0,
     dataset = (grain.MapDataset.source(stream).map(checker)
                .batch(stream.local_batch, drop_remainder=True))
     dataset = dataset.slice(slice(start_step, None))
-    read = grain.ReadOptions(num_threads=max(1, num_threads), prefetch_buffer_size=max(1, prefetch))
+    read = grain.ReadOptions(num_threads=max(1, num_threads),
+                             prefetch_buffer_size=max(1, prefetch, num_threads))
     return iter(dataset.to_iter_dataset(read))
 
 
@@ -254,5 +255,5 @@ def eval_batches(source, global_batch_size: int, checker, process_index: int = 0
             return checked
 
     dataset = grain.MapDataset.source(_Padded()).batch(local, drop_remainder=True)
-    read = grain.ReadOptions(num_threads=max(1, num_threads), prefetch_buffer_size=2)
+    read = grain.ReadOptions(num_threads=max(1, num_threads), prefetch_buffer_size=max(1, num_threads))
     return iter(dataset.to_iter_dataset(read))

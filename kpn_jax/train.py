@@ -375,6 +375,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             state, aux = train_step(state, batch, jnp.asarray(step >= warmup_steps))
             pending.append(aux)
             done = step + 1
+            if step == start_step:
+                # The first step compiles; start the throughput clock after it.
+                jax.block_until_ready(aux["loss"])
+                window_start, window_step = time.time(), done
             if done % config.log_every_steps == 0 or done == total_steps:
                 values = jax.device_get(pending)
                 if not all(bool(v["finite"]) for v in values):
@@ -385,7 +389,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         f"training stopped. Lower config.learning_rate, use dtype float32, or "
                         f"check the data; resume from {workdir}/checkpoints/latest")
                 elapsed = time.time() - window_start
-                images_per_sec = (done - window_step) * (stream.global_sizes[0] + stream.global_sizes[1]) / max(elapsed, 1e-9)
+                images_per_sec = ((done - window_step) * (stream.global_sizes[0] + stream.global_sizes[1])
+                                  / max(elapsed, 1e-9))
                 means = {f"train/{k}": float(np.mean([v[k] for v in values]))
                          for k in values[0] if k != "finite"}
                 means.update({"epoch": done / steps_per_epoch, "train/images_per_sec": images_per_sec,
