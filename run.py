@@ -24,6 +24,8 @@ flags.DEFINE_list("keypoints", [], "predict: one keypoint file per image (CSV of
                   "BoneFinder .pts); empty = the landmark detector of --landmark_workdir.")
 flags.DEFINE_string("sides", "", "predict: side of each image, e.g. 'R,L' (default R).")
 flags.DEFINE_string("output", "", "predict: output folder (default WORKDIR/predictions).")
+flags.DEFINE_string("landmark_workdir", "", "predict: workdir of a trained landmark detector, "
+                    "used for images without --keypoints.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes (None = auto/1).")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
@@ -66,7 +68,8 @@ def _run(argv) -> None:
 
         sides = [s.strip() for s in FLAGS.sides.split(",") if s.strip()] if FLAGS.sides else None
         predict.predict_files(config, FLAGS.workdir, FLAGS.images, FLAGS.keypoints or None,
-                              sides=sides, output_dir=FLAGS.output or None)
+                              sides=sides, output_dir=FLAGS.output or None,
+                              landmark_workdir=FLAGS.landmark_workdir or None)
     elif FLAGS.mode == "compare_torch":
         sys.path.insert(0, "benchmarks")
         import compare_torch  # benchmarks/compare_torch.py

@@ -1,0 +1,228 @@
+"""Grade new radiographs with a trained workdir: JSON grades + an overlay picture per image.
+
+Each image is taken as a knee ROI framed like the training data (for the
+synthetic knees and kneeKL224: the joint centred, femur above, tibia below). A
+left knee (``side='L'``) is mirrored to the right-knee orientation, the image is
+padded to a square and resized to the training size, and its keypoints follow.
+Keypoints come from a file (CSV of ``x,y`` rows in the image's pixels, or a
+kneel16/BoneFinder ``.pts``) or, when none is given, from a trained landmark
+detector.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kpn_jax import checkpointing
+from kpn_jax import gmm as gmm_lib
+from kpn_jax import grades as grades_lib
+from kpn_jax import keypoints as kp_lib
+from kpn_jax import parallel
+
+DATA_INFO = "data_info.json"
+
+
+def read_keypoint_file(path: str | Path, schema: kp_lib.KeypointSchema) -> np.ndarray:
+    """``[N, 2]`` pixels from a CSV (``x,y`` per row, optional header) or a ``.pts`` file.
+
+    Raises:
+      ValueError: naming the file (unreadable, wrong count, NaN/inf values).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"keypoint file {path} does not exist")
+    if path.suffix.lower() == ".pts":
+        from data_prep import pts
+
+        points = pts.read_knee_pts(path, flipped=False)
+    else:
+        rows = []
+        with path.open(newline="") as f:
+            for number, row in enumerate(csv.reader(f), start=1):
+                cells = [c.strip() for c in row if c.strip()]
+                if not cells:
+                    continue
+                try:
+                    rows.append([float(c) for c in cells[-2:]])
+                except ValueError:
+                    if number == 1:  # a header line
+                        continue
+                    raise ValueError(f"{path}: row {number} is not two numbers: {row}") from None
+        points = np.asarray(rows, np.float32)
+    return kp_lib.validate_keypoints(points, schema, name=f"keypoints in {path}")
+
+
+def load_image_uint8(path: str | Path) -> np.ndarray:
+    """Any supported radiograph file -> uint8 ``[H, W]`` (8-bit files as stored, others windowed)."""
+    from data_prep import image_io
+
+    radiograph = image_io.read_image(path)  # ImageReadError (a ValueError) names the file
+    pixels = radiograph.pixels
+    if radiograph.bit_depth <= 8 and pixels.min() >= 0 and pixels.max() <= 255:
+        return np.round(pixels).astype(np.uint8)
+    return image_io.to_uint8(pixels, image_io.window_limits(pixels))
+
+
+def prepare_image(image: np.ndarray, keypoints: np.ndarray | None, side: str, image_size: int):
+    """Right orientation, square, ``image_size``; returns ``(uint8 [S,S], keypoints [N,2] or None)``."""
+    from data_prep import image_io, roi
+
+    image, keypoints = roi.to_right_orientation(image, keypoints, side)
+    resized, keypoints = image_io.resize_whole(image, keypoints, image_size)
+    return np.clip(np.round(resized), 0, 255).astype(np.uint8), keypoints
+
+
+def _restore_variables(config, workdir: Path, image_size: int, schema_name: str):
+    from kpn_jax import train
+
+    model = train.create_model(config, schema_name)
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    tx = train.make_optimizer(config, 1)
+    schema = kp_lib.get_schema(schema_name)
+    state = train._abstract_state(config, model, tx, image_size, schema.num_points, mesh)
+    checkpoints = checkpointing.Checkpointer(workdir)
+    which = "best" if checkpoints.best_step() is not None else "latest"
+    state = checkpoints.restore(state, which=which)
+    checkpoints.close()
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    return model, variables, {"which": which, "step": int(jax.device_get(state.step))}
+
+
+def draw_overlay(image: np.ndarray, keypoints: np.ndarray | None, schema: kp_lib.KeypointSchema,
+                 prediction: dict, path: Path, title: str) -> None:
+    """The ROI with its keypoints (by compartment) and the predicted grades beside it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8.5, 4.6), dpi=110)
+    FigureCanvasAgg(figure)
+    ax = figure.add_axes([0.01, 0.02, 0.52, 0.9])
+    ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+    if keypoints is not None:
+        colours = {"FL": "tab:orange", "FM": "tab:red", "TL": "tab:cyan", "TM": "tab:blue"}
+        for compartment, idx in schema.compartments.items():
+            pts = keypoints[list(idx)]
+            ax.plot(pts[:, 0], pts[:, 1], "o-", ms=3, lw=1, color=colours[compartment],
+                    label=compartment)
+        ax.legend(loc="lower left", fontsize=7, framealpha=0.6)
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=9)
+    text = figure.add_axes([0.56, 0.02, 0.43, 0.9])
+    text.set_axis_off()
+    lines = ["grade  (probability)"]
+    for task, entry in prediction["grades"].items():
+        lines.append(f"{grades_lib.PAPER_NAMES[task]:<6} {entry['grade']}  ({max(entry['probabilities']):.2f})")
+    if prediction.get("coherence_log_prob") is not None:
+        lines.append(f"\ncoherence log p: {prediction['coherence_log_prob']:.1f}")
+    lines.append(f"keypoints: {prediction['keypoints']['source']}")
+    text.text(0.0, 0.95, "\n".join(lines), va="top", family="monospace", fontsize=10)
+    figure.savefig(path)
+
+
+def predict_files(config, workdir: str, images: Sequence[str], keypoint_files: Sequence[str] | None,
+                  sides: Sequence[str] | None = None, output_dir: str | None = None,
+                  landmark_workdir: str | None = None) -> list[dict]:
+    """``--mode=predict``: grades ``images``; writes ``<stem>.json`` and ``<stem>.png`` per image.
+
+    Raises:
+      ValueError / FileNotFoundError: naming the file or flag at fault.
+    """
+    from kpn_jax import evaluate as eval_lib
+    from kpn_jax import train
+
+    train.validate_config(config)
+    workdir = Path(workdir).expanduser().resolve()
+    if not images:
+        raise ValueError("--images is empty: give one or more image files")
+    info_path = workdir / DATA_INFO
+    if not info_path.exists():
+        raise FileNotFoundError(f"{info_path} not found: is {workdir} a trained workdir?")
+    info = json.loads(info_path.read_text())
+    if (workdir / "config.json").exists():
+        checkpointing.check_config_compatible(json.loads((workdir / "config.json").read_text()),
+                                              config)
+    image_size, schema = int(info["image_size"]), kp_lib.get_schema(info["keypoint_schema"])
+    if keypoint_files and len(keypoint_files) != len(images):
+        raise ValueError(f"--keypoints has {len(keypoint_files)} files for {len(images)} images")
+    sides = list(sides) if sides else ["R"] * len(images)
+    if len(sides) != len(images):
+        raise ValueError(f"--sides has {len(sides)} values for {len(images)} images")
+    needs_keypoints = config.model.pooling == "keypoints"
+
+    prepared, sources = [], []
+    for i, path in enumerate(images):
+        image = load_image_uint8(path)
+        keypoints, source = None, "none"
+        if keypoint_files:
+            keypoints = read_keypoint_file(keypoint_files[i], schema)
+            kp_lib.validate_keypoints(keypoints, schema, name=f"keypoints of {path}",
+                                      image_shape=image.shape)
+            source = "file"
+        roi_image, roi_keypoints = prepare_image(image, keypoints, sides[i], image_size)
+        prepared.append((roi_image, roi_keypoints))
+        sources.append(source)
+
+    if needs_keypoints and any(k is None for _, k in prepared):
+        detected = _detect_keypoints([img for img, _ in prepared], landmark_workdir, image_size)
+        prepared = [(img, kps if kps is not None else detected[i]) for i, (img, kps) in enumerate(prepared)]
+        sources = [s if s == "file" else "detected" for s in sources]
+
+    model, variables, checkpoint = _restore_variables(config, workdir, image_size, schema.name)
+    gmm = gmm_lib.load(workdir / "gmm.npz") if (workdir / "gmm.npz").exists() else None
+    eval_step = eval_lib.make_eval_step(model, tuple(config.tasks), train.DTYPES[config.dtype])
+    batch = {
+        "image": np.stack([img[..., None] for img, _ in prepared]),
+        "keypoints": np.stack([k if k is not None else np.zeros((schema.num_points, 2), np.float32)
+                               for _, k in prepared]).astype(np.float32),
+    }
+    pred, probabilities = jax.device_get(eval_step(variables, batch))
+    log_probs = (np.asarray(gmm_lib.log_prob(gmm, jnp.asarray(probabilities)))
+                 if gmm is not None else [None] * len(images))
+
+    out_dir = Path(output_dir).expanduser() if output_dir else workdir / "predictions"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    offsets = grades_lib.one_hot_offsets()
+    results = []
+    for i, path in enumerate(images):
+        grades = {}
+        for t, task in enumerate(grades_lib.TASKS):
+            if task in config.tasks:
+                start, stop = offsets[t]
+                grades[task] = {"grade": int(pred[i, t]),
+                                "probabilities": [round(float(p), 5) for p in probabilities[i, start:stop]]}
+        roi_image, roi_keypoints = prepared[i]
+        result = {
+            "image": str(path), "side": sides[i], "grades": grades,
+            "coherence_log_prob": None if log_probs[i] is None else float(log_probs[i]),
+            "keypoints": {"source": sources[i], "schema": schema.name,
+                          "roi_pixels": None if roi_keypoints is None else np.round(roi_keypoints, 2).tolist()},
+            "roi_size": image_size, "checkpoint": checkpoint, "workdir": str(workdir),
+        }
+        stem = f"{i:03d}_{Path(path).stem}" if len(set(Path(p).stem for p in images)) < len(images) \
+            else Path(path).stem
+        (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2))
+        draw_overlay(roi_image, roi_keypoints, schema, result, out_dir / f"{stem}.png",
+                     f"{Path(path).name} ({sides[i]})")
+        results.append(result)
+        summary = " ".join(f"{grades_lib.PAPER_NAMES[t]} {g['grade']}" for t, g in grades.items())
+        print(f"{path}: {summary}  -> {out_dir / (stem + '.json')}", flush=True)
+    return results
+
+
+def _detect_keypoints(images: list[np.ndarray], landmark_workdir: str | None, image_size: int):
+    """Keypoints from a trained landmark detector; a clear error when none is available."""
+    if not landmark_workdir:
+        raise ValueError("keypoint pooling needs keypoints: pass --keypoints (one CSV/.pts per "
+                         "image) or --landmark_workdir (a trained landmark detector)")
+    from kpn_jax import landmarks_train
+
+    # detect() works at the detector's own size and answers in pixels of the given images.
+    return np.asarray(landmarks_train.detect(landmark_workdir,
+                                             np.stack([img[..., None] for img in images])))
