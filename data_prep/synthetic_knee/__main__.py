@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--benchmark", type=int, default=0, metavar="N",
                         help="only time the generator on N knees (one process) and print images/s")
     parser.add_argument("--contact_sheet", default="", metavar="PNG",
-                        help="only draw the KL 0-4 contact sheet (224 px tiles) to this file")
+                        help="only draw the KL 0-4 contact sheet (200 px tiles) to this file")
     return parser
 
 

@@ -386,7 +386,7 @@ def sample_shape(seed: int, index: int, knee: KneeGrades) -> KneeShape:
         condyle_x=condyle_x, condyle_y=(0.0, 0.0),
         femur_left=tibia_left + 0.02 + jitter(0.006),
         femur_right=tibia_right - 0.004 + jitter(0.006),
-        condyle_outer_height=(0.085 * flattening + jitter(0.01), 0.08 * flattening + jitter(0.01)),
+        condyle_outer_height=(0.10 * flattening + jitter(0.01), 0.095 * flattening + jitter(0.01)),
         condyle_outer_power=(2.4 + 1.0 * deformity + jitter(0.2), 2.4 + 1.0 * deformity + jitter(0.2)),
         condyle_inner_power=(1.55 + jitter(0.1), 1.55 + jitter(0.1)),
         notch_x=0.5 * (condyle_x[0] + condyle_x[1]) + jitter(0.006),
@@ -498,8 +498,8 @@ def femur_contour(shape: KneeShape, x) -> np.ndarray:
 def keypoint_x(shape: KneeShape) -> np.ndarray:
     """The x of the 16 kneel16 points; their y is the contour's (so they lie on it exactly)."""
     (xl, xm) = shape.condyle_x
-    femur = [xl - 0.85 * (xl - shape.femur_left), xl, 0.5 * (xl + shape.notch_x), shape.notch_x,
-             0.5 * (shape.notch_x + xm), xm, xm + 0.85 * (shape.femur_right - xm)]
+    femur = [xl - 0.8 * (xl - shape.femur_left), xl, 0.5 * (xl + shape.notch_x), shape.notch_x,
+             0.5 * (shape.notch_x + xm), xm, xm + 0.8 * (shape.femur_right - xm)]
     s1, s2 = shape.spine_x
     r = 0.3 * shape.plateau_corner
     tibia = [shape.tibia_left + r, xl, 0.5 * (xl + s1), s1, 0.5 * (s1 + s2), s2,
@@ -555,15 +555,14 @@ def _trabecular_texture(rng: np.random.Generator, shape_hw: tuple[int, int], siz
         values *= math.sqrt(12.0)
         return values
 
-    def to_grid(coarse, grid_hw):
-        image = Image.fromarray(coarse, mode="F").resize((grid_hw[1], grid_hw[0]), Image.BILINEAR)
+    def resized(coarse, out_hw):
+        image = Image.fromarray(coarse, mode="F").resize((out_hw[1], out_hw[0]), Image.BILINEAR)
         return np.asarray(image)
 
     grain = noise(0.01, 0.007)
-    grid = grain.shape
-    coarse = (0.6 * grain + 1.0 * to_grid(noise(0.03, 0.007), grid)
-              + 0.9 * to_grid(noise(0.12, 0.12), grid))
-    return np.asarray(Image.fromarray(coarse, mode="F").resize((width, height), Image.BILINEAR))
+    coarse = (0.6 * grain + resized(noise(0.03, 0.007), grain.shape)
+              + 0.9 * resized(noise(0.12, 0.12), grain.shape))
+    return resized(coarse, (height, width))
 
 
 def _spur_distance(u, v, base, direction, length, thickness):
@@ -635,7 +634,8 @@ class _Warp:
         return (points - self.centre) @ self.matrix.T + self.centre + self.shift
 
     def apply(self, canvas: np.ndarray, size: int) -> np.ndarray:
-        """Resamples the canvas (bilinear) into the ``[size, size]`` output."""
+        """Resamples the canvas (float, grey levels + 0.5) bilinearly into the uint8
+        ``[size, size]`` output (PIL's float-to-8-bit conversion clips and truncates)."""
         offset = self.centre - self.inverse @ (self.centre + self.shift) - np.array(self.origin)
         # PIL maps output to input in pixel-edge coordinates (centres at +0.5).
         offset = offset + 0.5 - self.inverse @ np.array([0.5, 0.5])
@@ -643,7 +643,7 @@ class _Warp:
         warped = Image.fromarray(canvas, mode="F").transform(
             (size, size), Image.AFFINE, data=(a[0, 0], a[0, 1], offset[0], a[1, 0], a[1, 1], offset[1]),
             resample=Image.BILINEAR)
-        return np.asarray(warped, dtype=np.float32)
+        return np.asarray(warped.convert("L"))
 
 
 def render(shape: KneeShape, image_size: int, rng: np.random.Generator):
@@ -660,7 +660,7 @@ def render(shape: KneeShape, image_size: int, rng: np.random.Generator):
       rng: the pixel-noise stream (texture and quantum noise).
 
     Returns:
-      ``(image float32 [S, S] in [0, 1], keypoints float32 [16, 2] in output pixels)``.
+      ``(image uint8 [S, S], keypoints float32 [16, 2] in output pixels)``.
     """
     size = int(image_size)
     pixel = 1.0 / size
@@ -691,9 +691,9 @@ def render(shape: KneeShape, image_size: int, rng: np.random.Generator):
     corner_top = (shape.condyle_y[0] - shape.condyle_outer_height[0],
                   shape.condyle_y[1] - shape.condyle_outer_height[1])
     left = shape.femur_left + shape.femur_taper[0] * (
-        1.0 - np.exp(-np.maximum(corner_top[0] - vf, 0.0) / 0.2))
+        1.0 - np.exp(-np.maximum(corner_top[0] - 0.03 - vf, 0.0) / 0.2))
     right = shape.femur_right - shape.femur_taper[1] * (
-        1.0 - np.exp(-np.maximum(corner_top[1] - vf, 0.0) / 0.2))
+        1.0 - np.exp(-np.maximum(corner_top[1] - 0.03 - vf, 0.0) / 0.2))
     femur_surface = (femur_y[None, :] - vf) * femur_factor[None, :]
     femur_d = np.minimum(np.minimum(femur_surface, u[None, :] - left), right - u[None, :])
     femur_chord = _chord(u, left, right)
@@ -775,6 +775,13 @@ def render(shape: KneeShape, image_size: int, rng: np.random.Generator):
     if local.stop > local.start:
         rim = (0.3 * shape.bone_density) * np.exp(-(((tibia_surface[local] - 0.016) / rim_width) ** 2))
         attenuation[tibia_rows][local] += rim * (tibia_d[local] > 0)
+    # The posterior outlines of the femoral condyles, seen through them: a faint second
+    # contour a little above the distal one.
+    local = _span(vf[:, 0], joint_top - 0.12, joint_bottom)
+    if local.stop > local.start:
+        outline = (0.35 * shape.bone_density) * np.exp(
+            -(((femur_surface[local] - 0.035) / (1.5 * rim_width)) ** 2))
+        attenuation[femur_rows][local] += outline * (femur_d[local] > 0.02)
 
     # Fibular head and neck, lateral, behind the tibia (attenuations add).
     fx, fy, frx, fry = shape.fibula
@@ -794,15 +801,23 @@ def render(shape: KneeShape, image_size: int, rng: np.random.Generator):
         patella_d = _ellipse_distance(u[None, cols], v[rows, None], px, py, prx, pry)
         attenuation[rows, cols] += 0.12 * shape.bone_density * _smoothstep(patella_d / 0.03)
 
-    brightness = 1.0 - np.exp(attenuation * -ATTENUATION_SCALE)
-    low, high = shape.window
-    brightness = np.clip((brightness - low) * (1.0 / (high - low)), 0.0, 1.0) ** shape.gamma
-    image = warp.apply(brightness.astype(np.float32), size)
-    # Quantum noise: uniform with the intended standard deviation (5x cheaper than normal).
-    image = image + (shape.noise_level * math.sqrt(12.0)) * (
-        rng.random((size, size), dtype=np.float32) - 0.5)
+    # Exposure: the detector's response, a window and a gamma, to grey levels.
+    brightness = np.exp(attenuation * -ATTENUATION_SCALE, out=attenuation)
+    np.subtract(1.0 - shape.window[0], brightness, out=brightness)
+    brightness *= 1.0 / (shape.window[1] - shape.window[0])
+    np.clip(brightness, 0.0, 1.0, out=brightness)
+    np.power(brightness, shape.gamma, out=brightness)
+    # Quantum noise (uniform with the intended standard deviation: 5x cheaper than
+    # normal), then +0.5 so that the warp's truncation to 8 bits rounds.
+    noise = rng.random(brightness.shape, dtype=np.float32)
+    noise -= 0.5
+    noise *= shape.noise_level * math.sqrt(12.0)
+    brightness += noise
+    brightness *= 255.0
+    brightness += 0.5
+    image = warp.apply(brightness, size)
     points = warp.forward(keypoints * size - 0.5)
-    return np.clip(image, 0.0, 1.0), points.astype(np.float32)
+    return image, points.astype(np.float32)
 
 
 def generate_knee(seed: int, index: int, image_size: int = DEFAULT_IMAGE_SIZE,
@@ -829,7 +844,6 @@ def generate_knee(seed: int, index: int, image_size: int = DEFAULT_IMAGE_SIZE,
     knee = sample_grades(seed, index, rater_noise)
     shape = sample_shape(seed, index, knee)
     image, points = render(shape, image_size, _rng(seed, index, _STREAM_PIXELS))
-    image = np.round(image * 255.0).astype(np.uint8)
     subject, side = subject_of(index)
     # roi.to_right_orientation mirrors a left knee; mirroring is its own inverse.
     image, points = roi_lib.to_right_orientation(image, points, side)
