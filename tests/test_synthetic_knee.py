@@ -344,10 +344,33 @@ def test_cli_builds_and_prints_the_name(small_build, capsys):
     out = capsys.readouterr().out
     assert out.splitlines()[0] == name
     summary = json.loads(out[out.index("{"):])
-    assert summary["splits"] == {"train": 5, "validation": 2, "test": 2, "unlabeled": 3}
+    assert summary["dataset"] == name
+    assert {s: v["examples"] for s, v in summary["splits"].items()} == {
+        "train": 5, "validation": 2, "test": 2, "unlabeled": 3}
+    assert summary["splits"]["unlabeled"]["kl_share"] is None
+    assert sum(summary["splits"]["train"]["kl_share"]) == pytest.approx(1.0)
+
+
+def test_default_parameters_make_a_builder(tmp_path):
+    # The default config is registered in the builder class; asking for it must work
+    # (TFDS refuses an unregistered config object of the same name).
+    builder = builder_lib.make_builder(tmp_path, builder_lib.SyntheticKneeParams())
+    assert builder.builder_config.params == builder_lib.SyntheticKneeParams()
+    assert builder.info.metadata["image_size"] == 320
 
 
 def test_cli_benchmark_reports_speed(capsys):
     assert cli.main(["--benchmark=4", "--image_size=48"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["images_per_s"] > 0 and result["count"] == 4 and result["image_size"] == 48
+
+
+def test_worker_processes_make_the_same_examples():
+    jobs = [(4, index, 48, 0.1, index % 3 != 0) for index in range(5)]
+    serial = list(builder_lib._make_examples(jobs, num_workers=1))
+    parallel = list(builder_lib._make_examples(jobs, num_workers=2))
+    assert len(parallel) == len(serial) == 5
+    for a, b in zip(serial, parallel):
+        assert a["image"] == b["image"] and a["image_id"] == b["image_id"]
+        np.testing.assert_array_equal(a["grades"], b["grades"])
+        np.testing.assert_array_equal(a["keypoints"], b["keypoints"])

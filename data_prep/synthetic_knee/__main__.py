@@ -9,17 +9,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
-import time
-
-import numpy as np
 
 from data_prep.synthetic_knee import builder as builder_lib
-from data_prep.synthetic_knee import generator as generator_lib
 from data_prep.synthetic_knee import preview
-from kpn_jax import grades as grades_lib
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,19 +41,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _grade_summary(params: builder_lib.SyntheticKneeParams) -> dict:
-    """Per labelled split: share of each KL grade (as stored, after rater noise)."""
-    summary = {}
-    for split, indices in builder_lib.split_indices(params).items():
-        if split == "unlabeled" or not len(indices):
-            continue
-        kl = np.array([generator_lib.sample_grades(params.seed, int(i), params.rater_noise).grades[0]
-                       for i in indices])
-        counts = np.bincount(kl, minlength=grades_lib.NUM_CLASSES["kl"])
-        summary[split] = {f"kl{g}": round(float(c) / len(kl), 3) for g, c in enumerate(counts)}
-    return summary
-
-
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.benchmark:
@@ -72,15 +55,10 @@ def main(argv=None) -> int:
         image_size=args.image_size, num_train=args.num_train, num_validation=args.num_validation,
         num_test=args.num_test, num_unlabeled=args.num_unlabeled, seed=args.seed,
         rater_noise=args.rater_noise)
-    start = time.perf_counter()
-    name = builder_lib.build(os.path.expanduser(args.data_dir), **{
-        field: getattr(params, field) for field in builder_lib.DEFAULTS}, num_workers=args.num_workers)
-    seconds = time.perf_counter() - start
+    data_dir = os.path.expanduser(args.data_dir)
+    name = builder_lib.build(data_dir, **dataclasses.asdict(params), num_workers=args.num_workers)
     print(name)
-    print(json.dumps({"dataset": name, "data_dir": os.path.expanduser(args.data_dir),
-                      "splits": params.split_counts, "image_size": params.image_size,
-                      "keypoint_schema": "kneel16", "seconds": round(seconds, 1),
-                      "kl_share": _grade_summary(params)}, indent=1))
+    print(json.dumps(builder_lib.read_summary(data_dir, name), indent=1))
     return 0
 
 

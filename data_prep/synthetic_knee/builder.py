@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import multiprocessing
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,7 @@ from kpn_jax import grades as grades_lib
 from kpn_jax import keypoints as kp_lib
 
 BUILDER_NAME = "synthetic_knee"
+SUMMARY_FILE = "build_summary.json"  # written beside the data, as the other builders do
 DATASET_VERSION = "1.0.0"
 DEFAULTS = dict(image_size=generator_lib.DEFAULT_IMAGE_SIZE, num_train=2000, num_validation=500,
                 num_test=500, num_unlabeled=2000, seed=0,
@@ -166,12 +169,20 @@ def _builder_class():
         def __init__(self, *, num_workers: int = 1, **kwargs):
             super().__init__(**kwargs)
             self._num_workers = num_workers
+            # What was written, per split: examples and stored KL grades (for the summary).
+            self.written: dict[str, dict] = {}
 
         def _generate_examples(self, split, indices):
             params = self.builder_config.params
             jobs = [(params.seed, int(i), params.image_size, float(params.rater_noise),
                      split != "unlabeled") for i in indices]
-            yield from zip((int(i) for i in indices), _make_examples(jobs, self._num_workers))
+            kl_counts = np.zeros(grades_lib.NUM_CLASSES["kl"], np.int64)
+            self.written[split] = {"examples": 0, "kl_counts": kl_counts}
+            for index, example in zip(indices, _make_examples(jobs, self._num_workers)):
+                self.written[split]["examples"] += 1
+                if example["grades"][0] >= 0:
+                    kl_counts[example["grades"][0]] += 1
+                yield int(index), example
 
     return SyntheticKneeConfig, SyntheticKnee
 
@@ -196,11 +207,35 @@ def build(data_dir: str | os.PathLike, image_size: int = DEFAULTS["image_size"],
                                  num_validation=num_validation, num_test=num_test,
                                  num_unlabeled=num_unlabeled, seed=seed,
                                  rater_noise=float(rater_noise))
-    config_cls, builder_cls = _builder_class()
-    data_dir = Path(data_dir).expanduser()
     if num_workers is None:
         num_workers = default_num_workers(sum(params.split_counts.values()))
-    builder = builder_cls(config=config_cls(name=params.config_name, params=params),
-                          data_dir=str(data_dir), num_workers=int(num_workers))
-    tfds_util.prepare(builder)
+    builder = make_builder(data_dir, params, num_workers)
+    if not (Path(builder.data_dir) / "dataset_info.json").exists():
+        start = time.perf_counter()
+        tfds_util.prepare(builder)
+        summary = {
+            "dataset": f"{BUILDER_NAME}/{params.config_name}", "dataset_dir": str(builder.data_dir),
+            "params": dataclasses.asdict(params), "num_workers": int(num_workers),
+            "seconds": round(time.perf_counter() - start, 1),
+            "splits": {split: {"examples": w["examples"],
+                               "kl_share": (np.round(w["kl_counts"] / max(w["kl_counts"].sum(), 1), 4)
+                                            .tolist() if w["kl_counts"].sum() else None)}
+                       for split, w in builder.written.items()}}
+        (Path(builder.data_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
     return f"{BUILDER_NAME}/{params.config_name}"
+
+
+def make_builder(data_dir: str | os.PathLike, params: SyntheticKneeParams, num_workers: int = 1):
+    """The TFDS builder of ``params`` under ``data_dir`` (nothing is built yet)."""
+    config_cls, builder_cls = _builder_class()
+    # TFDS refuses a config object named like the registered (default) one: name it.
+    config = (params.config_name if params == SyntheticKneeParams()
+              else config_cls(name=params.config_name, params=params))
+    return builder_cls(config=config, data_dir=str(Path(data_dir).expanduser()),
+                       num_workers=int(num_workers))
+
+
+def read_summary(data_dir: str | os.PathLike, name: str) -> dict:
+    """The ``build_summary.json`` of a built dataset (``{}`` when there is none)."""
+    path = tfds_util.dataset_dir(data_dir, name) / SUMMARY_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
