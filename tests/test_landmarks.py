@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,3 +114,187 @@ def test_summarize_errors_counts_and_thresholds():
     assert summary["per_point"]["b"]["mean"] == pytest.approx(6.25)
     with pytest.raises(ValueError, match="valid"):
         lm.summarize_errors(errors, valid[:, :2])
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _tiny_config(data_dir, num_steps: int):
+    """64 px synthetic knees, a width-8 ResNet-18 trunk: a minute on a CPU."""
+    from configs import landmarks as landmarks_config
+
+    config = landmarks_config.get_config()
+    config.data_dir = str(data_dir)
+    config.synthetic.update(dict(image_size=64, num_train=48, num_validation=16, num_test=4,
+                                 num_unlabeled=4))
+    config.sources.real.batch_size = 0
+    config.sources.synthetic.update(dict(batch_size=8, dev_fraction=0.25))
+    config.model.update(dict(width=8, head_channels=16, input_size=0))
+    config.augment.update(dict(max_translation_px=3.0, max_rotation_deg=5.0,
+                               scale_range=(0.95, 1.05)))
+    config.num_steps = num_steps
+    config.learning_rate = 5e-3
+    config.warmup_steps = 5
+    config.log_every_steps = 10
+    config.eval_every_steps = 20
+    config.checkpoint_every_steps = 20
+    config.eval_batch_size = 16
+    config.best_metric = "dev/synthetic/mean"
+    config.montage_images = 4
+    return config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny detector trained for 40 steps, then resumed to 50: ``(config, workdir, results)``."""
+    from kpn_jax import landmarks_train
+
+    root = tmp_path_factory.mktemp("landmarks")
+    workdir = root / "workdir"
+    config = _tiny_config(root / "data", num_steps=40)
+    landmarks_train.train_and_evaluate_landmarks(config, str(workdir))
+    config.num_steps = 50
+    results = landmarks_train.train_and_evaluate_landmarks(config, str(workdir))
+    return config, workdir, results
+
+
+def test_a_few_training_steps_reduce_the_error_on_held_out_knees(trained):
+    from kpn_jax import input_pipeline, landmarks_train
+
+    config, workdir, results = trained
+    validation = results["validation/synthetic"]
+    assert validation["num_images"] == 16 and validation["num_points"] == 16 * 16
+    # Before training, the zero-initialised head puts every point at the image centre.
+    handle = input_pipeline.open_dataset(landmarks_train._dataset_view(config, config.sources.synthetic))
+    true = input_pipeline.read_field(handle.split("validation"), "keypoints")
+    untrained = lm.radial_errors(np.full_like(true, (64 - 1) / 2.0), true).mean()
+    assert validation["mean"] < 0.6 * untrained, (validation["mean"], untrained)
+    # The dev holdout picked the checkpoint; validation was only evaluated.
+    best = json.loads((workdir / "checkpoints" / "best.json").read_text())
+    assert best["metric"] == "dev/synthetic/mean"
+    report = (workdir / "report" / "landmarks.md").read_text()
+    assert "validation/synthetic" in report and "femur_0" in report
+    assert (workdir / "report" / "landmarks_montage_validation_synthetic.png").stat().st_size > 0
+
+
+def test_training_resumes_from_the_latest_checkpoint(trained):
+    _, workdir, _ = trained
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in records if "train/loss" in r]
+    # 40 steps, then 10 more from the step-40 checkpoint: no step logged twice, none missing.
+    assert train_steps == [10, 20, 30, 40, 50]
+    assert all(np.isfinite(r["train/loss"]) for r in records if "train/loss" in r)
+
+
+def test_detect_returns_keypoints_in_the_pixels_of_any_image_size(trained):
+    from kpn_jax import landmarks_train
+
+    config, workdir, _ = trained
+    detector = landmarks_train.load_detector(workdir)
+    from data_prep import tfds_util
+
+    sources, _ = tfds_util.data_sources(config.data_dir, _synthetic_name(config))
+    example = sources["validation"][0]
+    image = example["image"][None]                                  # [1, 64, 64, 1]
+    at_64 = landmarks_train.detect(detector, image)
+    assert at_64.shape == (1, 16, 2) and at_64.dtype == np.float32
+    np.testing.assert_allclose(landmarks_train.detect(str(workdir), image), at_64, atol=1e-4)
+    # The same knee at twice the size: points in the big image's pixels, same anatomy.
+    big = np.repeat(np.repeat(image, 2, axis=1), 2, axis=2)
+    at_128 = landmarks_train.detect(detector, big)
+    np.testing.assert_allclose((at_128 + 0.5) / 2 - 0.5, at_64, atol=1.0)
+    with pytest.raises(ValueError, match="uint8"):
+        landmarks_train.detect(detector, image.astype(np.float32))
+
+
+def _synthetic_name(config) -> str:
+    from kpn_jax import input_pipeline, landmarks_train
+
+    return input_pipeline.resolve_dataset_name(
+        landmarks_train._dataset_view(config, config.sources.synthetic))
+
+
+def test_predict_finds_keypoints_of_an_image_without_a_keypoint_file(trained, tmp_path):
+    from PIL import Image
+
+    from data_prep import image_io, roi as roi_lib, tfds_util
+    from kpn_jax import landmarks_train
+
+    config, workdir, _ = trained
+    sources, _ = tfds_util.data_sources(config.data_dir, _synthetic_name(config))
+    example = sources["validation"][1]
+    right = example["image"][..., 0]
+    # Stored as a raw left knee would be: mirrored, and not square (padding at the bottom).
+    left = np.concatenate([right[:, ::-1], np.zeros((8, 64), np.uint8)], axis=0)
+    Image.fromarray(right).save(tmp_path / "knee_r.png")
+    Image.fromarray(left).save(tmp_path / "knee_l.png")
+    out = tmp_path / "out"
+    records = landmarks_train.predict_landmark_files(
+        workdir, [str(tmp_path / "knee_r.png"), str(tmp_path / "knee_l.png")], ["R", "L"],
+        output_dir=str(out))
+    saved = json.loads((out / "knee_r.landmarks.json").read_text())
+    assert saved["keypoints_source"] == "detected" and len(saved["keypoints"]) == 16
+    assert (out / "knee_l.landmarks.png").stat().st_size > 0
+    right_points = np.asarray(records[0]["keypoints"])
+    left_points = np.asarray(records[1]["keypoints"])
+    detector = landmarks_train.load_detector(workdir)
+    np.testing.assert_allclose(right_points, landmarks_train.detect(detector, right[None, ..., None])[0],
+                               atol=2e-3)
+    # The left file's points, taken back into the frame the detector saw (mirrored, padded
+    # to a square, resized) by the builders' own transforms, are the detector's output there.
+    oriented, seen = roi_lib.to_right_orientation(left, left_points, "L")
+    square, seen = image_io.resize_whole(oriented, seen, 64)
+    square = np.clip(np.round(square), 0, 255).astype(np.uint8)
+    np.testing.assert_allclose(seen, landmarks_train.detect(detector, square[None, ..., None])[0],
+                               atol=2e-3)
+    assert np.all((left_points >= 0) & (left_points <= [63, 71]))
+    with pytest.raises(ValueError, match="sides"):
+        landmarks_train.predict_landmark_files(workdir, [str(tmp_path / "knee_r.png")], ["X"])
+
+
+def test_config_errors_name_the_field():
+    from configs import landmarks as landmarks_config
+    from kpn_jax import landmarks_train
+
+    config = landmarks_config.get_config()
+    config.sources.real.batch_size = 0
+    config.sources.synthetic.batch_size = 0
+    with pytest.raises(ValueError, match="config.sources"):
+        landmarks_train.validate_config(config)
+    config = landmarks_config.get_config()
+    config.model.stages = 1
+    with pytest.raises(ValueError, match="config.model.stages"):
+        landmarks_train.validate_config(config)
+    config = landmarks_config.get_config()
+    config.task = "grading"
+    with pytest.raises(ValueError, match="config.task"):
+        landmarks_train.validate_config(config)
+
+
+def test_source_mix_stream_is_a_pure_function_of_the_step():
+    from kpn_jax import landmarks_train
+
+    pools = [[{"k": 0, "i": i} for i in range(5)], [{"k": 1, "i": i} for i in range(3)]]
+    stream = landmarks_train.SourceMixStream(pools, [2, 1], num_steps=10, seed=3)
+    assert stream.local_batch == 3 and len(stream) == 30
+    batches = [[stream[s * 3 + j] for j in range(3)] for s in range(10)]
+    assert all([e["k"] for e in b] == [0, 0, 1] for b in batches)
+    # Every example of pool 0 once per epoch (5 examples = 2.5 batches).
+    first_epoch = sorted(e["i"] for b in batches[:2] for e in b[:2]) + [batches[2][0]["i"]]
+    assert sorted(first_epoch) == [0, 1, 2, 3, 4]
+    # Two processes read disjoint halves of the same global batches.
+    halves = [landmarks_train.SourceMixStream(pools, [2, 2], 4, 3, p, 2) for p in range(2)]
+    whole = landmarks_train.SourceMixStream(pools, [2, 2], 4, 3)
+    for s in range(4):
+        merged = [halves[0][s * 2], halves[1][s * 2], halves[0][s * 2 + 1], halves[1][s * 2 + 1]]
+        assert merged == [whole[s * 4 + j] for j in range(4)]
+
+
+def test_dev_holdout_is_per_subject():
+    from kpn_jax import landmarks_train
+
+    subjects = [f"s{i // 2}" for i in range(400)]
+    mask = landmarks_train.dev_mask(subjects, 0.2, seed=0)
+    assert 0.1 < mask.mean() < 0.3
+    assert np.all(mask[0::2] == mask[1::2])
+    assert not landmarks_train.dev_mask(subjects, 0.0, seed=0).any()

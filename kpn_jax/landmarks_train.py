@@ -1,0 +1,970 @@
+"""Training, evaluation and inference of the kneel16 landmark detector (issue 9).
+
+``train_and_evaluate_landmarks(config, workdir)`` is the ``--mode=train`` program of a
+config with ``config.task == 'landmarks'`` (``configs/landmarks.py``). It uses the
+project's machinery: TFDS sources opened by :func:`kpn_jax.input_pipeline.open_dataset`,
+grain batches whose content is a pure function of ``(seed, step)`` (so a resumed run
+sees the batches it would have seen), one jitted step over the ``('data',)`` mesh with
+on-device augmentation (:mod:`kpn_jax.augment` plus an intensity jitter), orbax
+checkpoints (:class:`kpn_jax.checkpointing.Checkpointer`: ``latest`` and ``best``) and
+``metrics.jsonl`` / TensorBoard logs (:class:`kpn_jax.train.MetricLog`).
+
+Data: every training source (``config.sources``) contributes a fixed number of
+examples to each global batch. Only examples whose keypoints are all valid, finite and
+not themselves predicted by a detector are used. A ``dev_fraction`` of a source's
+training subjects (hash of the subject id) is held out as ``dev``, which picks the best
+checkpoint; each source's ``eval_split`` is only evaluated.
+
+Inference: :func:`load_detector` / :func:`detect` turn uint8 images ``[B, H, W, 1]`` of
+any size (right-knee orientation) into keypoints ``[B, 16, 2]`` in those images' pixels.
+
+Workdir: ``config.json``, ``data_info.json`` (``task``, ``image_size``,
+``input_size``, ``keypoint_schema``), ``checkpoints/``, ``metrics.jsonl``,
+``tensorboard/``, and ``report/landmarks_{set}_{source}.json``, ``report/landmarks.md``,
+``report/landmarks_montage_{set}_{source}.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+
+from kpn_jax import augment as augment_lib
+from kpn_jax import checkpointing, input_pipeline, parallel
+from kpn_jax import keypoints as kp_lib
+from kpn_jax.models import landmarks as lm
+from kpn_jax.train import DTYPES, MetricLog, TrainState, config_to_dict
+
+TASK = "landmarks"
+DATA_INFO = "data_info.json"
+MODEL_KEYS = ("depth", "width", "stages", "head_channels", "input_mode", "input_size")
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def validate_config(config) -> None:
+    """Raises ValueError naming the config field that a typo or bad override got wrong."""
+    if config.get("task") != TASK:
+        raise ValueError(f"config.task must be {TASK!r} for the landmark detector, got "
+                         f"{config.get('task')!r}")
+    if config.dtype not in DTYPES:
+        raise ValueError(f"config.dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
+    m = config.model
+    if m.depth not in (18, 34, 50):
+        raise ValueError(f"config.model.depth must be 18, 34 or 50, got {m.depth}")
+    if not 2 <= m.stages <= 4:
+        raise ValueError(f"config.model.stages must be 2, 3 or 4, got {m.stages}")
+    if m.input_size < 0 or (m.input_size and m.input_size < 32):
+        raise ValueError(f"config.model.input_size must be 0 (as stored) or >= 32, got "
+                         f"{m.input_size}")
+    if config.loss.coord not in lm.COORD_LOSSES:
+        raise ValueError(f"config.loss.coord must be one of {lm.COORD_LOSSES}, got "
+                         f"{config.loss.coord!r}")
+    active = [name for name, spec in config.sources.items() if spec.batch_size > 0]
+    if not active:
+        raise ValueError("config.sources: every source has batch_size 0; nothing to train on")
+    for name, spec in config.sources.items():
+        if spec.batch_size < 0:
+            raise ValueError(f"config.sources.{name}.batch_size must be >= 0, got {spec.batch_size}")
+        if not 0.0 <= spec.dev_fraction < 1.0:
+            raise ValueError(f"config.sources.{name}.dev_fraction must be in [0, 1), got "
+                             f"{spec.dev_fraction}")
+    for name in ("num_steps", "eval_batch_size", "log_every_steps", "eval_every_steps",
+                 "checkpoint_every_steps"):
+        if int(config[name]) <= 0:
+            raise ValueError(f"config.{name} must be positive, got {config[name]}")
+    a = config.augment
+    if not (len(a.contrast) == 2 and 0 < a.contrast[0] <= a.contrast[1]):
+        raise ValueError(f"config.augment.contrast must be (low, high) with 0 < low <= high, got "
+                         f"{a.contrast}")
+    if not (len(a.gamma) == 2 and 0 < a.gamma[0] <= a.gamma[1]):
+        raise ValueError(f"config.augment.gamma must be (low, high) with 0 < low <= high, got "
+                         f"{a.gamma}")
+    if a.brightness < 0 or a.noise_std < 0:
+        raise ValueError("config.augment.brightness and noise_std must be >= 0")
+
+
+def check_config_compatible(saved: dict, config) -> None:
+    """Raises CheckpointMismatchError when ``workdir/config.json`` describes another detector."""
+    if saved.get("task") != TASK:
+        raise checkpointing.CheckpointMismatchError(
+            f"the workdir holds a {saved.get('task', 'grading')!r} run, not a landmark detector; "
+            "use a new --workdir")
+    for key in MODEL_KEYS:
+        if saved.get("model", {}).get(key) != config.model[key]:
+            raise checkpointing.CheckpointMismatchError(
+                f"the workdir was trained with model.{key}={saved['model'].get(key)!r} but the "
+                f"config says {config.model[key]!r}; use a new --workdir or the same config")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclasses.dataclass
+class Source:
+    """One dataset of the mixture: its opened handle and the examples of each role.
+
+    ``train``, ``dev`` and ``eval`` are indices into ``handle``'s ``train_split``
+    and ``eval_split`` sources (``dev`` indexes the training split too).
+    """
+
+    name: str
+    handle: input_pipeline.DatasetHandle
+    train_split: str
+    eval_split: str
+    batch_size: int
+    train: np.ndarray
+    dev: np.ndarray
+    eval: np.ndarray
+
+    def pool(self, role: str) -> input_pipeline._Pool:
+        split = self.eval_split if role == "eval" else self.train_split
+        indices = getattr(self, role)
+        return input_pipeline._Pool([(self.handle.split(split), indices)])
+
+
+def usable_indices(source) -> np.ndarray:
+    """Indices of the examples whose keypoints are all valid, finite and annotated.
+
+    Examples a detector filled in (``keypoints_predicted``) are left out: a detector
+    must not learn from its own (or another detector's) guesses.
+    """
+    if len(source) == 0:
+        return np.zeros((0,), np.int64)
+    valid = input_pipeline.read_field(source, "keypoints_valid").astype(bool)
+    points = input_pipeline.read_field(source, "keypoints")
+    keep = valid.all(axis=1) & np.isfinite(points).all(axis=(1, 2))
+    try:
+        predicted = input_pipeline.read_field(source, "keypoints_predicted").astype(bool)
+        keep &= ~predicted.reshape(-1)
+    except KeyError:  # datasets built before the field existed
+        pass
+    return np.flatnonzero(keep)
+
+
+def dev_mask(subject_ids: Sequence[str], fraction: float, seed: int) -> np.ndarray:
+    """bool ``[M]``: the examples of the ``fraction`` of subjects held out as ``dev``.
+
+    Hash-based per subject, so both knees of a person fall on the same side and the
+    choice never depends on which other subjects exist.
+    """
+    if fraction <= 0:
+        return np.zeros(len(subject_ids), bool)
+
+    def u(subject: str) -> float:
+        digest = hashlib.sha256(f"dev:{seed}:{subject}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") / 2.0 ** 64
+
+    return np.asarray([u(str(s)) < fraction for s in subject_ids], bool)
+
+
+def _dataset_view(config, spec) -> ml_collections.ConfigDict:
+    """The fields :func:`input_pipeline.open_dataset` reads, for one source."""
+    return ml_collections.ConfigDict(dict(dataset=spec.dataset, data_dir=config.data_dir,
+                                          synthetic=config.synthetic.to_dict()))
+
+
+def open_sources(config, names: Sequence[str] | None = None) -> dict[str, Source]:
+    """Opens every source with ``batch_size > 0`` (or those in ``names``) and sorts its examples.
+
+    Raises:
+      ValueError: when a source has no usable training example, or its image size or
+        keypoint schema differs from the others'.
+    """
+    sources = {}
+    for name, spec in config.sources.items():
+        if names is None and spec.batch_size <= 0:
+            continue
+        if names is not None and name not in names:
+            continue
+        handle = input_pipeline.open_dataset(_dataset_view(config, spec))
+        if handle.keypoint_schema != config.keypoint_schema:
+            raise ValueError(f"config.sources.{name}: dataset {handle.name} has keypoint schema "
+                             f"{handle.keypoint_schema!r}, config.keypoint_schema is "
+                             f"{config.keypoint_schema!r}")
+        train_source = handle.split(spec.split)
+        usable = usable_indices(train_source)
+        subjects = input_pipeline.read_field(train_source, "subject_id")[usable] if len(usable) \
+            else np.zeros((0,), str)
+        held = dev_mask(subjects, spec.dev_fraction, config.dev_seed)
+        eval_indices = (usable_indices(handle.split(spec.eval_split))
+                        if spec.eval_split and spec.eval_split in handle.sources
+                        else np.zeros((0,), np.int64))
+        source = Source(name=name, handle=handle, train_split=spec.split,
+                        eval_split=spec.eval_split, batch_size=int(spec.batch_size),
+                        train=usable[~held], dev=usable[held], eval=eval_indices)
+        if spec.batch_size > 0 and len(source.train) == 0:
+            raise ValueError(f"config.sources.{name}: {handle.name} split {spec.split!r} has no "
+                             "example with all keypoints valid (and not predicted)")
+        sources[name] = source
+    sizes = {s.handle.image_size for s in sources.values() if s.batch_size > 0}
+    if len(sizes) > 1:
+        raise ValueError(f"config.sources: the training datasets have different image sizes "
+                         f"{ {n: s.handle.image_size for n, s in sources.items()} }; build them at "
+                         "one size (e.g. config.synthetic.image_size)")
+    return sources
+
+
+class SourceMixStream(Sequence):
+    """Element ``i`` of a process's stream of training examples from several sources.
+
+    Global batch ``s`` holds ``batch_sizes[k]`` examples of source ``k``, each source
+    walked in a fresh permutation per epoch of its own; example ``j`` of a batch is a
+    pure function of ``(seed, s, j)`` (as :class:`input_pipeline.MixedStream`), so a
+    resumed run sees the same batches and each process reads only its slice.
+    """
+
+    def __init__(self, pools: Sequence, batch_sizes: Sequence[int], num_steps: int, seed: int,
+                 process_index: int = 0, process_count: int = 1):
+        if len(pools) != len(batch_sizes) or not pools:
+            raise ValueError("SourceMixStream: one batch size per pool, at least one pool")
+        for k, (pool, size) in enumerate(zip(pools, batch_sizes)):
+            if size % process_count:
+                raise ValueError(f"source {k}: batch size {size} must divide by the "
+                                 f"{process_count} processes")
+            if size and len(pool) == 0:
+                raise ValueError(f"source {k}: empty pool with batch size {size}")
+        self.pools = list(pools)
+        self.global_sizes = tuple(int(b) for b in batch_sizes)
+        self.local_sizes = tuple(b // process_count for b in self.global_sizes)
+        self.offsets = np.cumsum((0,) + self.local_sizes)
+        self.local_batch = int(self.offsets[-1])
+        self.global_batch = sum(self.global_sizes)
+        self.num_steps, self.seed, self.process_index = num_steps, seed, process_index
+
+    def __len__(self) -> int:
+        return self.num_steps * self.local_batch
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        step, j = divmod(i, self.local_batch)
+        k = int(np.searchsorted(self.offsets, j, side="right") - 1)
+        position = (step * self.global_sizes[k] + self.process_index * self.local_sizes[k]
+                    + j - self.offsets[k])
+        pool = self.pools[k]
+        epoch, r = divmod(position, len(pool))
+        permutation = np.random.default_rng((self.seed, 1000 + k, epoch)).permutation(len(pool))
+        return dict(pool[int(permutation[r])])
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+def intensity_augment(rng: jax.Array, images: jax.Array, *, brightness: float,
+                      contrast: Sequence[float], gamma: Sequence[float],
+                      noise_std: float) -> jax.Array:
+    """Per-image random gamma, contrast, brightness and Gaussian noise; ``[B, H, W, 1]`` in [0, 1].
+
+    Real radiographs differ in exposure and processing far more than the synthetic
+    knees do; this makes the detector indifferent to it.
+    """
+    batch = images.shape[0]
+    k_gamma, k_contrast, k_bright, k_noise = jax.random.split(rng, 4)
+    shape = (batch, 1, 1, 1)
+    log_gamma = jax.random.uniform(k_gamma, shape, jnp.float32, math.log(gamma[0]),
+                                   math.log(gamma[1]))
+    x = jnp.clip(images, 0.0, 1.0) ** jnp.exp(log_gamma)
+    factor = jax.random.uniform(k_contrast, shape, jnp.float32, contrast[0], contrast[1])
+    mean = jnp.mean(x, axis=(1, 2, 3), keepdims=True)
+    shift = jax.random.uniform(k_bright, shape, jnp.float32, -brightness, brightness)
+    x = (x - mean) * factor + mean + shift
+    if noise_std > 0:
+        x = x + noise_std * jax.random.normal(k_noise, x.shape, jnp.float32)
+    return jnp.clip(x, 0.0, 1.0)
+
+
+def resize_for_model(images: jax.Array, keypoints: jax.Array | None,
+                     size: int) -> tuple[jax.Array, jax.Array | None]:
+    """Resizes ``[B, H, W, C]`` to ``[B, size, size, C]``; keypoints follow.
+
+    Half-pixel centres (``jax.image.resize``): a point at pixel ``x`` of a ``W``-wide
+    image goes to ``(x + 0.5) * size / W - 0.5``.
+    """
+    height, width = images.shape[1:3]
+    if (height, width) == (size, size):
+        return images, keypoints
+    resized = jax.image.resize(images, (images.shape[0], size, size, images.shape[3]), "linear",
+                               antialias=True)
+    if keypoints is None:
+        return resized, None
+    scale = jnp.asarray([size / width, size / height], jnp.float32)
+    return resized, (keypoints + 0.5) * scale - 0.5
+
+
+def to_image_pixels(keypoints: jax.Array, size: int, height: int, width: int) -> jax.Array:
+    """Inverse of :func:`resize_for_model` for keypoints: model-input pixels -> image pixels."""
+    scale = jnp.asarray([width / size, height / size], jnp.float32)
+    return (keypoints + 0.5) * scale - 0.5
+
+
+# ----------------------------------------------------------------------------- model + state
+
+
+def create_model(config, num_points: int) -> lm.LandmarkNet:
+    m = config.model
+    return lm.LandmarkNet(num_points=num_points, depth=m.depth, width=m.width, stages=m.stages,
+                          head_channels=m.head_channels, input_mode=m.input_mode,
+                          dtype=DTYPES[config.dtype], conv1x1=m.conv1x1)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    """AdamW with linear warm-up and cosine decay to zero over ``num_steps``, gradient clipping."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, config.learning_rate, min(config.warmup_steps, config.num_steps - 1),
+        config.num_steps, end_value=0.0)
+    parts = [optax.clip_by_global_norm(config.grad_clip_norm)] if config.grad_clip_norm else []
+    return optax.chain(*parts, optax.adamw(schedule, weight_decay=config.weight_decay))
+
+
+def create_state(config, model, tx, input_size: int, mesh) -> TrainState:
+    """A replicated TrainState initialised from ``config.seed``."""
+
+    def make():
+        images = jnp.zeros((1, input_size, input_size, 1), jnp.float32)
+        variables = model.init(jax.random.PRNGKey(config.seed), images, train=False)
+        return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                                 batch_stats=variables.get("batch_stats", {}))
+
+    return jax.jit(make, out_shardings=parallel.replicated_sharding(mesh))()
+
+
+def model_input_size(config, image_size: int) -> int:
+    return int(config.model.input_size) or int(image_size)
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def make_train_step(config, model, input_size: int):
+    """``(state, batch) -> (state, metrics)``, jitted with the state donated.
+
+    ``batch``: ``image`` uint8 ``[B, S, S, 1]``, ``keypoints`` ``[B, N, 2]`` (pixels of
+    the stored image), ``keypoints_valid`` bool ``[B, N]``. Errors in the metrics are
+    in stored-image pixels.
+    """
+    aug = config.augment
+    dtype = DTYPES[config.dtype]
+    loss_cfg = config.loss
+
+    def step(state: TrainState, batch: dict):
+        rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), state.step)
+        rng_geometry, rng_intensity = jax.random.split(rng)
+        images = batch["image"].astype(jnp.float32) / 255.0
+        stored_size = images.shape[2]
+        images, keypoints = augment_lib.augment(
+            rng_geometry, images, batch["keypoints"].astype(jnp.float32),
+            max_translation_px=aug.max_translation_px, max_rotation_deg=aug.max_rotation_deg,
+            scale_range=tuple(aug.scale_range))
+        images = intensity_augment(rng_intensity, images, brightness=aug.brightness,
+                                   contrast=tuple(aug.contrast), gamma=tuple(aug.gamma),
+                                   noise_std=aug.noise_std)
+        images, keypoints = resize_for_model(images, keypoints, input_size)
+        images = images.astype(dtype)
+        valid = batch["keypoints_valid"]
+
+        def loss_fn(params):
+            outputs, updates = model.apply({"params": params, "batch_stats": state.batch_stats},
+                                           images, train=True, mutable=["batch_stats"])
+            loss, aux = lm.landmark_loss(outputs, keypoints, valid, coord_loss=loss_cfg.coord,
+                                         heatmap_weight=loss_cfg.heatmap_weight,
+                                         sigma_cells=loss_cfg.sigma_cells)
+            return loss, (aux, updates["batch_stats"])
+
+        (loss, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
+            [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+        new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+        # A non-finite step leaves the state as it was (train.py's guard).
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        new_state = new_state.replace(step=state.step + 1)
+        aux = dict(aux)
+        # Back to stored-image pixels, the unit every report uses.
+        aux["radial_error_px"] = aux["radial_error_px"] * (stored_size / input_size)
+        aux["finite"] = finite
+        return new_state, aux
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def make_predict_fn(model, input_size: int, dtype=jnp.float32):
+    """Jitted ``(variables, images uint8 [B, H, W, 1]) -> keypoints [B, N, 2]`` in image pixels."""
+
+    def predict(variables, images):
+        height, width = images.shape[1:3]
+        x = images.astype(jnp.float32) / 255.0
+        x, _ = resize_for_model(x, None, input_size)
+        outputs = model.apply(variables, x.astype(dtype), train=False)
+        return to_image_pixels(outputs["keypoints"], input_size, height, width)
+
+    return jax.jit(predict)
+
+
+def _to_host(x) -> np.ndarray:
+    if jax.process_count() > 1:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def predict_pool(predict_fn, variables, pool, checker, mesh, batch_size: int,
+                 num_threads: int = 2) -> dict:
+    """Predicts every example of ``pool`` once.
+
+    Returns numpy ``{'pred': [M, N, 2], 'true': [M, N, 2], 'valid': [M, N],
+    'image': uint8 [M, S, S, 1] (the first 64 only)}`` in the pool's order.
+    """
+    batch_size = max(mesh.devices.size, batch_size - batch_size % mesh.devices.size)
+    preds, trues, valids, masks, images = [], [], [], [], []
+    for local in input_pipeline.eval_batches(pool, batch_size, checker, jax.process_index(),
+                                             jax.process_count(), num_threads=num_threads):
+        batch = parallel.global_batch({k: local[k] for k in ("image", "keypoints",
+                                                             "keypoints_valid", "mask")}, mesh)
+        preds.append(_to_host(predict_fn(variables, batch["image"])))
+        trues.append(_to_host(batch["keypoints"]))
+        valids.append(_to_host(batch["keypoints_valid"]))
+        masks.append(_to_host(batch["mask"]))
+        if sum(len(i) for i in images) < 64:
+            images.append(_to_host(batch["image"]))
+    mask = np.concatenate(masks)
+    first = np.concatenate(images)[mask[: sum(len(i) for i in images)]][:64]
+    return {"pred": np.concatenate(preds)[mask], "true": np.concatenate(trues)[mask],
+            "valid": np.concatenate(valids)[mask], "image": first}
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluation_sets(sources: dict[str, Source], which: Sequence[str]) -> dict[str, tuple]:
+    """``{'{set}/{source}': (Source, role)}`` for the roles in ``which`` that have examples."""
+    sets = {}
+    for name, source in sources.items():
+        if "dev" in which and len(source.dev):
+            sets[f"dev/{name}"] = (source, "dev")
+        if "eval" in which and len(source.eval):
+            sets[f"{source.eval_split}/{name}"] = (source, "eval")
+    return sets
+
+
+def evaluate_sets(predict_fn, variables, sets: dict, mesh, config, point_names) -> dict:
+    """``{'{set}/{source}': (summary dict, predictions dict)}`` for every evaluation set."""
+    results = {}
+    for key, (source, role) in sets.items():
+        checker = input_pipeline.make_example_checker(source.handle.image_size, len(point_names),
+                                                      need_keypoints=True)
+        predictions = predict_pool(predict_fn, variables, source.pool(role), checker, mesh,
+                                   config.eval_batch_size, config.num_data_threads)
+        errors = lm.radial_errors(predictions["pred"], predictions["true"])
+        summary = lm.summarize_errors(errors, predictions["valid"], point_names=point_names)
+        summary["image_size"] = source.handle.image_size
+        summary["dataset"] = source.handle.name
+        results[key] = (summary, predictions)
+    return results
+
+
+def flat_metrics(results: dict) -> dict:
+    """``{'{set}/{source}/{stat}': float}`` of the overall statistics (no per-point ones)."""
+    flat = {}
+    for key, (summary, _) in results.items():
+        for stat, value in summary.items():
+            if isinstance(value, (int, float)) and stat != "image_size":
+                flat[f"{key}/{stat}"] = float(value)
+    return flat
+
+
+def write_montage(path: Path, images: np.ndarray, predicted: np.ndarray, true: np.ndarray,
+                  schema: kp_lib.KeypointSchema, title: str, max_images: int = 16) -> Path:
+    """A grid of images with true (green) and predicted (red) keypoints, bones joined."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    count = min(len(images), max_images)
+    if count == 0:
+        raise ValueError("write_montage: no image to draw")
+    columns = min(4, count)
+    rows = -(-count // columns)
+    figure = Figure(figsize=(3 * columns, 3 * rows + 0.4), dpi=100)
+    FigureCanvasAgg(figure)
+    errors = lm.radial_errors(predicted[:count], true[:count])
+    for i in range(count):
+        axis = figure.add_subplot(rows, columns, i + 1)
+        axis.imshow(images[i, ..., 0], cmap="gray", vmin=0, vmax=255)
+        for color, points in (("lime", true[i]), ("red", predicted[i])):
+            for bone in schema.bones.values():
+                axis.plot(points[list(bone), 0], points[list(bone), 1], "-", color=color,
+                          linewidth=0.8)
+            axis.plot(points[:, 0], points[:, 1], ".", color=color, markersize=3)
+        axis.set_title(f"mean {errors[i].mean():.2f} px", fontsize=8)
+        axis.set_axis_off()
+    figure.suptitle(f"{title}  (green: reference, red: detector)", fontsize=10)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    return path
+
+
+def format_report(results: dict, point_names: Sequence[str], checkpoint: dict) -> str:
+    """Markdown: an overall table per evaluation set and a per-point table."""
+    lines = [f"# Landmark detector ({checkpoint['which']} checkpoint, step {checkpoint['step']})",
+             "", "Radial error in pixels of each dataset's stored image.", "",
+             "| set | images | points | image px | mean | median | <=2 px % | <=3 px % | <=5 px % |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for key, (s, _) in results.items():
+        lines.append(f"| {key} | {s['num_images']} | {s['num_points']} | {s['image_size']} | "
+                     f"{s['mean']:.2f} | {s['median']:.2f} | {s['within_2px']:.1f} | "
+                     f"{s['within_3px']:.1f} | {s['within_5px']:.1f} |")
+    for key, (s, _) in results.items():
+        lines += ["", f"## Per point: {key}", "", "| point | mean | median | <=2 px % | <=3 px % "
+                  "| <=5 px % |", "| --- | --- | --- | --- | --- | --- |"]
+        for name in point_names:
+            p = s["per_point"][name]
+            lines.append(f"| {name} | {p['mean']:.2f} | {p['median']:.2f} | {p['within_2px']:.1f} "
+                         f"| {p['within_3px']:.1f} | {p['within_5px']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(workdir: Path, results: dict, schema, checkpoint: dict,
+                 montage_images: int = 16) -> Path:
+    """``report/landmarks.md``, ``report/landmarks_{set}_{source}.json`` and montages."""
+    report = workdir / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    for key, (summary, predictions) in results.items():
+        stem = "landmarks_" + key.replace("/", "_")
+        (report / f"{stem}.json").write_text(json.dumps(
+            {**summary, "checkpoint": checkpoint}, indent=1))
+        if montage_images and len(predictions["image"]):
+            write_montage(report / f"{stem.replace('landmarks_', 'landmarks_montage_')}.png",
+                          predictions["image"], predictions["pred"], predictions["true"], schema,
+                          f"{key}: mean {summary['mean']:.2f} px", montage_images)
+    path = report / "landmarks.md"
+    path.write_text(format_report(results, schema.point_names, checkpoint))
+    return path
+
+
+# ----------------------------------------------------------------------------- main loop
+
+
+def _print(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def _prepare_workdir(config, workdir) -> Path:
+    workdir = Path(workdir).expanduser().resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_path = workdir / "config.json"
+    if config_path.exists():
+        check_config_compatible(json.loads(config_path.read_text()), config)
+    if jax.process_index() == 0:
+        config_path.write_text(json.dumps(config_to_dict(config), indent=2, sort_keys=True))
+    return workdir
+
+
+def train_and_evaluate_landmarks(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains the detector, keeps the best checkpoint on ``dev``, reports every evaluation set.
+
+    Resumes from ``workdir/checkpoints/latest`` when present. Returns
+    ``{'{set}/{source}': summary}`` (see :func:`kpn_jax.models.landmarks.summarize_errors`)
+    of the final checkpoint (best on dev, else latest).
+    """
+    validate_config(config)
+    workdir = _prepare_workdir(config, workdir)
+    mesh = parallel.make_mesh()
+    schema = kp_lib.get_schema(config.keypoint_schema)
+    sources = open_sources(config)
+    training = [s for s in sources.values() if s.batch_size > 0]
+    image_size = training[0].handle.image_size
+    input_size = model_input_size(config, image_size)
+    if jax.process_index() == 0:
+        (workdir / DATA_INFO).write_text(json.dumps(
+            {"task": TASK, "image_size": image_size, "input_size": input_size,
+             "keypoint_schema": schema.name,
+             "sources": {s.name: {"dataset": s.handle.name, "train": len(s.train),
+                                  "dev": len(s.dev), "eval": len(s.eval)}
+                         for s in sources.values()}}, indent=1))
+
+    model = create_model(config, schema.num_points)
+    tx = make_optimizer(config)
+    state = create_state(config, model, tx, input_size, mesh)
+    checkpoints = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
+    start_step = 0
+    if checkpoints.latest_step() is not None:
+        state = checkpoints.restore(state)
+        start_step = int(jax.device_get(state.step))
+        _print(f"Resuming from {workdir}/checkpoints/latest at step {start_step}")
+    log = MetricLog(workdir, start_step)
+
+    stream = SourceMixStream([s.pool("train") for s in training], [s.batch_size for s in training],
+                             config.num_steps, config.seed, jax.process_index(),
+                             jax.process_count())
+    parallel.check_batch_size(stream.global_batch, mesh)
+    checker = input_pipeline.make_example_checker(image_size, schema.num_points, True)
+    train_step = make_train_step(config, model, input_size)
+    predict_fn = make_predict_fn(model, input_size, DTYPES[config.dtype])
+    dev_sets = evaluation_sets(sources, ("dev",))
+    _print(f"kpn-jax landmarks: ResNet-{config.model.depth} trunk (width {config.model.width}, "
+           f"{config.model.stages} stages) at {input_size} px; "
+           + ", ".join(f"{s.name} {s.handle.name}: {len(s.train)} train / {len(s.dev)} dev / "
+                       f"{len(s.eval)} {s.eval_split}, {s.batch_size} per batch"
+                       for s in sources.values())
+           + f"; {config.num_steps} steps, {jax.device_count()} device(s)")
+
+    def run_dev_evaluation(step: int) -> None:
+        if not dev_sets:
+            return
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        results = evaluate_sets(predict_fn, variables, dev_sets, mesh, config, schema.point_names)
+        flat = flat_metrics(results)
+        log.write(step, flat)
+        _print(f"  dev @ step {step}: " + " | ".join(
+            f"{k} mean {s['mean']:.2f} px, median {s['median']:.2f}, <=3px {s['within_3px']:.1f}%"
+            for k, (s, _) in results.items()))
+        if not config.best_metric:
+            return
+        if config.best_metric not in flat:
+            raise ValueError(f"config.best_metric {config.best_metric!r} is not among the dev "
+                             f"metrics {sorted(flat)}")
+        best = checkpoints.best_record()
+        value = flat[config.best_metric]
+        if best is None or value < best["value"]:
+            checkpoints.save_best(step, state, config.best_metric, value)
+
+    data = input_pipeline.train_iterator(stream, checker, start_step, config.num_data_threads)
+    pending, window_start, window_step = [], time.time(), start_step
+    try:
+        for step in range(start_step, config.num_steps):
+            local = next(data)
+            batch = parallel.global_batch(
+                {k: local[k] for k in ("image", "keypoints", "keypoints_valid")}, mesh)
+            state, aux = train_step(state, batch)
+            pending.append(aux)
+            done = step + 1
+            if done % config.log_every_steps == 0 or done == config.num_steps:
+                values = jax.device_get(pending)
+                if not all(bool(v["finite"]) for v in values):
+                    raise FloatingPointError(
+                        f"non-finite loss or gradient between steps {window_step} and {done}; the "
+                        "update was skipped and training stopped. Lower config.learning_rate or "
+                        f"check the data; resume from {workdir}/checkpoints/latest")
+                elapsed = time.time() - window_start
+                means = {f"train/{k}": float(np.mean([v[k] for v in values]))
+                         for k in values[0] if k != "finite"}
+                means["train/images_per_sec"] = (done - window_step) * stream.global_batch / max(
+                    elapsed, 1e-9)
+                means["train/lr"] = float(tx_learning_rate(config, step))
+                log.write(done, means)
+                eta = (config.num_steps - done) * elapsed / max(1, done - window_step)
+                _print(f"step {done}/{config.num_steps} | {means['train/images_per_sec']:.1f} img/s"
+                       f" | ETA {_format_duration(eta)} | loss {means['train/loss']:.3f} "
+                       f"coord {means['train/coord']:.3f} heatmap {means['train/heatmap']:.3f} | "
+                       f"train radial error {means['train/radial_error_px']:.2f} px")
+                pending, window_start, window_step = [], time.time(), done
+            if done % config.checkpoint_every_steps == 0:
+                checkpoints.save(done, state)
+            if done % config.eval_every_steps == 0 or done == config.num_steps:
+                run_dev_evaluation(done)
+    except KeyboardInterrupt:
+        checkpoints.save(int(jax.device_get(state.step)), state)
+        checkpoints.wait()
+        _print(f"Interrupted: saved a checkpoint at step {int(jax.device_get(state.step))}; "
+               "run the same command to resume")
+        raise
+    if config.num_steps > start_step:
+        checkpoints.save(config.num_steps, state)
+    checkpoints.wait()
+    if dev_sets and config.best_metric and checkpoints.best_step() is None:
+        run_dev_evaluation(int(jax.device_get(state.step)))
+        checkpoints.wait()
+
+    results = final_evaluation(config, workdir, sources, model, state, checkpoints, input_size,
+                               schema, mesh)
+    log.close()
+    checkpoints.close()
+    return results
+
+
+def tx_learning_rate(config, step: int) -> float:
+    """The learning rate of :func:`make_optimizer` at ``step`` (for the logs)."""
+    warmup = min(config.warmup_steps, config.num_steps - 1)
+    return float(optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup,
+                                                    config.num_steps, end_value=0.0)(step))
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def final_evaluation(config, workdir: Path, sources, model, state, checkpoints, input_size: int,
+                     schema, mesh) -> dict:
+    """Evaluates the best (else latest) checkpoint on every dev and eval set; writes ``report/``."""
+    which = "best" if config.best_metric and checkpoints.best_step() is not None else "latest"
+    state = checkpoints.restore(state, which=which)
+    checkpoint = {"which": which, "step": int(jax.device_get(state.step))}
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    predict_fn = make_predict_fn(model, input_size, DTYPES[config.dtype])
+    sets = evaluation_sets(sources, tuple(config.eval_sets))
+    results = evaluate_sets(predict_fn, variables, sets, mesh, config, schema.point_names)
+    if jax.process_index() == 0 and results:
+        path = write_report(workdir, results, schema, checkpoint, config.montage_images)
+        _print(path.read_text().split("\n## ")[0])
+        _print(f"Report written to {path.parent}")
+    return {key: summary for key, (summary, _) in results.items()}
+
+
+def evaluate_landmarks(config, workdir: str) -> dict:
+    """``--mode=evaluate`` for a landmark config: the best (else latest) checkpoint, every set."""
+    validate_config(config)
+    workdir = Path(workdir).expanduser().resolve()
+    if not (workdir / "checkpoints").exists():
+        raise FileNotFoundError(f"no checkpoints in workdir {workdir}")
+    config_path = workdir / "config.json"
+    if config_path.exists():
+        check_config_compatible(json.loads(config_path.read_text()), config)
+    mesh = parallel.make_mesh()
+    schema = kp_lib.get_schema(config.keypoint_schema)
+    sources = open_sources(config, names=list(config.sources.keys()))
+    info = json.loads((workdir / DATA_INFO).read_text())
+    model = create_model(config, schema.num_points)
+    state = create_state(config, model, make_optimizer(config), info["input_size"], mesh)
+    checkpoints = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
+    try:
+        return final_evaluation(config, workdir, sources, model, state, checkpoints,
+                                info["input_size"], schema, mesh)
+    finally:
+        checkpoints.close()
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+@dataclasses.dataclass
+class Detector:
+    """A trained detector ready to run: model, variables and the size it expects.
+
+    ``image_size`` is the stored size of its training images; inputs of another size are
+    resized (each axis on its own), so a detector expects a knee ROI framed like its
+    training crops.
+    """
+
+    model: lm.LandmarkNet
+    variables: dict
+    input_size: int
+    image_size: int
+    keypoint_schema: str
+    workdir: str = ""
+    checkpoint: dict = dataclasses.field(default_factory=dict)
+    _predict: Any = dataclasses.field(default=None, repr=False)
+
+    def __call__(self, images, batch_size: int = 32) -> np.ndarray:
+        return detect(self, images, batch_size=batch_size)
+
+
+def load_detector(workdir: str | os.PathLike, which: str = "auto") -> Detector:
+    """Loads a trained detector from its workdir (``config.json``, ``data_info.json``, checkpoints).
+
+    Args:
+      which: ``'best'``, ``'latest'`` or ``'auto'`` (best when there is one).
+
+    Raises:
+      FileNotFoundError: no detector there.
+      ValueError: the workdir holds another kind of run.
+    """
+    workdir = Path(workdir).expanduser().resolve()
+    for name in ("config.json", DATA_INFO):
+        if not (workdir / name).exists():
+            raise FileNotFoundError(f"{workdir} is not a landmark-detector workdir ({name} "
+                                    "missing); train one with configs/landmarks.py")
+    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    if config.get("task") != TASK:
+        raise ValueError(f"{workdir} holds a {config.get('task', 'grading')!r} run, not a "
+                         "landmark detector")
+    info = json.loads((workdir / DATA_INFO).read_text())
+    schema = kp_lib.get_schema(info["keypoint_schema"])
+    model = create_model(config, schema.num_points)
+    mesh = parallel.make_mesh(jax.local_devices()[:1])
+    state = create_state(config, model, make_optimizer(config), info["input_size"], mesh)
+    checkpoints = checkpointing.Checkpointer(workdir, keep=config.get("keep_checkpoints", 2))
+    try:
+        if which == "auto":
+            which = "best" if checkpoints.best_step() is not None else "latest"
+        state = checkpoints.restore(state, which=which)
+    finally:
+        checkpoints.close()
+    variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    return Detector(model=model, variables=variables, input_size=int(info["input_size"]),
+                    image_size=int(info["image_size"]), keypoint_schema=schema.name,
+                    workdir=str(workdir),
+                    checkpoint={"which": which, "step": int(jax.device_get(state.step))},
+                    _predict=make_predict_fn(model, int(info["input_size"]),
+                                             DTYPES[config.dtype]))
+
+
+def detect(workdir_or_detector, images, batch_size: int = 32) -> np.ndarray:
+    """Finds the keypoints of knee ROIs.
+
+    Args:
+      workdir_or_detector: a detector workdir (path) or a :class:`Detector`
+        (load once with :func:`load_detector` when calling many times).
+      images: uint8 ``[B, H, W, 1]`` (or ``[B, H, W]``), right-knee orientation
+        (lateral on the image left), framed like the detector's training crops.
+      batch_size: images per forward pass (the last one is padded, so one compilation).
+
+    Returns:
+      float32 ``[B, N, 2]`` ``(x, y)`` in pixels of ``images``.
+    """
+    detector = (workdir_or_detector if isinstance(workdir_or_detector, Detector)
+                else load_detector(workdir_or_detector))
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] != 1:
+        raise ValueError(f"images: expected uint8 [B, H, W, 1], got shape {images.shape}")
+    if images.dtype != np.uint8:
+        raise ValueError(f"images: expected uint8, got {images.dtype}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    predict = detector._predict or make_predict_fn(detector.model, detector.input_size)
+    count = images.shape[0]
+    size = min(batch_size, max(count, 1))
+    out = []
+    for start in range(0, count, size):
+        chunk = images[start:start + size]
+        padded = np.concatenate([chunk, np.repeat(chunk[:1], size - len(chunk), axis=0)])
+        out.append(np.asarray(predict(detector.variables, padded))[: len(chunk)])
+    num_points = kp_lib.get_schema(detector.keypoint_schema).num_points
+    return (np.concatenate(out).astype(np.float32) if out
+            else np.zeros((0, num_points, 2), np.float32))
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def radiograph_to_uint8(radiograph) -> np.ndarray:
+    """A :class:`data_prep.image_io.Radiograph` -> uint8 ``[H, W]``.
+
+    An 8-bit file keeps its grey values; deeper ones go through the file's window (DICOM)
+    or robust percentiles.
+    """
+    from data_prep import image_io
+
+    pixels = np.asarray(radiograph.pixels, np.float32)
+    if radiograph.bit_depth <= 8 and pixels.min() >= 0 and pixels.max() <= 255:
+        return np.clip(np.round(pixels), 0, 255).astype(np.uint8)
+    window = radiograph.window or image_io.window_limits(pixels)
+    return image_io.to_uint8(pixels, window)
+
+
+def detect_in_roi(detector: Detector, image: np.ndarray, side: str = "R") -> np.ndarray:
+    """Keypoints of one knee ROI as stored in a file, in that image's pixels.
+
+    Args:
+      detector: a loaded :class:`Detector`.
+      image: uint8 ``[H, W]`` (or ``[H, W, 1]``), a knee ROI framed like the detector's
+        training crops (the joint in the middle, the knee filling the width), any size.
+      side: ``'R'`` or ``'L'``: a left knee is mirrored before detection (the detector
+        works in right-knee orientation) and its points mirrored back.
+
+    Returns:
+      float32 ``[N, 2]`` ``(x, y)`` pixels of ``image`` in kneel16 order (lateral first).
+    """
+    from data_prep import image_io, roi as roi_lib
+
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    if image.ndim != 2 or image.dtype != np.uint8:
+        raise ValueError(f"image: expected uint8 [H, W], got {image.dtype} {image.shape}")
+    height, width = image.shape
+    oriented, _ = roi_lib.to_right_orientation(image, None, side)
+    square, _ = image_io.resize_whole(oriented, None, detector.image_size)
+    square = np.clip(np.round(square), 0, 255).astype(np.uint8)
+    points = detect(detector, square[None, ..., None])[0].astype(np.float64)
+    # Undo resize_whole: a square of side max(H, W) centred on the image, scaled to S.
+    roi_size = float(max(height, width))
+    scale = detector.image_size / roi_size
+    left = (width - 1) / 2.0 + 0.5 - roi_size / 2.0
+    top = (height - 1) / 2.0 + 0.5 - roi_size / 2.0
+    points = np.stack([(points[:, 0] + 0.5) / scale - 0.5 + left,
+                       (points[:, 1] + 0.5) / scale - 0.5 + top], axis=-1)
+    if side == "L":
+        points = kp_lib.flip_horizontal(points, width)
+    return points.astype(np.float32)
+
+
+def write_overlay(path: Path, image: np.ndarray, keypoints: np.ndarray, schema, title: str) -> Path:
+    """The image with its keypoints drawn (bones joined)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    height, width = image.shape[:2]
+    figure = Figure(figsize=(6, 6 * height / width), dpi=100)
+    FigureCanvasAgg(figure)
+    axis = figure.add_axes((0, 0, 1, 1))
+    axis.imshow(image, cmap="gray", vmin=0, vmax=255)
+    for bone in schema.bones.values():
+        axis.plot(keypoints[list(bone), 0], keypoints[list(bone), 1], "-", color="red",
+                  linewidth=1.0)
+    axis.plot(keypoints[:, 0], keypoints[:, 1], ".", color="yellow", markersize=4)
+    axis.text(4, 12, title, color="yellow", fontsize=8)
+    axis.set_axis_off()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    return path
+
+
+def predict_landmark_files(workdir, images: Sequence[str], sides: Sequence[str] | None = None,
+                           output_dir: str | None = None,
+                           detector: Detector | None = None) -> list[dict]:
+    """``--mode=predict`` with a landmark config: keypoints of knee ROI files.
+
+    Writes ``<output_dir>/<stem>.landmarks.json`` and ``<stem>.landmarks.png`` per image
+    (default ``output_dir``: ``workdir/predictions``) and returns the JSON dicts:
+    ``image``, ``side``, ``keypoint_schema``, ``point_names``, ``keypoints`` ``[[x, y]] * N``
+    (pixels of the file), ``keypoints_source`` (``'detected'``) and ``detector``.
+
+    Raises:
+      ValueError: when ``sides`` does not give one 'L'/'R' per image.
+    """
+    from data_prep import image_io
+
+    if not images:
+        raise ValueError("--images: give at least one image file")
+    sides = list(sides) if sides else ["R"] * len(images)
+    if len(sides) != len(images) or any(s not in ("L", "R") for s in sides):
+        raise ValueError(f"--sides: expected one of 'L'/'R' per image ({len(images)}), got {sides}")
+    detector = detector or load_detector(workdir)
+    schema = kp_lib.get_schema(detector.keypoint_schema)
+    out_dir = Path(output_dir or Path(workdir) / "predictions").expanduser()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for path, side in zip(images, sides):
+        image = radiograph_to_uint8(image_io.read_image(path))
+        points = detect_in_roi(detector, image, side)
+        record = {"image": str(path), "side": side, "keypoint_schema": schema.name,
+                  "point_names": list(schema.point_names),
+                  "keypoints": np.round(points, 3).tolist(),
+                  "keypoints_source": "detected",
+                  "detector": {"workdir": detector.workdir, **detector.checkpoint}}
+        stem = Path(path).stem
+        (out_dir / f"{stem}.landmarks.json").write_text(json.dumps(record, indent=1))
+        write_overlay(out_dir / f"{stem}.landmarks.png", image, points, schema,
+                      f"{stem} ({side}): detected keypoints")
+        results.append(record)
+        _print(f"{path}: {schema.num_points} keypoints detected -> {out_dir / (stem + '.landmarks.json')}")
+    return results
