@@ -41,6 +41,11 @@ GRAY_MEAN: float = 0.449
 GRAY_STD: float = 0.226
 
 
+def _real_dtype(dtype: Dtype) -> jnp.dtype:
+    """``dtype`` promoted to at least float32 (bfloat16 -> float32, float64 stays)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def normalize_images(images: jax.Array, input_mode: str = "repeat",
                      dtype: Dtype = jnp.float32) -> jax.Array:
     """Grayscale ``[B, H, W, 1]`` in [0, 1] -> normalised backbone input in ``dtype``.
@@ -52,10 +57,10 @@ def normalize_images(images: jax.Array, input_mode: str = "repeat",
         raise ValueError(f"images: expected grayscale [B, H, W, 1], got shape {images.shape}")
     if not jnp.issubdtype(images.dtype, jnp.floating):
         raise ValueError(f"images: expected floats in [0, 1], got dtype {images.dtype}")
-    images = images.astype(jnp.float32)
+    images = images.astype(_real_dtype(dtype))
     if input_mode == "repeat":
-        mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
-        std = jnp.asarray(IMAGENET_STD, jnp.float32)
+        mean = jnp.asarray(IMAGENET_MEAN, images.dtype)
+        std = jnp.asarray(IMAGENET_STD, images.dtype)
         normalized = (jnp.repeat(images, 3, axis=-1) - mean) / std
     elif input_mode == "single":
         normalized = (images - GRAY_MEAN) / GRAY_STD
@@ -75,23 +80,25 @@ def _validate_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
 
 
 def _heads(features: dict[str, jax.Array], tasks: tuple[str, ...], aux_regression: bool,
-           param_dtype: Dtype) -> dict[str, Any]:
-    """One Dense per task on ``features[task] [B, F]``; logits float32.
+           dtype: Dtype, param_dtype: Dtype) -> dict[str, Any]:
+    """One Dense per task on ``features[task] [B, F]``; logits in at least float32.
 
     Called inside a compact ``__call__``, so the Dense layers become submodules
-    of the calling module. The heads run in float32 whatever the backbone's dtype: they are small, and
-    their outputs feed softmax, cross entropy and the GMM log-density.
+    of the calling module. The heads run in float32 even for a bfloat16
+    backbone: they are small, and their outputs feed softmax, cross entropy and
+    the GMM log-density, where bfloat16's 8-bit mantissa would show.
     """
+    head_dtype = _real_dtype(dtype)
     outputs: dict[str, Any] = {}
     for task in tasks:
-        x = features[task].astype(jnp.float32)
+        x = features[task].astype(head_dtype)
         outputs[task] = torch_linear(grades.NUM_CLASSES[task], x.shape[-1], f"head_{task}",
-                                     jnp.float32, param_dtype)(x)
+                                     head_dtype, param_dtype)(x)
     if aux_regression:
         regression = {}
         for task in tasks:
-            x = features[task].astype(jnp.float32)
-            regression[task] = torch_linear(1, x.shape[-1], f"regression_{task}", jnp.float32,
+            x = features[task].astype(head_dtype)
+            regression[task] = torch_linear(1, x.shape[-1], f"regression_{task}", head_dtype,
                                             param_dtype)(x)[:, 0]
         outputs["regression"] = regression
     return outputs
@@ -167,7 +174,9 @@ class KPN(nn.Module):
                               self.conv1x1, name="backbone")(x, train)
         feature_map = feature_maps[self.feature_layer]
 
-        keypoints = keypoints.astype(jnp.float32)
+        # Coordinates and pooled averages stay in >= float32 for a bfloat16 backbone.
+        real_dtype = _real_dtype(self.dtype)
+        keypoints = keypoints.astype(real_dtype)
         if self.densify_k is not None:
             keypoints = densify(keypoints, schema, self.densify_k)
             schema = densified_schema(schema, self.densify_k)
@@ -180,8 +189,8 @@ class KPN(nn.Module):
             if self.aggregation == "concat":
                 head_inputs[task] = points.reshape(points.shape[0], -1)
             else:
-                head_inputs[task] = jnp.mean(points.astype(jnp.float32), axis=1)
-        return _heads(head_inputs, tasks, self.aux_regression, self.param_dtype)
+                head_inputs[task] = jnp.mean(points.astype(real_dtype), axis=1)
+        return _heads(head_inputs, tasks, self.aux_regression, self.dtype, self.param_dtype)
 
 
 class GlobalPoolNet(nn.Module):
@@ -208,8 +217,8 @@ class GlobalPoolNet(nn.Module):
         x = normalize_images(images, self.input_mode, self.dtype)
         feature_maps = ResNet(self.depth, None, self.dtype, self.param_dtype, self.width,
                               self.conv1x1, name="backbone")(x, train)
-        pooled = jnp.mean(feature_maps["layer4"].astype(jnp.float32), axis=(1, 2))
-        return _heads({task: pooled for task in tasks}, tasks, self.aux_regression,
+        pooled = jnp.mean(feature_maps["layer4"].astype(_real_dtype(self.dtype)), axis=(1, 2))
+        return _heads({task: pooled for task in tasks}, tasks, self.aux_regression, self.dtype,
                       self.param_dtype)
 
 

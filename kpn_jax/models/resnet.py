@@ -162,8 +162,8 @@ class ResNet(nn.Module):
         Returns:
           ``stem`` ``[B, H/4, W/4, width]`` (after the max-pool), ``layer1`` (stride 4),
           ``layer2`` (8), ``layer3`` (16), ``layer4`` (32), all in ``dtype``
-          (sizes rounded up), and ``logits [B, num_classes]`` float32 when
-          ``num_classes`` is set.
+          (sizes rounded up), and ``logits [B, num_classes]`` float32 (float64 for a
+          float64 ``dtype``) when ``num_classes`` is set.
         """
         if self.depth not in RESNET_CONFIGS:
             raise ValueError(f"depth: expected one of {sorted(RESNET_CONFIGS)}, got {self.depth}")
@@ -193,9 +193,10 @@ class ResNet(nn.Module):
             features[f"layer{k + 1}"] = x
 
         if self.num_classes is not None:
-            # The classifier runs in float32: it is tiny, and its logits feed
-            # softmax / log-densities where bfloat16's 8-bit mantissa would show.
-            pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+            # The classifier runs in at least float32: it is tiny, and its logits
+            # feed softmax / log-densities where bfloat16's 8-bit mantissa would show.
+            head_dtype = jnp.promote_types(dt, jnp.float32)
+            pooled = jnp.mean(x.astype(head_dtype), axis=(1, 2))
             features["logits"] = torch_linear(self.num_classes, pooled.shape[-1], "fc",
-                                              jnp.float32, pdt)(pooled)
+                                              head_dtype, pdt)(pooled)
         return features
