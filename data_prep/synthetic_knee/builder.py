@@ -191,11 +191,12 @@ def build(data_dir: str | os.PathLike, image_size: int = DEFAULTS["image_size"],
           num_train: int = DEFAULTS["num_train"], num_validation: int = DEFAULTS["num_validation"],
           num_test: int = DEFAULTS["num_test"], num_unlabeled: int = DEFAULTS["num_unlabeled"],
           seed: int = DEFAULTS["seed"], rater_noise: float = DEFAULTS["rater_noise"],
-          num_workers: int | None = None) -> str:
+          num_workers: int | None = 1) -> str:
     """Builds ``synthetic_knee`` under ``data_dir`` (reusing an identical build) and names it.
 
-    ``num_workers`` processes generate the examples (default: :func:`default_num_workers`);
-    it changes the speed only, never the data.
+    ``num_workers`` processes generate the examples (``None``: :func:`default_num_workers`);
+    it changes the speed only, never the data. The default, 1, starts no process: spawned
+    workers re-import the caller's main module, which must then be import-safe.
 
     Returns:
       ``'synthetic_knee/<config>'``, to open with ``data_prep.tfds_util.data_sources``.
