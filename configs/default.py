@@ -45,7 +45,7 @@ def get_config():
     config.aux_regression_weight = 1.0
     config.coherence = ml_collections.ConfigDict(dict(
         enabled=True, num_components=10, sigma=0.2, tau=0.5, lambda_gmm=1.0,
-        warmup_epochs=1, gmm_repeats=1, gmm_seed=0))
+        warmup_epochs=1.0, gmm_repeats=1, gmm_seed=0))
 
     # Optimisation (the paper: Adam, wd 1e-2, lr 1e-4 halved after epochs 10 and 30).
     config.batch_size = 48            # labelled examples per global batch
@@ -65,7 +65,7 @@ def get_config():
     # Bookkeeping.
     config.seed = 0
     config.log_every_steps = 50
-    config.eval_every_epochs = 1
+    config.eval_every_epochs = 1.0
     config.checkpoint_every_steps = 500
     config.keep_checkpoints = 2
     config.best_metric = "validation/oarsi_average/accuracy"  # or e.g. validation/kl/accuracy

@@ -22,6 +22,6 @@ def get_config():
     config.lr_decay_epochs = (8, 11)
     config.augment.max_translation_px = 4.0
     config.log_every_steps = 10
-    config.eval_every_epochs = 2
+    config.eval_every_epochs = 2.0
     config.checkpoint_every_steps = 100
     return config

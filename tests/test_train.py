@@ -1,0 +1,124 @@
+"""End-to-end training: train_and_evaluate on tiny synthetic knees, resume, workdir contents."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from kpn_jax import checkpointing, train
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def tiny_config(data_dir, **overrides):
+    from configs import demo
+
+    config = demo.get_config()
+    config.data_dir = data_dir
+    config.synthetic.update(dict(image_size=64, num_train=48, num_validation=16, num_test=16,
+                                 num_unlabeled=16))
+    config.model.update(dict(depth=18, width=8))
+    config.batch_size = 8
+    config.unlabeled_batch_size = 8
+    config.eval_batch_size = 16
+    config.num_epochs = 2
+    config.log_every_steps = 2
+    config.eval_every_epochs = 1.0
+    config.checkpoint_every_steps = 1000
+    config.coherence.num_components = 2
+    config.num_data_threads = 2
+    for key, value in overrides.items():
+        target = config
+        *path, last = key.split(".")
+        for part in path:
+            target = target[part]
+        target[last] = value
+    return config
+
+
+def latest_params(workdir, config):
+    """The parameters of the latest checkpoint of ``workdir`` as a flat dict of numpy arrays."""
+    from kpn_jax import input_pipeline, keypoints, parallel
+
+    handle = input_pipeline.open_dataset(config)
+    model = train.create_model(config, handle.keypoint_schema)
+    tx = train.make_optimizer(config, 1)
+    mesh = parallel.make_mesh()
+    state = train.create_state(config, model, tx, handle.image_size,
+                               keypoints.get_schema(handle.keypoint_schema).num_points, mesh)
+    ckpt = checkpointing.Checkpointer(workdir)
+    state = ckpt.restore(state)
+    ckpt.close()
+    leaves = jax.tree_util.tree_flatten_with_path({"p": state.params, "b": state.batch_stats})[0]
+    return int(state.step), {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
+
+
+def test_train_writes_the_workdir_and_resumes_exactly(data_dir, tmp_path):
+    # Uninterrupted: 6 steps = one epoch of 48/8; the GMM term switches on after half an epoch.
+    config = tiny_config(data_dir, max_steps=6, **{"coherence.warmup_epochs": 0.5})
+    full = tmp_path / "full"
+    results = train.train_and_evaluate(config, str(full))
+
+    for name in ("config.json", "data_info.json", "gmm.npz", "metrics.jsonl",
+                 "report/results.md", "report/results.json", "report/learning_curves.png",
+                 "report/confusion_matrices_validation.png", "report/confusion_matrices_test.png",
+                 "checkpoints/best.json"):
+        assert (full / name).exists(), name
+    assert list((full / "tensorboard").glob("events.out.tfevents.*"))
+    saved = json.loads((full / "report" / "results.json").read_text())
+    assert set(saved) == {"validation", "test"}
+    assert saved["test"]["kl"]["accuracy"] == pytest.approx(results["test"]["kl"]["accuracy"])
+    records = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in train_records] == [2, 4, 6]
+    # The warm-up switch: the incoherence loss enters the total only after it.
+    assert train_records[0]["train/gmm_on"] == 0.0 and train_records[-1]["train/gmm_on"] == 1.0
+    assert all(np.isfinite(r["train/loss"]) for r in train_records)
+    assert any("validation/kl/accuracy" in r for r in records)
+
+    # Interrupted after 3 steps, then restarted with the same command: same parameters.
+    stopped = tmp_path / "stopped"
+    train.train_and_evaluate(tiny_config(data_dir, max_steps=3,
+                                         **{"coherence.warmup_epochs": 0.5}), str(stopped))
+    assert latest_params(stopped, config)[0] == 3
+    train.train_and_evaluate(config, str(stopped))
+    step_a, params_a = latest_params(full, config)
+    step_b, params_b = latest_params(stopped, config)
+    assert step_a == step_b == 6
+    assert params_a.keys() == params_b.keys()
+    for key in params_a:
+        np.testing.assert_allclose(params_a[key], params_b[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    resumed = [json.loads(line)["step"] for line in (stopped / "metrics.jsonl").read_text().splitlines()
+               if "train/loss" in line]
+    # Records past the checkpoint are dropped on resume; the stopped run logged its last step 3.
+    assert resumed == [2, 3, 4, 6]
+
+
+def test_global_pooling_baseline_trains_without_gmm(data_dir, tmp_path):
+    config = tiny_config(data_dir, max_steps=2, **{"model.pooling": "global",
+                                                  "coherence.enabled": False})
+    results = train.train_and_evaluate(config, str(tmp_path / "baseline"))
+    assert not (tmp_path / "baseline" / "gmm.npz").exists()
+    for task in ("kl", "ost_tibia_medial"):
+        assert 0.0 <= results["validation"][task]["accuracy"] <= 1.0
+
+
+def test_subset_of_tasks_and_coherence_refuses_partial_tasks(data_dir, tmp_path):
+    config = tiny_config(data_dir, max_steps=2, tasks=("kl",), **{"coherence.enabled": False})
+    results = train.train_and_evaluate(config, str(tmp_path / "kl_only"))
+    assert results["validation"]["kl"]["count"] == 16
+    assert results["validation"]["jsn_medial"]["count"] == 0
+    with pytest.raises(ValueError, match="needs all 7 tasks"):
+        train.validate_config(tiny_config(data_dir, tasks=("kl",)))
+
+
+def test_another_architecture_in_the_workdir_is_refused(data_dir, tmp_path):
+    config = tiny_config(data_dir, max_steps=1)
+    train.train_and_evaluate(config, str(tmp_path / "w"))
+    with pytest.raises(checkpointing.CheckpointMismatchError, match="model.depth"):
+        train.train_and_evaluate(tiny_config(data_dir, max_steps=2, **{"model.depth": 34}),
+                                 str(tmp_path / "w"))
