@@ -8,6 +8,8 @@
   python run.py --config=configs/default.py --config.model.depth=34 ...   # any config override
 """
 
+import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -31,8 +33,7 @@ flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
 
 # Errors a user can fix: print one line and exit non-zero instead of a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError, FloatingPointError, NotADirectoryError,
-               PermissionError)
+USER_ERRORS = (ValueError, OSError, KeyError, FloatingPointError)
 
 
 def _run(argv) -> None:
@@ -43,6 +44,9 @@ def _run(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.config is None:
         raise app.UsageError("--config is required (e.g. --config=configs/demo.py)")
+    config_file = config_flags.get_config_filename(FLAGS["config"])
+    if not os.path.exists(config_file.split(":")[0]):
+        raise FileNotFoundError(f"config file {config_file} does not exist")
     if FLAGS.workdir is None and FLAGS.mode != "compare_torch":
         raise app.UsageError("--workdir is required")
     from kpn_jax import parallel
@@ -77,6 +81,20 @@ def _run(argv) -> None:
         compare_torch.main_with_config(config)
 
 
+def parse_flags(argv):
+    """absl flag parsing with a config typo reported in one line, not a traceback."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as error:
+        print(f"error: {error}", file=sys.stderr)
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        # ml_collections raises these for unknown or ill-typed --config.* overrides.
+        text = re.sub(r"\\n|\\'|'|\"", " ", str(error))
+        message = " ".join(text.split())
+        print(f"error: bad config override: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv) -> None:
     try:
         _run(argv)
@@ -89,4 +107,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
