@@ -298,3 +298,79 @@ def test_dev_holdout_is_per_subject():
     assert 0.1 < mask.mean() < 0.3
     assert np.all(mask[0::2] == mask[1::2])
     assert not landmarks_train.dev_mask(subjects, 0.0, seed=0).any()
+
+
+# ----------------------------------------------------------------------------- fill_keypoints
+
+
+def _fake_knee_kl224(root, images: list, keypoints: dict):
+    """A kneeKL224-layout folder: ``train/2/<id>.png`` and a landmarks16.csv for some ids."""
+    from PIL import Image
+
+    names = []
+    for i, image in enumerate(images):
+        name = f"90000{i:02d}R"
+        folder = root / "train" / "2"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{name}.png")
+        names.append(name)
+    header = ["path", "split", "kl_grade", "side"] + [f"{a}{n}" for n in range(16) for a in "xy"] \
+        + ["ok", "score", "inverted_polarity", "reject_reasons"]
+    rows = [",".join(header)]
+    for i, points in keypoints.items():
+        rows.append(",".join([f"train/2/{names[i]}.png", "train", "2", "R"]
+                             + [f"{v:.3f}" for v in np.asarray(points).reshape(-1)]
+                             + ["1", "0.9", "0", ""]))
+    (root / "landmarks16.csv").write_text("\n".join(rows) + "\n")
+    return names
+
+
+def test_fill_keypoints_fills_only_the_missing_ones_and_marks_them(trained, tmp_path):
+    from data_prep import fill_keypoints, tfds_util
+    from data_prep.knee_kl224 import __main__ as knee_kl224_main
+    from kpn_jax import landmarks_train
+
+    config, workdir, _ = trained
+    sources, _ = tfds_util.data_sources(config.data_dir, _synthetic_name(config))
+    examples = [sources["validation"][i] for i in range(4)]
+    images = [e["image"][..., 0] for e in examples]
+    _fake_knee_kl224(tmp_path / "kl", images, {0: examples[0]["keypoints"],
+                                               2: examples[2]["keypoints"]})
+    data_dir = tmp_path / "data"
+    knee_kl224_main.build(knee_kl224_main.parse_args(
+        ["--manual_dir", str(tmp_path / "kl"), "--data_dir", str(data_dir), "--image_size", "64",
+         "--keep_polarity", "--config_name", "tiny"]))
+
+    name = fill_keypoints.fill_keypoints(data_dir, "knee_kl224/tiny", workdir)
+    assert name.startswith("keypoints_filled/knee_kl224-tiny-missing-det")
+    filled, info = tfds_util.data_sources(data_dir, name)
+    assert info.metadata["keypoints_filled"]["mode"] == "missing"
+    records = {r["image_id"].decode(): r for r in (filled["train"][i] for i in range(4))}
+    detector = landmarks_train.load_detector(workdir)
+    for i, image in enumerate(images):
+        record = records[f"90000{i:02d}R"]
+        np.testing.assert_array_equal(record["image"][..., 0], image)
+        assert record["keypoints_valid"].all()
+        if i in (0, 2):   # annotated: copied as they were
+            assert not record["keypoints_predicted"]
+            np.testing.assert_allclose(record["keypoints"], examples[i]["keypoints"], atol=1e-3)
+        else:             # filled by the detector
+            assert record["keypoints_predicted"]
+            np.testing.assert_allclose(record["keypoints"],
+                                       landmarks_train.detect(detector, image[None, ..., None])[0],
+                                       atol=1e-3)
+    # Same source, detector and mode: the build is found, not redone.
+    assert fill_keypoints.fill_keypoints(data_dir, "knee_kl224/tiny", workdir) == name
+    # A detector never trains on predicted keypoints.
+    assert landmarks_train.usable_indices(filled["train"]).tolist() == sorted(
+        i for i in range(4) if not filled["train"][i]["keypoints_predicted"])
+
+
+def test_needs_keypoints_modes():
+    from data_prep import fill_keypoints
+
+    valid = np.array([[True, True], [True, False], [False, False]])
+    assert fill_keypoints.needs_keypoints(valid, "missing").tolist() == [False, True, True]
+    assert fill_keypoints.needs_keypoints(valid, "all").tolist() == [True, True, True]
+    with pytest.raises(ValueError, match="mode"):
+        fill_keypoints.needs_keypoints(valid, "some")
