@@ -646,6 +646,30 @@ class _Warp:
         return np.asarray(warped.convert("L"))
 
 
+def _add_osteophytes(shape: KneeShape, keypoints: np.ndarray, u: np.ndarray, femur, tibia,
+                     reach_extra: float) -> None:
+    """Joins each osteophyte to its bone's signed distance, in place.
+
+    The union's distance is the larger one, so the cortex runs around the spur.
+    ``femur`` and ``tibia`` are ``(row v [R, 1], distance [R, W])`` of each bone's rows;
+    ``keypoints`` are canonical (units of the image side).
+    """
+    for task, (length, thickness, angle, inwards) in shape.osteophytes.items():
+        point, out_x, towards_joint = OSTEOPHYTE_SITES[task]
+        base_x = keypoints[point, 0] - out_x * inwards
+        contour = femur_contour if point < 7 else tibia_contour
+        base = (base_x, float(contour(shape, np.array([base_x]))[0]))
+        a = math.radians(angle)
+        direction = (out_x * math.cos(a), towards_joint * math.sin(a))
+        reach = length + thickness + reach_extra
+        bone_v, distance = femur if point < 7 else tibia
+        rows = _span(bone_v[:, 0], base[1] - reach, base[1] + reach)
+        cols = _span(u, base[0] - reach, base[0] + reach)
+        if rows.stop > rows.start and cols.stop > cols.start:
+            spur = _spur_distance(u[None, cols], bone_v[rows], base, direction, length, thickness)
+            distance[rows, cols] = np.maximum(distance[rows, cols], spur)
+
+
 def render(shape: KneeShape, image_size: int, rng: np.random.Generator):
     """Draws one knee, right-knee orientation.
 
@@ -705,30 +729,14 @@ def render(shape: KneeShape, image_size: int, rng: np.random.Generator):
     tibia_d = np.minimum(np.minimum(tibia_surface, u[None, :] - left), right - u[None, :])
     tibia_chord = _chord(u, left, right)
 
-    # Osteophytes join their bone: the union's distance is the larger one, so the cortex
-    # runs around the spur.
-    for task, (length, thickness, angle, inwards) in shape.osteophytes.items():
-        point, out_x, towards_joint = OSTEOPHYTE_SITES[task]
-        base_x = keypoints[point, 0] - out_x * inwards
-        contour = femur_contour if point < 7 else tibia_contour
-        base = (base_x, float(contour(shape, np.array([base_x]))[0]))
-        a = math.radians(angle)
-        direction = (out_x * math.cos(a), towards_joint * math.sin(a))
-        reach = length + thickness + 3 * pixel
-        target, bone_rows, bone_v = ((femur_d, femur_rows, vf) if point < 7
-                                     else (tibia_d, tibia_rows, vt))
-        rows = _span(bone_v[:, 0], base[1] - reach, base[1] + reach)
-        cols = _span(u, base[0] - reach, base[0] + reach)
-        if rows.stop > rows.start and cols.stop > cols.start:
-            spur = _spur_distance(u[None, cols], bone_v[rows], base, direction, length, thickness)
-            target[rows, cols] = np.maximum(target[rows, cols], spur)
+    _add_osteophytes(shape, keypoints, u, (vf, femur_d), (vt, tibia_d), reach_extra=3 * pixel)
 
     texture = _trabecular_texture(rng, (height, width), size)
     # Sclerosis: per column, the lateral value left of the notch, the medial one right of it.
     medial_weight = _smoothstep((u - shape.notch_x + 0.03) / 0.06)
     sclerosis = (1 - medial_weight) * shape.sclerosis[0] + medial_weight * shape.sclerosis[1]
     sclerosis_width = 0.02 + 0.06 * max(shape.sclerosis)
-    near_joint = _span(v, joint_top - 0.05 - 5 * sclerosis_width, joint_bottom + 0.05 + 5 * sclerosis_width)
+    near_joint = (joint_top - 0.05 - 5 * sclerosis_width, joint_bottom + 0.05 + 5 * sclerosis_width)
     wave = 0.012 * np.sin(11.0 * u + shape.irregularity_phase) + 0.005 * np.sin(23.0 * u)
 
     def bone(d, rows, vb, surface, density, scar_y):
@@ -747,8 +755,7 @@ def render(shape: KneeShape, image_size: int, rng: np.random.Generator):
         scratch *= shape.rim_strength
         density += scratch
         # Subchondral sclerosis, only computed near the joint.
-        local = _span(vb[:, 0], v[near_joint.start] if near_joint.stop > near_joint.start else 2.0,
-                      v[near_joint.stop - 1] if near_joint.stop > near_joint.start else 2.0)
+        local = _span(vb[:, 0], *near_joint)
         if local.stop > local.start and max(shape.sclerosis) > 0:
             density[local] += sclerosis[None, :] * np.exp(
                 np.maximum(surface[local], 0.0) * (-1.0 / sclerosis_width))
