@@ -127,7 +127,8 @@ def test_concat_heads_match_numpy_reference(feature_layer, stride, channels):
         np.testing.assert_allclose(np.asarray(out[task]), expected, rtol=1e-4, atol=1e-4,
                                    err_msg=task)
         reg = variables["params"][f"regression_{task}"]
-        expected_reg = features @ np.asarray(reg["kernel"], np.float64)[:, 0] + float(reg["bias"][0])
+        expected_reg = (features @ np.asarray(reg["kernel"], np.float64)[:, 0]
+                        + float(reg["bias"][0]))
         np.testing.assert_allclose(np.asarray(out["regression"][task]), expected_reg, rtol=1e-4,
                                    atol=1e-4, err_msg=task)
 

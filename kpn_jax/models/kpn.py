@@ -1,8 +1,9 @@
 """The keypoint-based pooling network (KPN) and the global-pooling baseline.
 
 Both are called the same way, ``model.apply(variables, images, keypoints, train=...)``,
-and return ``{task: logits [B, C_task]}`` (float32), plus ``'regression': {task: [B]}``
-when ``aux_regression`` is set, so the training loop can swap them.
+and return ``{task: logits [B, C_task]}`` (float32; float64 for a float64 ``dtype``), plus
+``'regression': {task: [B]}`` when ``aux_regression`` is set, so the training loop can
+swap them.
 
 Parameter tree: ``backbone`` (a :class:`~kpn_jax.models.resnet.ResNet` without ``fc``),
 ``head_{task}`` (Dense, kernel ``[F, C_task]``), and with ``aux_regression``
@@ -161,8 +162,8 @@ class KPN(nn.Module):
                                            or self.densify_k < 2):
             raise ValueError(f"densify_k: expected None or an int >= 2, got {self.densify_k!r}")
         schema = get_schema(self.schema_name)
-        if keypoints is None or keypoints.ndim != 3 or keypoints.shape[1:] != (schema.num_points, 2):
-            shape = None if keypoints is None else keypoints.shape
+        shape = None if keypoints is None else keypoints.shape
+        if shape is None or len(shape) != 3 or shape[1:] != (schema.num_points, 2):
             raise ValueError(f"keypoints: expected [B, {schema.num_points}, 2] for schema "
                              f"{schema.name}, got {shape}")
         if keypoints.shape[0] != images.shape[0]:
