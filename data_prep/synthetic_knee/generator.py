@@ -35,6 +35,7 @@ raw radiograph.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from statistics import NormalDist
 
@@ -565,6 +566,35 @@ def _trabecular_texture(rng: np.random.Generator, shape_hw: tuple[int, int], siz
     return resized(coarse, (height, width))
 
 
+TEXTURE_TILE_SIDES = 3  # the shared texture tile is this many image sides square
+
+
+@functools.lru_cache(maxsize=4)
+def _texture_tile(size: int) -> np.ndarray:
+    """A large trabecular texture for images of side ``size``, made once per process.
+
+    A pure function of ``size`` (fixed seed), cached because drawing a fresh texture for
+    every knee cost as much as drawing the bones; knees take random crops of it.
+    """
+    side = TEXTURE_TILE_SIDES * size
+    tile = _trabecular_texture(np.random.default_rng(20211217), (side, side), size)
+    tile.setflags(write=False)
+    return tile
+
+
+def _texture_crop(rng: np.random.Generator, shape_hw: tuple[int, int], size: int) -> np.ndarray:
+    """A ``[H, W]`` view of the texture tile at a random offset, mirrored half the time
+    (the streaks stay vertical)."""
+    tile = _texture_tile(size)
+    height, width = shape_hw
+    if height > tile.shape[0] or width > tile.shape[1]:  # a warp far beyond its ranges
+        return _trabecular_texture(rng, shape_hw, size)
+    top = int(rng.integers(0, tile.shape[0] - height + 1))
+    left = int(rng.integers(0, tile.shape[1] - width + 1))
+    crop = tile[top:top + height, left:left + width]
+    return crop[:, ::-1] if rng.random() < 0.5 else crop
+
+
 def _spur_distance(u, v, base, direction, length, thickness):
     """Signed distance (inside > 0) to a tapered bony spur growing from ``base`` along ``direction``."""
     du, dv = u - base[0], v - base[1]
@@ -731,7 +761,7 @@ def render(shape: KneeShape, image_size: int, rng: np.random.Generator):
 
     _add_osteophytes(shape, keypoints, u, (vf, femur_d), (vt, tibia_d), reach_extra=3 * pixel)
 
-    texture = _trabecular_texture(rng, (height, width), size)
+    texture = _texture_crop(rng, (height, width), size)
     # Sclerosis: per column, the lateral value left of the notch, the medial one right of it.
     medial_weight = _smoothstep((u - shape.notch_x + 0.03) / 0.06)
     sclerosis = (1 - medial_weight) * shape.sclerosis[0] + medial_weight * shape.sclerosis[1]
