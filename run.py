@@ -19,13 +19,18 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the report.")
-flags.DEFINE_enum("mode", "train", ["train", "evaluate", "predict", "fit_gmm", "compare_torch"],
+flags.DEFINE_enum("mode", "train",
+                  ["train", "evaluate", "predict", "fit_gmm", "compare_torch", "report"],
                   "What to do.")
+flags.DEFINE_list("workdirs", [], "report: finished workdirs (globs allowed); runs with the same "
+                  "config.method_name are seeds of one row.")
+flags.DEFINE_string("split", "test", "report: which split's results to tabulate.")
 flags.DEFINE_list("images", [], "predict: image files (PNG, JPEG, 16-bit PNG or DICOM).")
 flags.DEFINE_list("keypoints", [], "predict: one keypoint file per image (CSV of x,y rows or "
                   "BoneFinder .pts); empty = the landmark detector of --landmark_workdir.")
 flags.DEFINE_string("sides", "", "predict: side of each image, e.g. 'R,L' (default R).")
-flags.DEFINE_string("output", "", "predict: output folder (default WORKDIR/predictions).")
+flags.DEFINE_string("output", "", "predict: output folder (default WORKDIR/predictions); "
+                    "report: folder for the tables and charts.")
 flags.DEFINE_string("landmark_workdir", "", "predict: workdir of a trained landmark detector, "
                     "used for images without --keypoints.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes (None = auto/1).")
@@ -42,6 +47,13 @@ def _run(argv) -> None:
         logging.set_verbosity(logging.WARNING)
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.mode == "report":
+        from kpn_jax import report
+
+        if not FLAGS.workdirs or not FLAGS.output:
+            raise app.UsageError("--mode=report needs --workdirs=... and --output=DIR")
+        report.write_experiment_report(FLAGS.workdirs, FLAGS.output, FLAGS.split)
+        return
     if FLAGS.config is None:
         raise app.UsageError("--config is required (e.g. --config=configs/demo.py)")
     config_file = config_flags.get_config_filename(FLAGS["config"])
@@ -106,5 +118,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config"])
     app.run(main, flags_parser=parse_flags)

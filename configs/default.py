@@ -71,4 +71,6 @@ def get_config():
     config.best_metric = "validation/oarsi_average/accuracy"  # or e.g. validation/kl/accuracy
     config.eval_split = "test"        # split for --mode=evaluate
     config.max_steps = 0              # >0 stops early (tests, smoke runs)
+    config.method_name = "kpn-jax"   # row label in reports (configs/paper.py sets it)
+    config.experiment = ""           # the family arguments that made this config, if any
     return config

@@ -33,6 +33,8 @@ from kpn_jax import input_pipeline, keypoints as kp_lib, losses, parallel
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DATA_INFO = "data_info.json"  # image size and keypoint schema of the training data
+# Loss-metric names as kpn_jax.reporting documents them for metrics.jsonl.
+TRAIN_KEY_NAMES = {"log_prob_mean": "log_prob"}
 
 
 class TrainState(train_state.TrainState):
@@ -391,7 +393,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 elapsed = time.time() - window_start
                 images_per_sec = ((done - window_step) * (stream.global_sizes[0] + stream.global_sizes[1])
                                   / max(elapsed, 1e-9))
-                means = {f"train/{k}": float(np.mean([v[k] for v in values]))
+                means = {f"train/{TRAIN_KEY_NAMES.get(k, k)}": float(np.mean([v[k] for v in values]))
                          for k in values[0] if k != "finite"}
                 means.update({"epoch": done / steps_per_epoch, "train/images_per_sec": images_per_sec,
                               "train/lr": learning_rate_at(config, steps_per_epoch, step),
@@ -442,7 +444,7 @@ def final_evaluation(config, workdir: Path, handle, model, state, checkpoints, c
         result["checkpoint"] = {"which": which, "step": int(jax.device_get(state.step))}
         results[split] = result
         if jax.process_index() == 0:
-            eval_lib.write_split_report(workdir, split, result, records)
+            eval_lib.write_split_report(workdir, split, result, records, config.method_name)
         _print(f"{split} ({which} checkpoint, step {int(jax.device_get(state.step))}): "
                + " ".join(f"{grades_lib.PAPER_NAMES[t]} {result[t]['accuracy']:.3f}"
                           for t in config.tasks)
@@ -486,7 +488,7 @@ def evaluate_checkpoint(config, workdir: str, split: str | None = None) -> dict:
     result["checkpoint"] = {"which": which, "step": int(jax.device_get(state.step))}
     records = MetricLog(workdir, 10**12).records() if jax.process_index() == 0 else None
     if jax.process_index() == 0:
-        eval_lib.write_split_report(workdir, split, result, records)
+        eval_lib.write_split_report(workdir, split, result, records, config.method_name)
         _print((workdir / "report" / "results.md").read_text())
     checkpoints.close()
     return result

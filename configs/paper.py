@@ -1,0 +1,97 @@
+"""Every experiment of the paper as one parameterised config.
+
+  --config=configs/paper.py:arch=resnet50,kpn=1,cl=1,labeled=0.2,tau=0.5,aux=0,seed=0
+
+Keys (all optional):
+  arch     resnet18 | resnet34 | resnet50                      (default resnet50)
+  kpn      1 = keypoint pooling (KPN), 0 = global average pooling baseline   (1)
+  cl       1 = coherence learning (GMM incoherence loss + unlabelled data)   (1)
+  labeled  fraction of the labelled training subjects kept as labelled; the
+           rest become unlabelled (Table 4: 0.2, 0.4, 1.0)                    (1.0)
+  tau      incoherence-loss temperature (supplementary Table 1)              (0.5)
+  aux      1 = Antony et al.'s auxiliary regression head (suppl. Table 2)    (0)
+  seed     training seed (the labelled subset's seed stays fixed)            (0)
+  setting  paper = DESIGN.md section 1 on config.dataset (default: synthetic
+           knees at 320 px); cpu = the CPU-sized synthetic setting of
+           docs/RESULTS.md                                                    (paper)
+
+Paper rows: Table 2 baselines = kpn=0,cl=0 with arch=resnet18/34/50; the proposed
+method = kpn=1,cl=1; Table 3 ablation = kpn x cl; Table 4 = labeled x {kpn=0,cl=0 |
+kpn=1,cl=1}; tau sweep = tau in {0.25,0.5,0.75,1.0,1.5}; aux = aux=1.
+"""
+
+from configs import default
+
+DEFAULTS = dict(arch="resnet50", kpn="1", cl="1", labeled="1.0", tau="0.5", aux="0", seed="0",
+                setting="paper")
+ARCH_DEPTH = {"resnet18": 18, "resnet34": 34, "resnet50": 50}
+
+
+def parse_arguments(config_string: str | None) -> dict:
+    """``'a=1,b=2'`` -> dict over :data:`DEFAULTS`; unknown keys or values are errors."""
+    args = dict(DEFAULTS)
+    for item in filter(None, (config_string or "").split(",")):
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or key not in DEFAULTS:
+            raise ValueError(f"configs/paper.py: bad argument {item!r}; keys are {sorted(DEFAULTS)}")
+        args[key] = value
+    if args["arch"] not in ARCH_DEPTH:
+        raise ValueError(f"configs/paper.py: arch must be one of {sorted(ARCH_DEPTH)}, got {args['arch']!r}")
+    for key in ("kpn", "cl", "aux"):
+        if args[key] not in ("0", "1"):
+            raise ValueError(f"configs/paper.py: {key} must be 0 or 1, got {args[key]!r}")
+    if args["setting"] not in ("paper", "cpu"):
+        raise ValueError(f"configs/paper.py: setting must be paper or cpu, got {args['setting']!r}")
+    return args
+
+
+def method_name(args: dict) -> str:
+    """A row label in the paper's words, e.g. 'ResNet-50 KPN+CL 20%'."""
+    parts = [f"ResNet-{ARCH_DEPTH[args['arch']]}"]
+    if args["kpn"] == "1" or args["cl"] == "1":
+        parts.append("+".join(p for p, on in (("KPN", args["kpn"]), ("CL", args["cl"])) if on == "1"))
+    if float(args["labeled"]) < 1.0:
+        parts.append(f"{float(args['labeled']):.0%} labels")
+    if args["cl"] == "1" and float(args["tau"]) != 0.5:
+        parts.append(f"tau={float(args['tau']):g}")
+    if args["aux"] == "1":
+        parts.append("w. aux regression")
+    return " ".join(parts)
+
+
+def cpu_setting(config):
+    """The CPU-sized synthetic setting of docs/RESULTS.md (minutes per run on 2 cores)."""
+    config.synthetic.update(dict(image_size=96, num_train=1000, num_validation=300, num_test=500,
+                                 num_unlabeled=1000, seed=0))
+    config.data_dir = "workdirs/data"
+    config.model.width = 16
+    config.batch_size = 32
+    config.unlabeled_batch_size = 32
+    config.eval_batch_size = 100
+    config.num_epochs = 10
+    config.learning_rate = 1e-3
+    config.weight_decay = 1e-4
+    config.lr_decay_epochs = (6, 9)
+    config.augment.max_translation_px = 3.0
+    config.log_every_steps = 20
+    config.eval_every_epochs = 1.0
+    config.checkpoint_every_steps = 200
+    return config
+
+
+def get_config(config_string: str | None = None):
+    args = parse_arguments(config_string)
+    config = default.get_config()
+    if args["setting"] == "cpu":
+        config = cpu_setting(config)
+    config.model.depth = ARCH_DEPTH[args["arch"]]
+    config.model.pooling = "keypoints" if args["kpn"] == "1" else "global"
+    config.coherence.enabled = args["cl"] == "1"
+    config.coherence.tau = float(args["tau"])
+    config.labeled_fraction = float(args["labeled"])
+    config.model.aux_regression = args["aux"] == "1"
+    config.seed = int(args["seed"])
+    config.method_name = method_name(args)
+    config.experiment = ",".join(f"{k}={v}" for k, v in sorted(args.items()))
+    return config
