@@ -738,7 +738,7 @@ def evaluate_landmarks(config, workdir: str) -> dict:
         check_config_compatible(json.loads(config_path.read_text()), config)
     mesh = parallel.make_mesh()
     schema = kp_lib.get_schema(config.keypoint_schema)
-    sources = open_sources(config, names=list(config.sources.keys()))
+    sources = open_sources(config)  # the sources switched on, as in training
     info = json.loads((workdir / DATA_INFO).read_text())
     model = create_model(config, schema.num_points)
     state = create_state(config, model, make_optimizer(config), info["input_size"], mesh)

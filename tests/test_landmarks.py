@@ -175,6 +175,9 @@ def test_a_few_training_steps_reduce_the_error_on_held_out_knees(trained):
     report = (workdir / "report" / "landmarks.md").read_text()
     assert "validation/synthetic" in report and "femur_0" in report
     assert (workdir / "report" / "landmarks_montage_validation_synthetic.png").stat().st_size > 0
+    # --mode=evaluate on the same workdir gives the same numbers.
+    again = landmarks_train.evaluate_landmarks(config, str(workdir))
+    assert again["validation/synthetic"]["mean"] == pytest.approx(validation["mean"], abs=1e-4)
 
 
 def test_training_resumes_from_the_latest_checkpoint(trained):
