@@ -17,7 +17,8 @@ from data_prep.synthetic_knee import builder as builder_lib
 from data_prep.synthetic_knee import generator as gen
 from kpn_jax import grades as grades_lib
 
-SHARED_LANDMARKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "kneeKL224" / "landmarks16.csv"
+SHARED_LANDMARKS = (Path(__file__).resolve().parents[2] / "shared" / "data" / "kneeKL224"
+                    / "landmarks16.csv")
 
 
 def _right(knee):
@@ -158,7 +159,8 @@ def test_marginals_are_close_to_table1(grade_sample, which):
     for t, task in enumerate(grades_lib.TASKS):
         expected = gen.TABLE1_PREVALENCE[task]
         observed = np.bincount(grades[:, t], minlength=len(expected)) / len(grades)
-        assert np.abs(observed - expected).max() < 0.04, (task, observed.round(3), expected.round(3))
+        assert np.abs(observed - expected).max() < 0.04, (task, observed.round(3),
+                                                          expected.round(3))
 
 
 def _image_statistics(image):
@@ -256,7 +258,8 @@ def test_keypoint_layout_resembles_real_crops():
         points = np.array([[float(row[f"x{i}"]), float(row[f"y{i}"])] for i in range(16)])
         real.append(roi_lib.to_right_orientation(np.zeros((224, 224)), points, row["side"])[1])
     real = (np.array(real) + 0.5) / 224.0
-    synthetic = np.array([(_right(gen.generate_knee(0, i, 224))[1] + 0.5) / 224.0 for i in range(40)])
+    synthetic = np.array([(_right(gen.generate_knee(0, i, 224))[1] + 0.5) / 224.0
+                          for i in range(40)])
     difference = np.abs(synthetic.mean(0) - real.mean(0))
     assert difference.max() < 0.05, difference.round(3)
 
@@ -328,6 +331,8 @@ def test_build_reuses_an_identical_build(small_build):
 
 
 def test_build_rejects_bad_parameters(tmp_path):
+    with pytest.raises(ValueError, match="num_workers"):
+        builder_lib.build(tmp_path, num_workers=0)
     with pytest.raises(ValueError, match="num_test"):
         builder_lib.build(tmp_path, num_test=-1)
     with pytest.raises(ValueError, match="image_size"):

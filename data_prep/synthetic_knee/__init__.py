@@ -8,7 +8,8 @@
 See docs/SYNTHETIC.md.
 """
 
-from data_prep.synthetic_knee.builder import BUILDER_NAME, DEFAULTS, SyntheticKneeParams, build, split_indices
+from data_prep.synthetic_knee.builder import (BUILDER_NAME, DEFAULTS, SyntheticKneeParams, build,
+                                              split_indices)
 from data_prep.synthetic_knee.generator import generate_batch, generate_knee, sample_grades
 
 __all__ = ["BUILDER_NAME", "DEFAULTS", "SyntheticKneeParams", "build", "generate_batch",

@@ -32,8 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=d["seed"])
     parser.add_argument("--rater_noise", type=float, default=d["rater_noise"],
                         help="expected share of grades moved by one step")
-    parser.add_argument("--num_workers", type=int, default=None,
-                        help="processes that generate examples (default: one per core, <= 4)")
+    parser.add_argument("--num_workers", type=int, default=1,
+                        help="processes that draw and encode examples (helps on idle cores only)")
     parser.add_argument("--benchmark", type=int, default=0, metavar="N",
                         help="only time the generator on N knees (one process) and print images/s")
     parser.add_argument("--contact_sheet", default="", metavar="PNG",
@@ -45,7 +45,8 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.benchmark:
         result = preview.measure_speed(args.seed, args.image_size, args.benchmark)
-        print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}))
+        print(json.dumps({k: round(v, 2) if isinstance(v, float) else v
+                          for k, v in result.items()}))
         return 0
     if args.contact_sheet:
         preview.contact_sheet(args.seed).save(args.contact_sheet, optimize=True)

@@ -51,13 +51,9 @@ class SyntheticKneeParams:
     rater_noise: float = DEFAULTS["rater_noise"]
 
     def __post_init__(self):
-        for name in ("image_size", "num_train", "num_validation", "num_test", "num_unlabeled",
-                     "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-                raise ValueError(f"synthetic_knee: {name} must be a non-negative integer, got {value!r}")
-        if self.image_size < 32:
-            raise ValueError(f"synthetic_knee: image_size must be >= 32, got {self.image_size}")
+        for name in ("num_train", "num_validation", "num_test", "num_unlabeled", "seed"):
+            generator_lib.check_int(f"synthetic_knee: {name}", getattr(self, name))
+        generator_lib.check_int("synthetic_knee: image_size", self.image_size, minimum=32)
         if self.num_train + self.num_validation + self.num_test + self.num_unlabeled == 0:
             raise ValueError("synthetic_knee: all split counts are 0; nothing to build")
         if not 0.0 <= float(self.rater_noise) <= generator_lib.MAX_RATER_NOISE:
@@ -90,7 +86,8 @@ def split_indices(params: SyntheticKneeParams) -> dict[str, np.ndarray]:
     return out
 
 
-def make_example(seed: int, index: int, image_size: int, rater_noise: float, labelled: bool) -> dict:
+def make_example(seed: int, index: int, image_size: int, rater_noise: float,
+                 labelled: bool) -> dict:
     """One stored example (DESIGN.md section 3) from generator index ``index``."""
     knee = generator_lib.generate_knee(seed, int(index), image_size, rater_noise)
     image, keypoints = roi_lib.to_right_orientation(knee["image"], knee["keypoints"], knee["side"])
@@ -117,12 +114,6 @@ def _make_examples(jobs: list[tuple], num_workers: int):
     context = multiprocessing.get_context("spawn")
     with context.Pool(num_workers) as pool:
         yield from pool.imap(_make_example_job, jobs, chunksize=8)
-
-
-def default_num_workers(num_examples: int) -> int:
-    """Processes for a build: one per core (at most 4), but one for small builds, where
-    starting processes costs more than it saves."""
-    return 1 if num_examples < 400 else max(1, min(4, os.cpu_count() or 1))
 
 
 @functools.cache
@@ -191,12 +182,12 @@ def build(data_dir: str | os.PathLike, image_size: int = DEFAULTS["image_size"],
           num_train: int = DEFAULTS["num_train"], num_validation: int = DEFAULTS["num_validation"],
           num_test: int = DEFAULTS["num_test"], num_unlabeled: int = DEFAULTS["num_unlabeled"],
           seed: int = DEFAULTS["seed"], rater_noise: float = DEFAULTS["rater_noise"],
-          num_workers: int | None = 1) -> str:
+          num_workers: int = 1) -> str:
     """Builds ``synthetic_knee`` under ``data_dir`` (reusing an identical build) and names it.
 
-    ``num_workers`` processes generate the examples (``None``: :func:`default_num_workers`);
-    it changes the speed only, never the data. The default, 1, starts no process: spawned
-    workers re-import the caller's main module, which must then be import-safe.
+    ``num_workers > 1`` spawns that many processes to draw and encode the examples: faster
+    on idle cores, slower on busy ones (each process starts Python and JAX), and the caller's
+    main module must be import-safe. It changes the speed only, never the data.
 
     Returns:
       ``'synthetic_knee/<config>'``, to open with ``data_prep.tfds_util.data_sources``.
@@ -208,8 +199,7 @@ def build(data_dir: str | os.PathLike, image_size: int = DEFAULTS["image_size"],
                                  num_validation=num_validation, num_test=num_test,
                                  num_unlabeled=num_unlabeled, seed=seed,
                                  rater_noise=float(rater_noise))
-    if num_workers is None:
-        num_workers = default_num_workers(sum(params.split_counts.values()))
+    generator_lib.check_int("synthetic_knee: num_workers", num_workers, minimum=1)
     builder = make_builder(data_dir, params, num_workers)
     if not (Path(builder.data_dir) / "dataset_info.json").exists():
         start = time.perf_counter()
@@ -218,12 +208,16 @@ def build(data_dir: str | os.PathLike, image_size: int = DEFAULTS["image_size"],
             "dataset": f"{BUILDER_NAME}/{params.config_name}", "dataset_dir": str(builder.data_dir),
             "params": dataclasses.asdict(params), "num_workers": int(num_workers),
             "seconds": round(time.perf_counter() - start, 1),
-            "splits": {split: {"examples": w["examples"],
-                               "kl_share": (np.round(w["kl_counts"] / max(w["kl_counts"].sum(), 1), 4)
-                                            .tolist() if w["kl_counts"].sum() else None)}
+            "splits": {split: {"examples": w["examples"], "kl_share": _shares(w["kl_counts"])}
                        for split, w in builder.written.items()}}
         (Path(builder.data_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
     return f"{BUILDER_NAME}/{params.config_name}"
+
+
+def _shares(counts: np.ndarray) -> list[float] | None:
+    """Counts as rounded shares; None when there are none (an unlabelled split)."""
+    total = int(counts.sum())
+    return np.round(counts / total, 4).tolist() if total else None
 
 
 def make_builder(data_dir: str | os.PathLike, params: SyntheticKneeParams, num_workers: int = 1):

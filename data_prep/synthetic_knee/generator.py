@@ -81,10 +81,16 @@ def _rng(seed: int, key: int, stream: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), int(key), stream]))
 
 
+def check_int(name: str, value, minimum: int = 0) -> int:
+    """``value`` as an int; ValueError naming ``name`` unless an integer >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
 def _check_seed_index(seed, index) -> None:
-    for name, value in (("seed", seed), ("index", index)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    check_int("seed", seed)
+    check_int("index", index)
 
 
 # ---------------------------------------------------------------------------------------
@@ -388,7 +394,7 @@ def sample_shape(seed: int, index: int, knee: KneeGrades) -> KneeShape:
         femur_left=tibia_left + 0.02 + jitter(0.006),
         femur_right=tibia_right - 0.004 + jitter(0.006),
         condyle_outer_height=(0.10 * flattening + jitter(0.01), 0.095 * flattening + jitter(0.01)),
-        condyle_outer_power=(2.4 + 1.0 * deformity + jitter(0.2), 2.4 + 1.0 * deformity + jitter(0.2)),
+        condyle_outer_power=(2.4 + deformity + jitter(0.2), 2.4 + deformity + jitter(0.2)),
         condyle_inner_power=(1.55 + jitter(0.1), 1.55 + jitter(0.1)),
         notch_x=0.5 * (condyle_x[0] + condyle_x[1]) + jitter(0.006),
         notch_depth=0.125 + jitter(0.012),
@@ -482,12 +488,14 @@ def femur_contour(shape: KneeShape, x) -> np.ndarray:
     # Lateral condyle.
     outer = (yl - shape.condyle_outer_height[0]
              * _rise((xl - x) / (xl - shape.femur_left), shape.condyle_outer_power[0]))
-    inner = yl - inner_height[0] * _rise((x - xl) / (inner_end[0] - xl), shape.condyle_inner_power[0])
+    inner = yl - inner_height[0] * _rise((x - xl) / (inner_end[0] - xl),
+                                         shape.condyle_inner_power[0])
     lateral = np.where(x < xl, outer, np.where(x <= inner_end[0], inner, -_NO_BONE))
     # Medial condyle (mirror image).
     outer = (ym - shape.condyle_outer_height[1]
              * _rise((x - xm) / (shape.femur_right - xm), shape.condyle_outer_power[1]))
-    inner = ym - inner_height[1] * _rise((xm - x) / (xm - inner_end[1]), shape.condyle_inner_power[1])
+    inner = ym - inner_height[1] * _rise((xm - x) / (xm - inner_end[1]),
+                                         shape.condyle_inner_power[1])
     medial = np.where(x > xm, outer, np.where(x >= inner_end[1], inner, -_NO_BONE))
     roof = np.where((x >= inner_end[0]) & (x <= inner_end[1]), roof, -_NO_BONE)
     y = np.maximum(np.maximum(lateral, roof), medial)
@@ -537,7 +545,8 @@ def _slope_factor(profile: np.ndarray, step: float) -> np.ndarray:
     return np.clip(1.0 / np.sqrt(1.0 + slope * slope), 0.3, 1.0).astype(np.float32)
 
 
-def _trabecular_texture(rng: np.random.Generator, shape_hw: tuple[int, int], size: int) -> np.ndarray:
+def _trabecular_texture(rng: np.random.Generator, shape_hw: tuple[int, int],
+                        size: int) -> np.ndarray:
     """Smooth noise ``[H, W]`` of about unit variance, the trabecular bone: fine grain
     (~0.01 of the image side), vertical streaks (trabeculae run along the bone; ~0.007 x
     0.03) and slow blotches (~0.12).
@@ -596,7 +605,7 @@ def _texture_crop(rng: np.random.Generator, shape_hw: tuple[int, int], size: int
 
 
 def _spur_distance(u, v, base, direction, length, thickness):
-    """Signed distance (inside > 0) to a tapered bony spur growing from ``base`` along ``direction``."""
+    """Signed distance (inside > 0) to a tapered spur growing from ``base`` along ``direction``."""
     du, dv = u - base[0], v - base[1]
     along = du * direction[0] + dv * direction[1]
     across = np.abs(-du * direction[1] + dv * direction[0])
@@ -671,7 +680,8 @@ class _Warp:
         offset = offset + 0.5 - self.inverse @ np.array([0.5, 0.5])
         a = self.inverse
         warped = Image.fromarray(canvas, mode="F").transform(
-            (size, size), Image.AFFINE, data=(a[0, 0], a[0, 1], offset[0], a[1, 0], a[1, 1], offset[1]),
+            (size, size), Image.AFFINE,
+            data=(a[0, 0], a[0, 1], offset[0], a[1, 0], a[1, 1], offset[1]),
             resample=Image.BILINEAR)
         return np.asarray(warped.convert("L"))
 
@@ -790,9 +800,11 @@ def render(shape: KneeShape, image_size: int, rng: np.random.Generator):
             density[local] += sclerosis[None, :] * np.exp(
                 np.maximum(surface[local], 0.0) * (-1.0 / sclerosis_width))
         # The physeal scar: a faint wavy line across the bone end.
-        local = _span(vb[:, 0], float(scar_y.min()) - 4 * rim_width, float(scar_y.max()) + 4 * rim_width)
+        reach = 4 * rim_width
+        local = _span(vb[:, 0], float(scar_y.min()) - reach, float(scar_y.max()) + reach)
         if local.stop > local.start:
-            density[local] += 0.2 * np.exp(-(((vb[local] - scar_y[None, :]) / (2 * rim_width)) ** 2))
+            offset = (vb[local] - scar_y[None, :]) / (2 * rim_width)
+            density[local] += 0.2 * np.exp(-offset * offset)
         np.multiply(d, size * shape.bone_density, out=scratch)
         scratch += 0.5 * shape.bone_density
         np.clip(scratch, 0.0, shape.bone_density, out=scratch)  # soft-edged occupancy
@@ -810,7 +822,8 @@ def render(shape: KneeShape, image_size: int, rng: np.random.Generator):
     # The tibial plateau's posterior rim: a second, fainter line under the first.
     local = _span(vt[:, 0], joint_top - 0.01, joint_bottom + 0.03)
     if local.stop > local.start:
-        rim = (0.3 * shape.bone_density) * np.exp(-(((tibia_surface[local] - 0.016) / rim_width) ** 2))
+        offset = (tibia_surface[local] - 0.016) / rim_width
+        rim = (0.3 * shape.bone_density) * np.exp(-offset * offset)
         attenuation[tibia_rows][local] += rim * (tibia_d[local] > 0)
     # The posterior outlines of the femoral condyles, seen through them: a faint second
     # contour a little above the distal one.
@@ -833,7 +846,8 @@ def render(shape: KneeShape, image_size: int, rng: np.random.Generator):
             + shape.texture_strength * texture[rows, cols])
     # Patella, seen through the femur: a faint oval with soft edges.
     px, py, prx, pry = shape.patella
-    rows, cols = _span(v, py - pry - 0.01, py + pry + 0.01), _span(u, px - prx - 0.01, px + prx + 0.01)
+    rows = _span(v, py - pry - 0.01, py + pry + 0.01)
+    cols = _span(u, px - prx - 0.01, px + prx + 0.01)
     if rows.stop > rows.start and cols.stop > cols.start:
         patella_d = _ellipse_distance(u[None, cols], v[rows, None], px, py, prx, pry)
         attenuation[rows, cols] += 0.12 * shape.bone_density * _smoothstep(patella_d / 0.03)
@@ -876,8 +890,7 @@ def generate_knee(seed: int, index: int, image_size: int = DEFAULT_IMAGE_SIZE,
       (the latent), ``lipping`` (doubtful lipping drawn).
     """
     _check_seed_index(seed, index)
-    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 32:
-        raise ValueError(f"image_size must be an integer >= 32, got {image_size!r}")
+    check_int("image_size", image_size, minimum=32)
     knee = sample_grades(seed, index, rater_noise)
     shape = sample_shape(seed, index, knee)
     image, points = render(shape, image_size, _rng(seed, index, _STREAM_PIXELS))

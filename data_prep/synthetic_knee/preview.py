@@ -32,14 +32,16 @@ def contact_sheet(seed: int = 0, image_size: int = 200, per_grade: int = 5,
     """RGB sheet: one row per clean KL grade (0 at the top), knees in right orientation
     (as stored), kneel16 points drawn (femur red, tibia green), clean OARSI grades below."""
     rows = indices_by_kl(seed, per_grade)
-    sheet = Image.new("RGB", (label_width + per_grade * image_size, len(rows) * image_size), "black")
+    sheet = Image.new("RGB", (label_width + per_grade * image_size, len(rows) * image_size),
+                      "black")
     draw = ImageDraw.Draw(sheet)
     radius = max(1.5, image_size / 110)
     for kl, indices in enumerate(rows):
         draw.text((6, kl * image_size + image_size // 2 - 6), f"KL {kl}", fill="white")
         for column, index in enumerate(indices):
             knee = generator_lib.generate_knee(seed, index, image_size)
-            image, points = roi_lib.to_right_orientation(knee["image"], knee["keypoints"], knee["side"])
+            image, points = roi_lib.to_right_orientation(knee["image"], knee["keypoints"],
+                                                         knee["side"])
             tile = Image.fromarray(image).convert("RGB")
             tile_draw = ImageDraw.Draw(tile)
             if draw_keypoints:
