@@ -42,6 +42,7 @@ def get_config():
 
     # Losses (eq. 5): L = lambda_cls L_cls + lambda_gmm L_gmm.
     config.lambda_cls = 1.0
+    config.class_weighting = "prevalence"  # 'prevalence' (the paper: N / (C n_c)) or 'none'
     config.aux_regression_weight = 1.0
     config.coherence = ml_collections.ConfigDict(dict(
         enabled=True, num_components=10, sigma=0.2, tau=0.5, lambda_gmm=1.0,

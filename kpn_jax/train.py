@@ -59,6 +59,9 @@ def validate_config(config) -> None:
     if config.coherence.enabled and tuple(config.tasks) != grades_lib.TASKS:
         raise ValueError("config.coherence.enabled needs all 7 tasks (the GMM models the joint "
                          f"29-dim grade vector), but config.tasks={tuple(config.tasks)}")
+    if config.class_weighting not in ("prevalence", "none"):
+        raise ValueError(f"config.class_weighting must be 'prevalence' or 'none', got "
+                         f"{config.class_weighting!r}")
     if config.weight_decay_style not in ("l2", "decoupled"):
         raise ValueError(f"config.weight_decay_style must be 'l2' or 'decoupled', got "
                          f"{config.weight_decay_style!r}")
@@ -305,8 +308,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         total_steps = min(total_steps, config.max_steps)
     warmup_steps = int(config.coherence.warmup_epochs * steps_per_epoch)
 
-    class_weights = {k: jnp.asarray(v) for k, v in
-                     losses.class_weights(labeled_grades, tuple(config.tasks)).items()}
+    class_weights = None
+    if config.class_weighting == "prevalence":
+        class_weights = {k: jnp.asarray(v) for k, v in
+                         losses.class_weights(labeled_grades, tuple(config.tasks)).items()}
     gmm = fit_or_load_gmm(config, workdir, labeled_grades) if config.coherence.enabled else None
 
     if jax.process_index() == 0:
