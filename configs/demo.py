@@ -16,10 +16,10 @@ def get_config():
     config.batch_size = 32
     config.unlabeled_batch_size = 16
     config.eval_batch_size = 100
-    config.num_epochs = 12
+    config.num_epochs = 14
     config.learning_rate = 1e-3
     config.weight_decay = 1e-4
-    config.lr_decay_epochs = (8, 11)
+    config.lr_decay_epochs = (7, 11)
     config.augment.max_translation_px = 4.0
     config.log_every_steps = 10
     config.eval_every_epochs = 2.0

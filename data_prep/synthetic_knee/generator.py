@@ -262,8 +262,8 @@ def sample_grades(seed: int, index: int, rater_noise: float = DEFAULT_RATER_NOIS
 JSN_WIDTH_FACTOR = (1.0, 0.70, 0.44, 0.17)
 NORMAL_WIDTH = {"lateral": 0.056, "medial": 0.046}
 # Osteophyte length per grade (units of the image side): 0.02 is 6 px at 320 px.
-OSTEOPHYTE_LENGTH = (0.0, 0.021, 0.038, 0.058)
-LIPPING_LENGTH = 0.011  # 0.85-1.35x this: overlaps a normal bump (<= 0.012) and grade 1
+OSTEOPHYTE_LENGTH = (0.0, 0.029, 0.053, 0.081)
+LIPPING_LENGTH = 0.015  # 0.85-1.35x this: overlaps a normal bump (<= 0.012) and grade 1
 # Where the osteophytes sit: the four margins, with the keypoint they attach to.
 OSTEOPHYTE_SITES = {  # task -> (keypoint, x direction outwards, y direction towards the joint)
     "ost_femur_lateral": (0, -1.0, 1.0),
