@@ -36,6 +36,8 @@ flags.DEFINE_string("landmark_workdir", "", "predict: workdir of a trained landm
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes (None = auto/1).")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
+flags.DEFINE_bool("multihost", False, "Multi-host with the cluster auto-detected by "
+                  "jax.distributed.initialize() (TPU pod slices, SLURM, Open MPI).")
 
 # Errors a user can fix: print one line and exit non-zero instead of a traceback.
 USER_ERRORS = (ValueError, OSError, KeyError, FloatingPointError)
@@ -63,9 +65,9 @@ def _run(argv) -> None:
         raise app.UsageError("--workdir is required")
     from kpn_jax import parallel
 
-    if FLAGS.num_processes and FLAGS.num_processes > 1:
+    if FLAGS.multihost or (FLAGS.num_processes and FLAGS.num_processes > 1):
         parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                        FLAGS.process_id)
+                                        FLAGS.process_id, auto=FLAGS.multihost)
     config = FLAGS.config
     if FLAGS.mode == "train":
         from kpn_jax import train

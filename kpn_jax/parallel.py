@@ -51,7 +51,8 @@ def replicate(tree, mesh: Mesh):
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None, cpu_collectives: str | None = None) -> None:
+                           process_id: int | None = None, cpu_collectives: str | None = None,
+                           auto: bool = False) -> None:
     """``jax.distributed.initialize`` for multi-host runs; a no-op for one process.
 
     On GPU clusters and TPU pods the arguments may be left out (auto-detected
@@ -60,7 +61,7 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     """
     if cpu_collectives:
         jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
-    if num_processes is not None and num_processes <= 1:
+    if not auto and (num_processes is None or num_processes <= 1):
         return
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id)
