@@ -141,7 +141,9 @@ def compare(depth: int = 50, width: int = 64, pooling: str = "keypoints",
       ``{'batch': str, 'weights': str, 'gmm': str, 'model': dict,
       'results': {'float32/eval': {name: {'max_abs', 'max_rel'}}, ...},
       'torch_float32_vs_float64': {name: {'max_abs', 'max_rel'}}`` (eval mode;
-      only with ``float64_reference``), ``'seconds': float}``.
+      only with ``float64_reference``), ``'torch_bfloat16_vs_float32'`` (torch
+      autocast vs torch float32, eval; only when ``dtypes`` has bfloat16),
+      ``'seconds': float}``.
     """
     import copy
 
@@ -208,12 +210,16 @@ def compare(depth: int = 50, width: int = 64, pooling: str = "keypoints",
             results[f"{dtype}/{mode}"] = _differences(flax_values, torch_values[mode])
     output: dict[str, Any] = dict(batch=batch_text, weights=weights_text, gmm=gmm_text,
                                   model=dict(pooling=pooling, **model_kwargs), results=results)
+    eval_values = torch_values.get("eval") or tr.torch_outputs(torch_model, *batch, **loss_kwargs)
     if float64_reference:
         reference = tr.torch_outputs(copy.deepcopy(torch_model).double(), *batch, train=False,
                                      **loss_kwargs)
-        eval_values = torch_values.get("eval") or tr.torch_outputs(torch_model, *batch,
-                                                                  **loss_kwargs)
         output["torch_float32_vs_float64"] = _differences(eval_values, reference)
+    if "bfloat16" in dtypes:
+        # What bfloat16 costs in PyTorch itself: the yardstick for the bfloat16 columns.
+        autocast = tr.torch_outputs(torch_model, *batch, train=False,
+                                    autocast_dtype=torch.bfloat16, **loss_kwargs)
+        output["torch_bfloat16_vs_float32"] = _differences(autocast, eval_values)
     output["seconds"] = time.time() - start
     if verbose:
         print(format_report(output))
@@ -233,6 +239,10 @@ def _differences(values: dict[str, np.ndarray], reference: dict[str, np.ndarray]
     return out
 
 
+REFERENCE_COLUMNS = (("torch_float32_vs_float64", "torch f32 vs f64"),
+                     ("torch_bfloat16_vs_float32", "torch bf16 vs f32"))
+
+
 def format_report(output: dict[str, Any]) -> str:
     """The comparison as a fixed-width table (one row per output)."""
     model = output["model"]
@@ -242,14 +252,16 @@ def format_report(output: dict[str, Any]) -> str:
                 if model["pooling"] == "keypoints" else "") + ")")
     lines = [title, f"batch:   {output['batch']}", f"weights: {output['weights']}",
              f"GMM:     {output['gmm']}",
-             "max abs = max|flax - torch|, max rel = max abs / max|torch|; "
-             "bfloat16 = Flax compute dtype (torch stays float32)", ""]
+             "max abs = max|flax - torch|, max rel = max abs / max|torch|; bfloat16 = Flax "
+             "compute dtype vs torch float32.",
+             "Last columns, eval mode, PyTorch against itself: float32 vs float64 (the float32 "
+             "floor), bfloat16 autocast vs float32.", ""]
     columns = list(output["results"])
-    has64 = "torch_float32_vs_float64" in output
+    references = [(key, label) for key, label in REFERENCE_COLUMNS if key in output]
     header = f"{'output':34s}" + "".join(f" | {c:>19s}" for c in columns)
-    header += " | torch f32 vs f64" if has64 else ""
+    header += "".join(f" | {label:>17s}" for _, label in references)
     sub = f"{'':34s}" + "".join(" |  max abs   max rel" for _ in columns)
-    sub += " |   max rel (eval)" if has64 else ""
+    sub += "".join(f" | {'max rel':>17s}" for _ in references)
     lines += [header, sub, "-" * len(header)]
     names = list(dict.fromkeys(n for c in columns for n in output["results"][c]))
     for name in names:
@@ -257,15 +269,16 @@ def format_report(output: dict[str, Any]) -> str:
         for c in columns:
             d = output["results"][c].get(name)
             row += f" | {d['max_abs']:8.2e}  {d['max_rel']:8.2e}" if d else f" | {'':18s}"
-        reference = output.get("torch_float32_vs_float64", {}).get(name)
-        row += f" |        {reference['max_rel']:8.2e}" if reference else (" |" if has64 else "")
+        for key, _ in references:
+            d = output[key].get(name)
+            row += f" | {d['max_rel']:17.2e}" if d else f" | {'':17s}"
         lines.append(row)
     lines.append("-" * len(header))
     worst = f"{'worst relative':34s}"
     for c in columns:
         worst += f" | {'':8s}  {max(d['max_rel'] for d in output['results'][c].values()):8.2e}"
-    if has64:
-        worst += f" |        {max(d['max_rel'] for d in output['torch_float32_vs_float64'].values()):8.2e}"
+    for key, _ in references:
+        worst += f" | {max(d['max_rel'] for d in output[key].values()):17.2e}"
     lines.append(worst)
     if any("batch_stats/var" in output["results"][c] for c in columns):
         lines.append("batch_stats/var: torch updates running_var with the unbiased batch variance "

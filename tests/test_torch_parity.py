@@ -211,9 +211,9 @@ def test_densify_matches_jax():
     rng = np.random.default_rng(2)
     points = rng.uniform(0, 100, (3, 16, 2)).astype(np.float32)
     points[0, 2] = points[0, 1]  # a zero-length segment
-    for k in (2, 5, 8):
+    for k in (2, 5):
         ours = tr.densify_keypoints(torch.from_numpy(points), "kneel16", k).numpy()
-        theirs = keypoints_lib.densify(points, keypoints_lib.KNEEL16, k)
+        theirs = jax.jit(lambda p, k=k: keypoints_lib.densify(p, keypoints_lib.KNEEL16, k))(points)
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-4)
 
 

@@ -204,3 +204,13 @@ def test_pickle_carrying_code_is_refused(tmp_path):
     # The file really carries code: an unrestricted load runs it.
     torch.load(path, weights_only=False)
     assert sentinel.exists()
+
+
+def test_prefix_reads_only_the_backbone_of_a_larger_state_dict():
+    _, variables = small_flax_resnet(depth=18, num_classes=None)
+    state = {f"backbone.{k}": v
+             for k, v in torch_weights.resnet_to_torch(variables, 18, as_numpy=True).items()}
+    state["head_kl.weight"] = np.zeros((5, 10), np.float32)
+    assert_trees_equal(torch_weights.resnet_from_torch(state, 18, prefix="backbone."), variables)
+    with pytest.raises(torch_weights.StateDictMismatchError, match="conv1.weight"):
+        torch_weights.resnet_from_torch(state, 18)  # without the prefix nothing fits

@@ -144,7 +144,10 @@ def grid_sample_keypoints(feature_map: torch.Tensor, keypoints: torch.Tensor,
     height, width = feature_map.shape[-2:]
     scale = keypoints.new_tensor([stride * width, stride * height])
     grid = (keypoints + 0.5) / scale * 2 - 1                                      # [B, N, 2]
-    sampled = F.grid_sample(feature_map, grid[:, None].to(feature_map.dtype), mode="bilinear",
+    # Never round the grid to a 16-bit feature dtype: in bfloat16 a normalised
+    # coordinate is off by up to half a pixel at 320 px.
+    dtype = torch.promote_types(feature_map.dtype, grid.dtype)
+    sampled = F.grid_sample(feature_map.to(dtype), grid[:, None].to(dtype), mode="bilinear",
                             padding_mode="zeros", align_corners=False)            # [B, C, 1, N]
     return sampled[:, :, 0, :].transpose(1, 2)
 
@@ -226,6 +229,9 @@ class TorchKPN(nn.Module):
             pooled = features["layer4"].to(head_dtype).mean(dim=(2, 3))
             head_inputs = {task: pooled for task in self.tasks}
         else:
+            if keypoints is None or keypoints.ndim != 3 or keypoints.shape[-1] != 2:
+                raise ValueError("keypoints: expected [B, N, 2], got "
+                                 f"{None if keypoints is None else tuple(keypoints.shape)}")
             points = keypoints.to(torch.promote_types(keypoints.dtype, torch.float32))
             if self.densify_k is not None:
                 points = densify_keypoints(points, self.schema_name, self.densify_k)
@@ -553,11 +559,14 @@ def flax_outputs(flax_model, variables: Mapping[str, Any], gmm, images, keypoint
 def torch_outputs(torch_model: TorchKPN, gmm, images, keypoints, grades, labeled_mask=None,
                   class_weights=None, train: bool = False, tau: float = 0.5,
                   lambda_cls: float = 1.0, lambda_gmm: float = 1.0,
-                  aux_regression_weight: float = 1.0) -> dict[str, np.ndarray]:
+                  aux_regression_weight: float = 1.0,
+                  autocast_dtype: torch.dtype | None = None) -> dict[str, np.ndarray]:
     """Every output of the torch model on one batch (NHWC maps), float64 numpy.
 
-    Runs in the model's dtype (``.double()`` gives a float64 reference); the
-    model is not modified (train mode runs on a copy).
+    Runs in the model's dtype (``.double()`` gives a float64 reference), the
+    forward under ``torch.autocast(autocast_dtype)`` when given (e.g.
+    ``torch.bfloat16``; losses stay float32). The model is not modified (train
+    mode runs on a copy).
     """
     import copy
 
@@ -570,7 +579,9 @@ def torch_outputs(torch_model: TorchKPN, gmm, images, keypoints, grades, labeled
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype  # float32, or float64 for a float64 reference
     t_images = torch.from_numpy(images).permute(0, 3, 1, 2).to(device, dtype)
-    out = model(t_images, torch.from_numpy(keypoints).to(device, dtype), return_features=True)
+    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                        enabled=autocast_dtype is not None):
+        out = model(t_images, torch.from_numpy(keypoints).to(device, dtype), return_features=True)
     t_gmm = None if gmm is None else TorchGMM.from_gmm(gmm).to(device, dtype)
     _, metrics = torch_total_loss(
         out, torch.from_numpy(grades).to(device), class_weights, t_gmm,

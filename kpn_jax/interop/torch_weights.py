@@ -400,6 +400,10 @@ def load_backbone(source: str | os.PathLike | Mapping[str, Any], depth: int,
     feeds the 1-channel radiograph straight into ``conv1``; the stem kernel is
     summed over its input channels, which is what a 3-channel stem computes on
     a grey image repeated into 3 channels (``sum_c W_c * x == W * [x, x, x]``).
+    It is exact for equal per-channel normalisation; the KPN's 'single' mode
+    normalises with the channel-averaged ImageNet mean/std (0.449 / 0.226)
+    instead of (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225), a small shift the
+    fine-tuning absorbs.
 
     Args:
       source: state dict or file, see :func:`load_state_dict`.
