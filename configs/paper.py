@@ -69,10 +69,10 @@ def cpu_setting(config):
     config.batch_size = 32
     config.unlabeled_batch_size = 32
     config.eval_batch_size = 100
-    config.num_epochs = 10
+    config.num_epochs = 12
     config.learning_rate = 1e-3
     config.weight_decay = 1e-4
-    config.lr_decay_epochs = (6, 9)
+    config.lr_decay_epochs = (6, 10)
     config.augment.max_translation_px = 3.0
     config.log_every_steps = 20
     config.eval_every_epochs = 1.0
