@@ -454,6 +454,9 @@ def final_evaluation(config, workdir: Path, handle, model, state, checkpoints, c
                + " ".join(f"{grades_lib.PAPER_NAMES[t]} {result[t]['accuracy']:.3f}"
                           for t in config.tasks)
                + f" | OARSI avg {result['oarsi_average'].get('accuracy', float('nan')):.3f}")
+        _print(f"{split} majority-class accuracy (always the most frequent grade): "
+               + " ".join(f"{grades_lib.PAPER_NAMES[t]} {result['majority_accuracy'][t]:.3f}"
+                          for t in config.tasks if t in result["majority_accuracy"]))
     if jax.process_index() == 0 and results:
         _print(f"Report written to {workdir / 'report'}")
         table = workdir / "report" / "results.md"
