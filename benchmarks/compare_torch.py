@@ -159,8 +159,8 @@ def compare(depth: int = 50, width: int = 64, pooling: str = "keypoints",
     start = time.time()
     torch.manual_seed(seed)
     tasks = tuple(tasks or grades_lib.TASKS)
-    if pooling == "keypoints" and set(tasks) != set(grades_lib.TASKS):
-        raise ValueError("compare: the GMM term needs all 7 tasks")
+    if set(tasks) != set(grades_lib.TASKS):
+        raise ValueError(f"compare: the incoherence loss needs all 7 tasks, got {tasks}")
     found = find_kneekl224(data_dir)
     if found is not None:
         images, keypoints, grades, batch_text = kneekl224_batch(found, batch_size)

@@ -370,6 +370,13 @@ def torch_probabilities_vector(outputs: Mapping[str, torch.Tensor]) -> torch.Ten
                       for t in grades_lib.TASKS], dim=-1)
 
 
+def _device_tensor(value: Any, device: torch.device) -> torch.Tensor:
+    """A float32 tensor on ``device``; a tensor already there is returned as is (no copy)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    return torch.as_tensor(np.asarray(value, np.float32), device=device)
+
+
 def torch_total_loss(outputs: Mapping[str, Any], grades: torch.Tensor,
                      class_weights: Mapping[str, Any] | None, gmm: TorchGMM | None = None,
                      tau: float = 0.5, lambda_cls: float = 1.0, lambda_gmm: float = 1.0,
@@ -390,8 +397,7 @@ def torch_total_loss(outputs: Mapping[str, Any], grades: torch.Tensor,
         labels = torch.where(labeled_mask, column, torch.full_like(column, -1))
         weight = None
         if class_weights is not None:
-            weight = torch.as_tensor(np.asarray(class_weights[task], np.float32),
-                                     device=outputs[task].device)
+            weight = _device_tensor(class_weights[task], outputs[task].device)
         task_loss = torch_weighted_cross_entropy(outputs[task], labels, weight)
         metrics[f"cls/{task}"] = task_loss
         cls = cls + task_loss
@@ -414,7 +420,7 @@ def torch_total_loss(outputs: Mapping[str, Any], grades: torch.Tensor,
         if use_gmm:
             loss = loss + lambda_gmm * incoherence
         metrics["gmm"] = incoherence
-        metrics["gmm_on"] = cls.new_tensor(float(bool(use_gmm)))
+        metrics["gmm_on"] = torch.full_like(cls, float(bool(use_gmm)))
         metrics["log_prob_mean"] = log_prob.mean()
     metrics["loss"] = loss
     return loss, metrics
@@ -443,7 +449,12 @@ def make_torch_train_step(model: TorchKPN, gmm: TorchGMM | None,
     """
     optimizer_cls = torch.optim.AdamW if decoupled_weight_decay else torch.optim.Adam
     optimizer = optimizer_cls(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
-    device_type = next(model.parameters()).device.type
+    device = next(model.parameters()).device
+    device_type = device.type
+    if class_weights is not None:
+        # Moved to the device once, not on every step (a host copy per step would
+        # stall a GPU benchmark).
+        class_weights = {task: _device_tensor(w, device) for task, w in class_weights.items()}
 
     def step(images, keypoints, grades, labeled_mask=None, use_gmm: bool = True):
         model.train()
