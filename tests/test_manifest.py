@@ -257,3 +257,20 @@ def test_build_every_format_with_keypoints_on_the_bone(tmp_path, radiographs):
     points = examples["bilateral-L"][1]["keypoints"]
     np.testing.assert_allclose((points[:7].mean(0) + points[7:].mean(0)) / 2,
                                (IMAGE_SIZE - 1) / 2, atol=0.01)
+
+
+def test_shared_config_naming_of_the_builder_clis():
+    """data_prep.tfds_util's config names, as the OAI, kneeKL224 and manifest CLIs use them."""
+    from data_prep import tfds_util
+
+    defaults = mf.ManifestOptions()
+    assert tfds_util.config_name(defaults, None) == "default"
+    assert tfds_util.config_name(defaults, "site_a") == "site_a"
+    changed = mf.ManifestOptions(image_size=224, window_percentiles=(1.0, 99.0))
+    assert tfds_util.config_name(changed, None) == "image_size224-window_percentiles1.0+99.0"
+    # The registered 'default' config goes by name; any other name by a config object.
+    assert tfds_util.builder_config(mf.ManifestConfig, "default", defaults) == "default"
+    config = tfds_util.builder_config(mf.ManifestConfig, "default", changed)
+    assert isinstance(config, mf.ManifestConfig) and config.options == changed
+    config = tfds_util.builder_config(mf.ManifestConfig, "site_a", defaults)
+    assert config.name == "site_a" and config.options == defaults

@@ -8,34 +8,20 @@ same command builds the shared copy and a full one. Writes
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import logging
-import re
 import sys
 from pathlib import Path
 
-
-def config_name(options, requested: str | None) -> str:
-    """``requested``, else 'default' for default options, else a name from the changes."""
-    if requested:
-        return requested
-    changed = [f"{f.name}{getattr(options, f.name)}" for f in dataclasses.fields(options)
-               if getattr(options, f.name) != f.default]
-    return re.sub(r"[^\w+.\-]", "_", "-".join(changed)) if changed else "default"
+from data_prep import tfds_util
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     from data_prep.knee_kl224 import builder as builder_lib
 
     defaults = builder_lib.KneeKl224Options()
-    parser = argparse.ArgumentParser(prog="python -m data_prep.knee_kl224", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tfds_util.cli_parser("python -m data_prep.knee_kl224", __doc__)
     parser.add_argument("--manual_dir", required=True, help="the kneeKL224 folder")
-    parser.add_argument("--data_dir", default="~/tensorflow_datasets")
-    parser.add_argument("--config_name", default=None,
-                        help="TFDS config name (default: 'default', or one made from the options "
-                             "that differ from the defaults)")
+    tfds_util.add_dataset_arguments(parser)
     parser.add_argument("--image_size", type=int, default=defaults.image_size,
                         help="output size; %(default)s = the stored size, no resampling")
     parser.add_argument("--landmarks", choices=builder_lib.LANDMARK_CHOICES,
@@ -50,32 +36,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build(args) -> dict:
     """Builds the dataset; returns the build summary (also written as JSON)."""
-    import tensorflow_datasets as tfds
-
     from data_prep.knee_kl224 import builder as builder_lib
 
     options = builder_lib.KneeKl224Options(image_size=args.image_size, landmarks=args.landmarks,
                                            fix_polarity=not args.keep_polarity)
-    name = config_name(options, args.config_name)
-    # TFDS refuses a config object named like a registered one: name the registered one.
-    registered = name == "default" and options == builder_lib.KneeKl224Options()
+    name = tfds_util.config_name(options, args.config_name)
     builder = builder_lib.KneeKl224(
         data_dir=str(Path(args.data_dir).expanduser()),
-        config=name if registered else builder_lib.KneeKl224Config(name=name, options=options),
+        config=tfds_util.builder_config(builder_lib.KneeKl224Config, name, options),
         landmarks_csv=args.landmarks_csv)
-    summary_path = Path(builder.data_dir) / "build_summary.json"
-    if (Path(builder.data_dir) / "dataset_info.json").exists():
-        logging.info("%s exists already; delete it to rebuild", builder.data_dir)
-        return json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    builder.download_and_prepare(
-        file_format="array_record",
-        download_config=tfds.download.DownloadConfig(
-            manual_dir=str(Path(args.manual_dir).expanduser())))
-    summary = builder_lib.summary_as_json(builder.summary)
-    summary["dataset"] = f"knee_kl224/{name}"
-    summary["dataset_dir"] = str(builder.data_dir)
-    summary_path.write_text(json.dumps(summary, indent=1))
-    return summary
+    return tfds_util.build_with_summary(builder, f"knee_kl224/{name}", manual_dir=args.manual_dir)
 
 
 def main(argv=None) -> int:
@@ -83,9 +53,7 @@ def main(argv=None) -> int:
     summary = build(parse_args(argv))
     brief = {k: v for k, v in summary.items() if k != "polarity_inverted"}
     brief["polarity_inverted"] = len(summary.get("polarity_inverted", []))
-    print(f"build summary of {summary.get('dataset')} "
-          f"({summary.get('dataset_dir')}/build_summary.json):")
-    print(json.dumps(brief, indent=1))
+    tfds_util.print_build_summary(summary, brief)
     return 0
 
 

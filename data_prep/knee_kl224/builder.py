@@ -35,6 +35,7 @@ import tensorflow_datasets as tfds
 from data_prep import features as features_lib
 from data_prep import image_io
 from data_prep import roi as roi_lib
+from data_prep import tfds_util
 from kpn_jax import grades as grades_lib
 from kpn_jax import keypoints as kp_lib
 
@@ -94,9 +95,7 @@ def new_summary() -> dict:
     }
 
 
-def summary_as_json(summary: dict) -> dict:
-    return {k: dict(sorted(v.items())) if isinstance(v, collections.Counter) else v
-            for k, v in summary.items()}
+summary_as_json = tfds_util.summary_as_json
 
 
 def read_landmarks(path: str | os.PathLike, which: str = "ok") -> dict[str, dict]:
@@ -274,23 +273,13 @@ class KneeKl224(tfds.core.GeneratorBasedBuilder):
         return self.builder_config.options
 
     def _info(self):
-        return self.dataset_info_from_configs(
-            features=features_lib.example_features(self.options.image_size,
-                                                   kp_lib.KNEEL16.num_points),
-            metadata=tfds.core.MetadataDict(
-                keypoint_schema=kp_lib.KNEEL16.name, image_size=self.options.image_size,
-                options=dataclasses.asdict(self.options)),
-            homepage="https://doi.org/10.17632/56rmx5bjcr.1",
-        )
+        return tfds_util.example_info(self, homepage="https://doi.org/10.17632/56rmx5bjcr.1")
 
     def _split_generators(self, dl_manager):
         jobs, self.summary = plan_knee_kl224(dl_manager.manual_dir, self.options,
                                              self._landmarks_csv)
         self.summary["polarity_fixed"] = self.options.fix_polarity
-        if not jobs:
-            raise RuntimeError(f"{dl_manager.manual_dir}: no image to write: "
-                               f"{summary_as_json(self.summary)}")
-        return {split: self._generate_examples(split_jobs) for split, split_jobs in jobs.items()}
+        return tfds_util.split_generators(self, jobs, dl_manager.manual_dir, "image")
 
     def _generate_examples(self, jobs):
         yield from generate_examples(jobs, self.options, self.summary)

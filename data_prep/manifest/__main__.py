@@ -9,40 +9,22 @@ skipped; ``--strict`` stops at any problem instead. The columns are described in
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import logging
-import re
 import sys
 from pathlib import Path
 
-
-def config_name(options, requested: str | None) -> str:
-    """``requested``, else 'default' for default options, else a name from the changes."""
-    if requested:
-        return requested
-    changed = []
-    for field in dataclasses.fields(options):
-        value = getattr(options, field.name)
-        if value != field.default:
-            text = "+".join(map(str, value)) if isinstance(value, tuple) else str(value)
-            changed.append(f"{field.name}{text}")
-    return re.sub(r"[^\w+.\-]", "_", "-".join(changed)) if changed else "default"
+from data_prep import tfds_util
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     from data_prep.manifest import builder as builder_lib
 
     defaults = builder_lib.ManifestOptions()
-    parser = argparse.ArgumentParser(prog="python -m data_prep.manifest", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tfds_util.cli_parser("python -m data_prep.manifest", __doc__)
     parser.add_argument("--manifest", required=True, help="the CSV, one row per knee")
     parser.add_argument("--image_root", default=None,
                         help="folder of relative image/pts paths (default: the CSV's folder)")
-    parser.add_argument("--data_dir", default="~/tensorflow_datasets")
-    parser.add_argument("--config_name", default=None,
-                        help="TFDS config name (default: 'default', or one made from the options "
-                             "that differ from the defaults); one name per manifest")
+    tfds_util.add_dataset_arguments(parser, config_name_note="; one name per manifest")
     parser.add_argument("--strict", action="store_true", help="any row problem is fatal")
     parser.add_argument("--image_size", type=int, default=defaults.image_size)
     parser.add_argument("--roi_mm", type=float, default=defaults.roi_mm,
@@ -72,25 +54,14 @@ def build(args) -> dict:
         window_percentiles=tuple(float(p) for p in args.window_percentiles.split(",")),
         pts_units=args.pts_units, unlabeled_subjects=args.unlabeled_subjects,
         split_seed=args.split_seed)
-    name = config_name(options, args.config_name)
-    # TFDS refuses a config object named like a registered one: name the registered one.
-    registered = name == "default" and options == builder_lib.ManifestOptions()
+    name = tfds_util.config_name(options, args.config_name)
     builder = builder_lib.Manifest(
         data_dir=str(Path(args.data_dir).expanduser()),
-        config=name if registered else builder_lib.ManifestConfig(name=name, options=options),
+        config=tfds_util.builder_config(builder_lib.ManifestConfig, name, options),
         manifest_path=args.manifest, image_root=args.image_root, strict=args.strict)
-    summary_path = Path(builder.data_dir) / "build_summary.json"
-    if (Path(builder.data_dir) / "dataset_info.json").exists():
-        logging.info("%s exists already; delete it (or use --config_name) to rebuild",
-                     builder.data_dir)
-        return json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    builder.download_and_prepare(file_format="array_record")
-    summary = builder_lib.summary_as_json(builder.summary)
-    summary["dataset"] = f"manifest/{name}"
-    summary["dataset_dir"] = str(builder.data_dir)
-    summary["manifest"] = str(Path(args.manifest).resolve())
-    summary_path.write_text(json.dumps(summary, indent=1))
-    return summary
+    return tfds_util.build_with_summary(
+        builder, f"manifest/{name}", extra={"manifest": str(Path(args.manifest).resolve())},
+        rebuild_hint="delete it (or use --config_name) to rebuild")
 
 
 def main(argv=None) -> int:
@@ -102,9 +73,7 @@ def main(argv=None) -> int:
     except builder_lib.ManifestError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"build summary of {summary.get('dataset')} "
-          f"({summary.get('dataset_dir')}/build_summary.json):")
-    print(json.dumps(summary, indent=1))
+    tfds_util.print_build_summary(summary)
     return 0
 
 

@@ -43,6 +43,7 @@ from data_prep import features as features_lib
 from data_prep import image_io
 from data_prep import pts as pts_lib
 from data_prep import roi as roi_lib
+from data_prep import tfds_util
 from kpn_jax import grades as grades_lib
 from kpn_jax import keypoints as kp_lib
 
@@ -110,9 +111,7 @@ def new_summary() -> dict:
             "unlabeled_rows_of_held_out_subjects": 0}
 
 
-def summary_as_json(summary: dict) -> dict:
-    return {k: dict(sorted(v.items())) if isinstance(v, collections.Counter) else v
-            for k, v in summary.items()}
+summary_as_json = tfds_util.summary_as_json
 
 
 def parse_grade(text: str, task: str) -> int:
@@ -425,23 +424,15 @@ class Manifest(tfds.core.GeneratorBasedBuilder):
         return self.builder_config.options
 
     def _info(self):
-        return self.dataset_info_from_configs(
-            features=features_lib.example_features(self.options.image_size,
-                                                   kp_lib.KNEEL16.num_points),
-            metadata=tfds.core.MetadataDict(
-                keypoint_schema=kp_lib.KNEEL16.name, image_size=self.options.image_size,
-                options=dataclasses.asdict(self.options)),
-        )
+        return tfds_util.example_info(self)
 
     def _split_generators(self, dl_manager):
         if self._manifest_path is None:
             raise ManifestError("Manifest builder: pass manifest_path=<the CSV>")
         jobs, self.summary = plan_manifest(self._manifest_path, self.options, self._image_root,
                                            self._strict)
-        if not jobs:
-            raise ManifestError(f"{self._manifest_path}: no row to write: "
-                                f"{summary_as_json(self.summary)}")
-        return {split: self._generate_examples(split_jobs) for split, split_jobs in jobs.items()}
+        return tfds_util.split_generators(self, jobs, self._manifest_path, "row",
+                                          error=ManifestError)
 
     def _generate_examples(self, jobs):
         yield from generate_examples(jobs, self.options, self.summary, self._strict)

@@ -7,40 +7,22 @@ Writes ``<data_dir>/oai/<config>/<version>/`` and, next to it, ``build_summary.j
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import logging
-import re
 import sys
 from pathlib import Path
 
-
-def config_name(options, requested: str | None) -> str:
-    """``requested``, else 'default' for default options, else a name from the changes."""
-    if requested:
-        return requested
-    changed = []
-    for field in dataclasses.fields(options):
-        value = getattr(options, field.name)
-        if value != field.default:
-            text = "+".join(map(str, value)) if isinstance(value, tuple) else str(value)
-            changed.append(f"{field.name}{text}")
-    return re.sub(r"[^\w+.\-]", "_", "-".join(changed)) if changed else "default"
+from data_prep import tfds_util
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     from data_prep.oai import builder as builder_lib
 
     defaults = builder_lib.OaiOptions()
-    parser = argparse.ArgumentParser(prog="python -m data_prep.oai", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tfds_util.cli_parser("python -m data_prep.oai", __doc__)
     parser.add_argument("--manual_dir", required=True,
                         help="the OAI tree: <visit>m/contents.csv + DICOMs, readings, .pts")
-    parser.add_argument("--data_dir", default="~/tensorflow_datasets",
-                        help="where TFDS datasets live (default %(default)s)")
-    parser.add_argument("--config_name", default=None,
-                        help="TFDS config name (default: 'default', or one made from the options "
-                             "that differ from the defaults)")
+    tfds_util.add_dataset_arguments(parser,
+                                    data_dir_help="where TFDS datasets live (default %(default)s)")
     parser.add_argument("--image_size", type=int, default=defaults.image_size)
     parser.add_argument("--roi_mm", type=float, default=defaults.roi_mm,
                         help="side of the square ROI in mm (default %(default)s, as KNEEL)")
@@ -81,41 +63,21 @@ def options_from_args(args):
 
 def build(args) -> dict:
     """Builds the dataset; returns the build summary (also written as JSON)."""
-    import tensorflow_datasets as tfds
-
     from data_prep.oai import builder as builder_lib
 
     options = options_from_args(args)
-    name = config_name(options, args.config_name)
-    # TFDS refuses a config object named like a registered one: name the registered one.
-    registered = name == "default" and options == builder_lib.OaiOptions()
+    name = tfds_util.config_name(options, args.config_name)
     builder = builder_lib.Oai(
         data_dir=str(Path(args.data_dir).expanduser()),
-        config=name if registered else builder_lib.OaiConfig(name=name, options=options),
+        config=tfds_util.builder_config(builder_lib.OaiConfig, name, options),
         readings_files=args.readings, pts_dir=args.pts_dir, kneel_csv=args.kneel_csv,
         num_workers=args.num_workers)
-    summary_path = Path(builder.data_dir) / "build_summary.json"
-    if (Path(builder.data_dir) / "dataset_info.json").exists():
-        # TFDS does not rebuild an existing dataset; keep the summary of the build that made it.
-        logging.info("%s exists already; delete it to rebuild", builder.data_dir)
-        return json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    builder.download_and_prepare(
-        file_format="array_record",
-        download_config=tfds.download.DownloadConfig(
-            manual_dir=str(Path(args.manual_dir).expanduser())))
-    summary = builder_lib.summary_as_json(builder.summary)
-    summary["dataset"] = f"oai/{name}"
-    summary["dataset_dir"] = str(builder.data_dir)
-    summary_path.write_text(json.dumps(summary, indent=1))
-    return summary
+    return tfds_util.build_with_summary(builder, f"oai/{name}", manual_dir=args.manual_dir)
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    summary = build(parse_args(argv))
-    print(f"build summary of {summary.get('dataset')} "
-          f"({summary.get('dataset_dir')}/build_summary.json):")
-    print(json.dumps(summary, indent=1))
+    tfds_util.print_build_summary(build(parse_args(argv)))
     return 0
 
 

@@ -24,6 +24,7 @@ from data_prep import features as features_lib
 from data_prep import image_io
 from data_prep import pts as pts_lib
 from data_prep import roi as roi_lib
+from data_prep import tfds_util
 from data_prep.oai import readings as readings_lib
 from data_prep.oai import tree as tree_lib
 from kpn_jax import grades as grades_lib
@@ -112,10 +113,7 @@ def new_summary() -> dict:
     }
 
 
-def summary_as_json(summary: dict) -> dict:
-    """The summary with Counters turned into plain dicts."""
-    return {k: dict(sorted(v.items())) if isinstance(v, collections.Counter) else v
-            for k, v in summary.items()}
+summary_as_json = tfds_util.summary_as_json
 
 
 def _isotropic_spacing(spacing_mm) -> float | None:
@@ -385,22 +383,13 @@ class Oai(tfds.core.GeneratorBasedBuilder):
         return self.builder_config.options
 
     def _info(self):
-        return self.dataset_info_from_configs(
-            features=features_lib.example_features(self.options.image_size,
-                                                   kp_lib.KNEEL16.num_points),
-            metadata=tfds.core.MetadataDict(
-                keypoint_schema=kp_lib.KNEEL16.name, image_size=self.options.image_size,
-                roi_mm=self.options.roi_mm, options=dataclasses.asdict(self.options)),
-            homepage="https://nda.nih.gov/oai",
-        )
+        return tfds_util.example_info(self, homepage="https://nda.nih.gov/oai",
+                                      roi_mm=self.options.roi_mm)
 
     def _split_generators(self, dl_manager):
         jobs, self.summary = plan_oai(dl_manager.manual_dir, self.options,
                                       self._readings_files, self._pts_dir, self._kneel_csv)
-        if not jobs:
-            raise RuntimeError(f"{dl_manager.manual_dir}: no knee to write: "
-                               f"{summary_as_json(self.summary)}")
-        return {split: self._generate_examples(split_jobs) for split, split_jobs in jobs.items()}
+        return tfds_util.split_generators(self, jobs, dl_manager.manual_dir, "knee")
 
     def _generate_examples(self, jobs):
         yield from generate_examples(jobs, self.options, self.summary, self._num_workers)
