@@ -88,9 +88,11 @@ def test_resnet_eval_matches_torchvision(depth):
         assert rel_diff(out[name], nhwc(value)) < REL_TOL, name
 
 
-@pytest.mark.parametrize("depth", [18, 50])
-def test_resnet_train_mode_outputs_and_running_means_match(depth):
-    flax_logits, torch_logits, old, new, torch_state, _ = torch_train_step_stats(depth)
+# ResNet-50 at 2 x 64 px normalises layer4 over 8 values per channel; there even
+# torch float32 is 7e-5 from float64 on the logits, so it runs at 4 x 96 px.
+@pytest.mark.parametrize("depth, batch, size", [(18, 2, 64), (50, 4, 96)])
+def test_resnet_train_mode_outputs_and_running_means_match(depth, batch, size):
+    flax_logits, torch_logits, old, new, torch_state, _ = torch_train_step_stats(depth, batch, size)
     assert rel_diff(flax_logits, torch_logits) < REL_TOL
     for key in [k for k in new if k.endswith("running_mean")]:
         assert rel_diff(new[key], torch_state[key].numpy()) < REL_TOL, key
