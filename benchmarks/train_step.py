@@ -157,6 +157,7 @@ class Runner:
     run: Callable[[], None]
     setup_seconds: float  # building + compiling + the first step
     flops_per_step: float | None = None  # XLA's count for the compiled step (jax only)
+    model_flops_per_step: float | None = None  # jaxpr_flops of the step (jax only)
     times: list[float] = dataclasses.field(default_factory=list)
 
 
@@ -170,6 +171,44 @@ def _xla_flops(compiled) -> float | None:
         analysis = analysis[0] if analysis else {}
     flops = (analysis or {}).get("flops")
     return float(flops) if flops and flops > 0 else None
+
+
+def jaxpr_flops(closed_jaxpr) -> float:
+    """FLOPs of the convolutions and matrix products in a jaxpr (2 per multiply-add),
+    nested jaxprs included: the model FLOPs of a step as written, counted independently
+    of any compiler. Elementwise work (BatchNorm, activations, Adam) is not counted, as
+    in the usual model-FLOP-utilisation convention. A strided convolution's input
+    gradient is counted over its dilated input (zeros included), as XLA does."""
+    import jax
+
+    total = 0.0
+    for eqn in _jaxpr_eqns(closed_jaxpr.jaxpr):
+        name = eqn.primitive.name
+        if name == "conv_general_dilated":
+            rhs = eqn.invars[1].aval.shape
+            rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, *spatial)
+            kernel_macs = rhs[rhs_spec[1]] * int(np.prod([rhs[d] for d in rhs_spec[2:]]))
+            total += 2.0 * int(np.prod(eqn.outvars[0].aval.shape)) * kernel_macs
+        elif name == "dot_general":
+            (contract_lhs, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            contracted = int(np.prod([lhs[d] for d in contract_lhs])) if contract_lhs else 1
+            total += 2.0 * int(np.prod(eqn.outvars[0].aval.shape)) * contracted
+    return total
+
+
+def _jaxpr_eqns(jaxpr):
+    """Every equation of ``jaxpr`` and of the jaxprs nested in its equations."""
+    from jax.extend import core as jax_core
+
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                if isinstance(sub, jax_core.ClosedJaxpr):
+                    yield from _jaxpr_eqns(sub.jaxpr)
+                elif isinstance(sub, jax_core.Jaxpr):
+                    yield from _jaxpr_eqns(sub)
 
 
 def jax_train_runner(config, batch_np: dict, image_size: int, gmm, class_weights) -> Runner:
@@ -188,6 +227,7 @@ def jax_train_runner(config, batch_np: dict, image_size: int, gmm, class_weights
     step = train.make_train_step(config, model, weights, gmm if config.coherence.enabled else None)
     batch = parallel.global_batch(batch_np, mesh)
     use_gmm = jnp.asarray(True)
+    model_flops = jaxpr_flops(jax.make_jaxpr(step)(state, batch, use_gmm))
     compiled = step.lower(state, batch, use_gmm).compile()
     holder = {"state": state}
 
@@ -197,7 +237,8 @@ def jax_train_runner(config, batch_np: dict, image_size: int, gmm, class_weights
 
     run()
     name = f"jax[{config.model.conv1x1}]"
-    return Runner(name, "jax", "train", run, time.perf_counter() - start, _xla_flops(compiled))
+    return Runner(name, "jax", "train", run, time.perf_counter() - start, _xla_flops(compiled),
+                  model_flops)
 
 
 def jax_eval_runner(config, batch_np: dict, image_size: int) -> Runner:
@@ -213,6 +254,7 @@ def jax_eval_runner(config, batch_np: dict, image_size: int) -> Runner:
         train.init_variables(model, image_size, NUM_KEYPOINTS, config.seed), mesh)
     step = evaluate.make_eval_step(model, tuple(config.tasks), train.DTYPES[config.dtype])
     batch = parallel.global_batch({k: batch_np[k] for k in ("image", "keypoints")}, mesh)
+    model_flops = jaxpr_flops(jax.make_jaxpr(step)(variables, batch))
     compiled = step.lower(variables, batch).compile()
 
     def run() -> None:
@@ -220,7 +262,8 @@ def jax_eval_runner(config, batch_np: dict, image_size: int) -> Runner:
 
     run()
     name = f"jax[{config.model.conv1x1}]"
-    return Runner(name, "jax", "eval", run, time.perf_counter() - start, _xla_flops(compiled))
+    return Runner(name, "jax", "eval", run, time.perf_counter() - start, _xla_flops(compiled),
+                  model_flops)
 
 
 def torch_affine_augment(images_u8, keypoints, max_translation_px: float,
@@ -271,9 +314,16 @@ def torch_affine_warp(images, keypoints, shift, angle_rad, scale):
 
 
 def _torch_device():
+    """The GPU when there is one (cuDNN autotuning on, as XLA autotunes; TF32 for float32
+    products, as XLA's default precision uses on GPU), else the CPU."""
     import torch
 
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        return torch.device("cuda")
+    return torch.device("cpu")
 
 
 def _torch_sync(device) -> None:
@@ -400,13 +450,15 @@ def summarise(runner: Runner, batch_size: int, peak_flops: float | None) -> dict
               "setup_s": round(runner.setup_seconds, 2)}
     if runner.flops_per_step:
         result["xla_flops_per_step"] = runner.flops_per_step
+    if runner.model_flops_per_step:
+        result["model_flops_per_step"] = runner.model_flops_per_step
     return result
 
 
 def add_flop_utilisation(results: list[dict], flops_by_mode: dict[str, float],
                          peak_flops: float | None) -> None:
-    """Achieved FLOP/s from XLA's count of the jax step (the same model work for every
-    framework), and the model FLOP utilisation against ``peak_flops``."""
+    """Achieved FLOP/s from the model FLOPs of the jax step (:func:`jaxpr_flops`; the same
+    model work for every framework), and the model FLOP utilisation against ``peak_flops``."""
     for result in results:
         flops = flops_by_mode.get(result["mode"])
         if not flops:
@@ -441,8 +493,9 @@ def peak_flops_for(device_kind: str, dtype: str, override_tflops: float | None) 
 
 
 def conv1x1_microbenchmark(batch: int, image_size: int, steps: int, warmup: int) -> list[dict]:
-    """Forward + weight/input gradient of single 1x1 convolutions at ResNet-50 shapes:
-    ``lax.conv_general_dilated`` vs the same product as an einsum."""
+    """Single 1x1 convolutions at ResNet-50 shapes, ``lax.conv_general_dilated`` vs the
+    same product as an einsum: forward, gradient w.r.t. the input, w.r.t. the weight
+    (each of ``sum(y ** 2)``, jitted on its own)."""
     import jax
     import jax.numpy as jnp
 
@@ -458,18 +511,26 @@ def conv1x1_microbenchmark(batch: int, image_size: int, steps: int, warmup: int)
     def einsum(x, w):
         return jnp.einsum("bhwc,cd->bhwd", x, w[0, 0])
 
+    def loss(fn):
+        return lambda x, w: jnp.sum(fn(x, w) ** 2)
+
+    parts = {"forward": lambda fn: jax.jit(fn),
+             "input grad": lambda fn: jax.jit(jax.grad(loss(fn), argnums=0)),
+             "weight grad": lambda fn: jax.jit(jax.grad(loss(fn), argnums=1))}
     runners = []
     for label, size, cin, cout in shapes:
         key_x, key_w = jax.random.split(jax.random.PRNGKey(0))
         x = jax.random.normal(key_x, (batch, size, size, cin), jnp.float32)
         w = jax.random.normal(key_w, (1, 1, cin, cout), jnp.float32) * 0.05
-        for kind, fn in (("conv", conv), ("einsum", einsum)):
-            grad = jax.jit(jax.grad(lambda x, w, fn=fn: jnp.sum(fn(x, w) ** 2), argnums=(0, 1)))
-            start = time.perf_counter()
-            jax.block_until_ready(grad(x, w))
-            runners.append(Runner(f"{label} {size}x{size} {cin}->{cout} [{kind}]", "jax",
-                                  "grad", lambda g=grad, x=x, w=w: jax.block_until_ready(g(x, w)),
-                                  time.perf_counter() - start))
+        for part, make in parts.items():
+            for kind, fn in (("conv", conv), ("einsum", einsum)):
+                compiled = make(fn)
+                start = time.perf_counter()
+                jax.block_until_ready(compiled(x, w))
+                runners.append(Runner(f"{label} {size}x{size} {cin}->{cout} {part} [{kind}]",
+                                      "jax", part,
+                                      lambda g=compiled, x=x, w=w: jax.block_until_ready(g(x, w)),
+                                      time.perf_counter() - start))
     time_interleaved(runners, warmup, steps)
     return [{"name": r.name, "median_ms": round(1e3 * statistics.median(r.times), 3)}
             for r in runners]
@@ -518,8 +579,8 @@ def run_benchmark(args) -> dict[str, Any]:
                                                class_weights) if mode == "train"
                               else jax_eval_runner(configs[c], batch_np, args.image_size))
                     runners.append(runner)
-                    if runner.flops_per_step:
-                        flops_by_mode.setdefault(mode, runner.flops_per_step)
+                    if runner.model_flops_per_step:
+                        flops_by_mode.setdefault(mode, runner.model_flops_per_step)
             elif framework in ("torch", "torch_compile"):
                 for threads in torch_threads:
                     compile_model = framework == "torch_compile"
@@ -568,9 +629,13 @@ def print_table(report: dict) -> None:
                 extra += f"   {r['mfu']:.3f}" if "mfu" in r else ""
             print(f"{r['name']:<22} {r['median_step_s']:9.3f} {r['images_per_s']:10.2f} "
                   f"{ratio:>16} {r['setup_s']:9.1f}{extra}")
-    flops = {r["mode"]: r["xla_flops_per_step"] for r in results if "xla_flops_per_step" in r}
-    for mode, value in flops.items():
-        print(f"# XLA cost analysis: {value / 1e9:.1f} GFLOP per {mode} step")
+    for mode in MODES:
+        counted = [r for r in results if r["mode"] == mode and "model_flops_per_step" in r]
+        if counted:
+            xla = counted[0].get("xla_flops_per_step")
+            print(f"# {mode} step: {counted[0]['model_flops_per_step'] / 1e9:.1f} GFLOP of "
+                  f"convolutions and products (jaxpr count)"
+                  + (f", {xla / 1e9:.1f} GFLOP by XLA's cost analysis" if xla else ""))
     print(f"# load average after: {report['machine']['load_average_after']}")
 
 
@@ -636,10 +701,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                   "results": conv1x1_microbenchmark(args.batch_size, args.image_size,
                                                     args.steps, args.warmup)}
         print(f"# {report['machine']['date']} load {report['machine']['load_average_1_5_15']}, "
-              f"XLA_FLAGS={report['machine']['xla_flags']!r}; grad of sum(conv(x, w)^2) w.r.t. "
-              f"x and w, batch {args.batch_size}, median of {args.steps}")
+              f"XLA_FLAGS={report['machine']['xla_flags']!r}; 1x1 convolutions, batch "
+              f"{args.batch_size}, {args.image_size} px, median of {args.steps}")
         for r in report["results"]:
-            print(f"{r['name']:<48} {r['median_ms']:10.2f} ms")
+            print(f"{r['name']:<60} {r['median_ms']:10.2f} ms")
     else:
         report = run_benchmark(args)
         print_table(report)
