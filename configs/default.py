@@ -23,6 +23,10 @@ def get_config():
     config.tasks = grades.TASKS
     config.labeled_fraction = 1.0     # subject-level subsample of the labelled training set
     config.labeled_fraction_seed = 0  # the rest of the training set becomes unlabelled
+    # What one epoch is (for num_epochs, lr_decay_epochs, warm-up): a pass over the
+    # 'labeled' examples, or over the whole 'train' split, so that runs with fewer labels
+    # take as many steps as runs with all of them (configs/paper.py uses 'train').
+    config.epoch_basis = "labeled"
     config.num_data_threads = 4
 
     # Model.

@@ -90,6 +90,9 @@ def get_config(config_string: str | None = None):
     config.coherence.enabled = args["cl"] == "1"
     config.coherence.tau = float(args["tau"])
     config.labeled_fraction = float(args["labeled"])
+    # Every labelled fraction trains for the same number of steps (an epoch = the whole
+    # training split), so Table 4 compares labels, not training length.
+    config.epoch_basis = "train"
     config.model.aux_regression = args["aux"] == "1"
     config.seed = int(args["seed"])
     config.method_name = method_name(args)

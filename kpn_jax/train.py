@@ -59,6 +59,8 @@ def validate_config(config) -> None:
     if config.coherence.enabled and tuple(config.tasks) != grades_lib.TASKS:
         raise ValueError("config.coherence.enabled needs all 7 tasks (the GMM models the joint "
                          f"29-dim grade vector), but config.tasks={tuple(config.tasks)}")
+    if config.epoch_basis not in ("labeled", "train"):
+        raise ValueError(f"config.epoch_basis must be 'labeled' or 'train', got {config.epoch_basis!r}")
     if config.class_weighting not in ("prevalence", "none"):
         raise ValueError(f"config.class_weighting must be 'prevalence' or 'none', got "
                          f"{config.class_weighting!r}")
@@ -302,7 +304,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = parallel.make_mesh()
     handle, labeled, labeled_grades, unlabeled_pool = load_training_data(config, mesh)
     schema = kp_lib.get_schema(handle.keypoint_schema)
-    steps_per_epoch = max(1, math.ceil(len(labeled) / config.batch_size))
+    epoch_examples = len(labeled) if config.epoch_basis == "labeled" else len(handle.split("train"))
+    steps_per_epoch = max(1, math.ceil(epoch_examples / config.batch_size))
     total_steps = steps_per_epoch * config.num_epochs
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
