@@ -221,7 +221,11 @@ def main(argv=None) -> int:
     parser.add_argument("--mode", choices=MODES, default="missing")
     parser.add_argument("--batch_size", type=int, default=32)
     args = parser.parse_args(argv)
-    name = fill_keypoints(args.data_dir, args.dataset, args.detector, args.mode, args.batch_size)
+    # Through the package, not __main__: TFDS locates a builder class by its module's package.
+    from data_prep import fill_keypoints as package_module
+
+    name = package_module.fill_keypoints(args.data_dir, args.dataset, args.detector, args.mode,
+                                         args.batch_size)
     summary_dir = tfds_util.dataset_dir(args.data_dir, name)
     print(f"{name} ({summary_dir})")
     summary = summary_dir / SUMMARY_FILE
