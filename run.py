@@ -69,7 +69,9 @@ def _run(argv) -> None:
         parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                         FLAGS.process_id, auto=FLAGS.multihost)
     config = FLAGS.config
-    if FLAGS.mode == "train":
+    if config.get("task") == "landmarks":
+        _run_landmarks(config)
+    elif FLAGS.mode == "train":
         from kpn_jax import train
 
         train.train_and_evaluate(config, FLAGS.workdir)
@@ -93,6 +95,22 @@ def _run(argv) -> None:
         import compare_torch  # benchmarks/compare_torch.py
 
         compare_torch.main_with_config(config)
+
+
+def _run_landmarks(config) -> None:
+    """The landmark detector (configs/landmarks.py) through the same modes."""
+    from kpn_jax import landmarks_train
+
+    if FLAGS.mode == "train":
+        landmarks_train.train_and_evaluate_landmarks(config, FLAGS.workdir)
+    elif FLAGS.mode == "evaluate":
+        landmarks_train.evaluate_landmarks(config, FLAGS.workdir)
+    elif FLAGS.mode == "predict":
+        sides = [s.strip() for s in FLAGS.sides.split(",") if s.strip()] if FLAGS.sides else None
+        landmarks_train.predict_landmark_files(FLAGS.workdir, FLAGS.images, sides=sides,
+                                               output_dir=FLAGS.output or None)
+    else:
+        raise ValueError(f"--mode={FLAGS.mode} does not apply to a landmark config")
 
 
 def parse_flags(argv):
