@@ -51,11 +51,18 @@ def gather_ref(feature_map, points, stride):
     return out
 
 
+def backbone_stages(variables):
+    """Stage names present in a model's backbone, e.g. ``['layer1', 'layer2', 'layer3']``."""
+    return sorted({name.split("_")[0] for name in variables["params"]["backbone"]
+                   if name.startswith("layer")})
+
+
 def backbone_maps(variables, images, input_mode="repeat"):
     """The backbone's feature maps, run on its own from the KPN's variables."""
     backbone = {"params": variables["params"]["backbone"],
                 "batch_stats": variables["batch_stats"]["backbone"]}
-    return ResNet(SMALL["depth"], width=SMALL["width"]).apply(
+    last_stage = backbone_stages(variables)[-1]
+    return ResNet(SMALL["depth"], width=SMALL["width"], last_stage=last_stage).apply(
         backbone, normalize_images(images, input_mode))
 
 
@@ -82,6 +89,40 @@ def test_output_and_head_shapes(aggregation):
         assert variables["params"]["head_ost_tibia_lateral"]["kernel"].shape[0] == 5 * 32
     assert set(variables["params"]) == {"backbone"} | {f"head_{t}" for t in grades.TASKS}
     assert "fc" not in variables["params"]["backbone"]
+
+
+@pytest.mark.parametrize("feature_layer", ["layer2", "layer3", "layer4"])
+def test_backbone_stops_at_the_feature_layer(feature_layer):
+    images, keypoints = random_inputs()
+    model = KPN(**SMALL, feature_layer=feature_layer)
+    variables = jit_init(model, images, keypoints)
+    last = int(feature_layer[-1])
+    expected = [f"layer{k}" for k in range(1, last + 1)]
+    assert backbone_stages(variables) == expected
+    assert sorted({n.split("_")[0] for n in variables["batch_stats"]["backbone"]
+                   if n.startswith("layer")}) == expected
+    # Names of everything kept are the full ResNet's.
+    full = jax.eval_shape(ResNet(**SMALL).init, jax.random.key(0),
+                          normalize_images(images, "repeat"))
+    for collection in ("params", "batch_stats"):
+        kept = {k: v for k, v in full[collection].items()
+                if not k.startswith("layer") or int(k[5]) <= last}
+        assert (jax.tree.structure(variables[collection]["backbone"])
+                == jax.tree.structure(kept))
+
+    # Nothing is dead: every parameter, backbone included, gets a gradient in training.
+    def loss(params):
+        out, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                             images, keypoints, train=True, mutable=["batch_stats"])
+        return sum(jnp.sum(jnp.sin(out[t])) for t in grades.TASKS)
+
+    grads = jax.jit(jax.grad(loss))(variables["params"])
+    dead = [jax.tree_util.keystr(path) for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]
+            if not np.any(np.asarray(g) != 0)]
+    assert not dead
+    # The global-pooling baseline keeps layer4.
+    gvars = jit_init(GlobalPoolNet(**SMALL), images, keypoints)
+    assert backbone_stages(gvars) == ["layer1", "layer2", "layer3", "layer4"]
 
 
 def test_task_subset_and_aux_regression():
@@ -301,6 +342,7 @@ def test_resnet50_kpn_jit_grad_at_320px_is_finite():
     model = KPN(depth=50)
     variables = jit_init(model, images, keypoints)
     assert variables["params"]["head_kl"]["kernel"].shape == (16 * 1024, 5)
+    assert "layer4_0" not in variables["params"]["backbone"]  # stops at layer3
 
     def loss_fn(params, batch_stats):
         out, new_state = model.apply({"params": params, "batch_stats": batch_stats}, images,

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kpn_jax.models.layers import Conv1x1
+from kpn_jax.models.layers import BatchNorm, Conv1x1
 from kpn_jax.models.resnet import BN_EPSILON, ResNet, stage_channels
 
 # torchvision.models.resnet{18,34,50}(num_classes=1000) parameter counts
 # (sum of p.numel() over model.parameters(); BN running stats are buffers).
 TORCHVISION_PARAMS = {18: 11_689_512, 34: 21_797_672, 50: 25_557_032}
 FC_IN = {18: 512, 34: 512, 50: 2048}
+# sum(p.numel() for p in torchvision.models.resnet{depth}().layer4.parameters())
+TORCHVISION_LAYER4_PARAMS = {18: 8_393_728, 34: 13_114_368, 50: 14_964_736}
 
 
 def jit_init(model, *args, seed=0):
@@ -77,6 +80,41 @@ def test_parameter_count_matches_torchvision(depth):
     backbone = init_shapes(ResNet(depth), (1, 224, 224, 3))
     assert count(backbone["params"]) == TORCHVISION_PARAMS[depth] - FC_IN[depth] * 1000 - 1000
     assert "fc" not in backbone["params"]
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_parameter_count_up_to_layer3_is_torchvision_minus_layer4_and_fc(depth):
+    variables = init_shapes(ResNet(depth, last_stage="layer3"), (1, 224, 224, 3))
+    expected = (TORCHVISION_PARAMS[depth] - FC_IN[depth] * 1000 - 1000
+                - TORCHVISION_LAYER4_PARAMS[depth])
+    assert count(variables["params"]) == expected
+    for collection in ("params", "batch_stats"):
+        assert not any(name.startswith("layer4") for name in variables[collection])
+        assert "layer3_0" in variables[collection]
+
+
+def test_last_stage_stops_the_network_and_keeps_the_names():
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+    full = ResNet(18, width=4)
+    variables = jit_init(full, x)
+    for last in ("layer1", "layer2", "layer3"):
+        model = ResNet(18, width=4, last_stage=last)
+        shapes = jax.eval_shape(model.init, jax.random.key(0), x)
+        keep = int(last[-1])
+        # The same tree as the full network's, minus the later stages.
+        truncated = {c: {k: v for k, v in variables[c].items()
+                         if not k.startswith("layer") or int(k[5]) <= keep}
+                     for c in variables}
+        assert (jax.tree.structure(shapes) == jax.tree.structure(truncated))
+        out, _ = model.apply(truncated, x, train=True, mutable=["batch_stats"])
+        assert set(out) == {"stem"} | {f"layer{k}" for k in range(1, keep + 1)}
+        reference = full.apply(variables, x)
+        np.testing.assert_array_equal(np.asarray(model.apply(truncated, x)[last]),
+                                      np.asarray(reference[last]))
+    with pytest.raises(ValueError, match="last_stage"):
+        jit_init(ResNet(18, last_stage="layer5"), x)
+    with pytest.raises(ValueError, match="num_classes"):
+        jit_init(ResNet(18, num_classes=3, last_stage="layer3"), x)
 
 
 def test_resnet50_parameter_names_and_shapes():
@@ -177,7 +215,9 @@ def test_train_mode_updates_batch_stats_with_momentum_0_9():
 
     conv = conv2d_ref(x, np.asarray(variables["params"]["conv1"]["kernel"]), stride=2, pad=3)
     batch_mean = conv.mean(axis=(0, 1, 2))
-    batch_var = conv.var(axis=(0, 1, 2))  # biased, as flax (torch would use n - 1)
+    # Unbiased (n - 1 = 3 * 8 * 8 - 1), as torch's running_var; flax.linen.BatchNorm
+    # would store the biased one.
+    batch_var = conv.var(axis=(0, 1, 2), ddof=1)
     new = updated["batch_stats"]["bn1"]
     np.testing.assert_allclose(np.asarray(new["mean"]), 0.1 * batch_mean, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(np.asarray(new["var"]), 0.9 + 0.1 * batch_var, rtol=1e-4)
@@ -189,6 +229,43 @@ def test_train_mode_updates_batch_stats_with_momentum_0_9():
     # Eval mode leaves them alone and needs no mutable collection.
     out = model.apply(variables, jnp.asarray(x), train=False)
     assert np.all(np.isfinite(np.asarray(out["layer4"])))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_batch_norm_is_flax_batch_norm_but_for_the_unbiased_running_variance(dtype):
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(1.0, 2.0, size=(3, 5, 4, 6)), dtype)
+    ours = BatchNorm(momentum=0.9, epsilon=BN_EPSILON, dtype=dtype)
+    flax_bn = nn.BatchNorm(momentum=0.9, epsilon=BN_EPSILON, dtype=dtype)
+    variables = jax.jit(lambda key, x: ours.init(key, x, False))(jax.random.key(0), x)
+    shapes = jax.eval_shape(lambda key, x: flax_bn.init(key, x, False), jax.random.key(0), x)
+    assert jax.tree.structure(variables) == jax.tree.structure(shapes)
+    assert all(a.shape == b.shape and a.dtype == b.dtype == jnp.float32
+               for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(shapes)))
+    variables = {"params": {"scale": jnp.asarray(rng.uniform(0.5, 1.5, 6), jnp.float32),
+                            "bias": jnp.asarray(rng.normal(size=6), jnp.float32)},
+                 "batch_stats": {"mean": jnp.asarray(rng.normal(size=6), jnp.float32),
+                                 "var": jnp.asarray(rng.uniform(0.5, 2.0, 6), jnp.float32)}}
+
+    def run(module, train):
+        return jax.jit(lambda v, x: module.apply(v, x, not train, mutable=["batch_stats"]))(
+            variables, x)
+
+    for train in (False, True):
+        (y, new), (y_flax, new_flax) = run(ours, train), run(flax_bn, train)
+        # The forward pass (biased batch variance in training) is flax's, to the bit.
+        assert y.dtype == y_flax.dtype == dtype
+        np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_flax, np.float32))
+        np.testing.assert_array_equal(new["batch_stats"]["mean"], new_flax["batch_stats"]["mean"])
+    # The running variance takes the unbiased batch variance: n / (n - 1), n = B * H * W.
+    n = 3 * 5 * 4
+    old = np.asarray(variables["batch_stats"]["var"], np.float64)
+    batch_var = np.asarray(x, np.float64).var(axis=(0, 1, 2), ddof=1)
+    assert new["batch_stats"]["var"].dtype == jnp.float32
+    np.testing.assert_allclose(new["batch_stats"]["var"], 0.9 * old + 0.1 * batch_var, rtol=1e-5)
+    np.testing.assert_allclose((new["batch_stats"]["var"] - 0.9 * old)
+                               / (new_flax["batch_stats"]["var"] - 0.9 * old), n / (n - 1),
+                               rtol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["einsum", "conv"])

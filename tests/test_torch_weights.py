@@ -170,7 +170,84 @@ def test_merge_backbone_replaces_only_the_backbone_and_checks_shapes():
         torch_weights.merge_backbone(model_variables, wider)
 
 
+def truncated(variables, last_stage):
+    """``variables`` without the stages after ``last_stage`` (and without fc)."""
+    keep = int(last_stage[-1])
+    return {c: {k: v for k, v in tree.items()
+                if k != "fc" and (not k.startswith("layer") or int(k[5]) <= keep)}
+            for c, tree in variables.items()}
+
+
+def test_last_stage_drops_later_stages_and_fc_and_still_names_missing_keys():
+    _, variables = small_flax_resnet(depth=18)
+    state = torch_weights.resnet_to_torch(variables, 18, as_numpy=True)
+    assert "layer4.1.bn2.running_var" in state and "fc.weight" in state
+    up_to_layer3 = torch_weights.resnet_from_torch(state, 18, last_stage="layer3")
+    assert_trees_equal(up_to_layer3, truncated(variables, "layer3"))
+    assert_trees_equal(torch_weights.load_backbone(state, 18, last_stage="layer2"),
+                       truncated(variables, "layer2"))
+    # The truncated tree converts back to exactly the torch keys of its stages.
+    back = torch_weights.resnet_to_torch(up_to_layer3, 18, as_numpy=True)
+    assert set(back) == {k for k in state if not k.startswith(("layer4.", "fc."))}
+    assert set(back) == set(torch_weights.iter_torch_keys(18, last_stage="layer3")) | {
+        k for k in back if k.endswith("num_batches_tracked")}
+    # Keys of the stages kept must all be there and well shaped; later ones may be anything.
+    broken = {k: v for k, v in state.items() if k != "layer3.1.bn1.running_mean"}
+    broken["layer4.0.conv1.weight"] = np.zeros((1, 2, 3, 3), np.float32)
+    with pytest.raises(torch_weights.StateDictMismatchError,
+                       match=r"missing keys \['layer3.1.bn1.running_mean'\]"):
+        torch_weights.resnet_from_torch(broken, 18, last_stage="layer3")
+    broken = dict(state, **{"layer3.0.conv2.weight": np.zeros((32, 32, 1, 1), np.float32)})
+    with pytest.raises(torch_weights.StateDictMismatchError, match="layer3.0.conv2.weight"):
+        torch_weights.load_backbone(broken, 18, last_stage="layer3")
+    with pytest.raises(ValueError, match="last_stage"):
+        torch_weights.resnet_from_torch(state, 18, last_stage="layer5")
+    with pytest.raises(torch_weights.StateDictMismatchError, match="fc"):
+        torch_weights.resnet_to_torch(variables, 18, last_stage="layer3")
+
+
+def test_merge_backbone_leaves_out_stages_the_model_does_not_have():
+    _, full = small_flax_resnet(depth=18, num_classes=None)
+    model_variables = {c: {"backbone": jax.tree.map(jnp.zeros_like, truncated(full, "layer3")[c])}
+                       for c in ("params", "batch_stats")}
+    merged = torch_weights.merge_backbone(model_variables, full)
+    assert_trees_equal(merged["params"]["backbone"], truncated(full, "layer3")["params"])
+    assert_trees_equal(merged["batch_stats"]["backbone"], truncated(full, "layer3")["batch_stats"])
+    # What the model has must still be matched: a missing block of a kept stage is named,
+    with pytest.raises(torch_weights.StateDictMismatchError, match="layer3_1/conv1/kernel"):
+        torch_weights.merge_backbone(model_variables, {
+            c: {k: v for k, v in full[c].items() if k != "layer3_1"} for c in full})
+    # and a full model does not take weights that stop early.
+    full_model = {c: {"backbone": full[c]} for c in full}
+    with pytest.raises(torch_weights.StateDictMismatchError, match="layer4_0"):
+        torch_weights.merge_backbone(full_model, truncated(full, "layer3"))
+
+
 # ----------------------------------------------------------------------------- torch files
+
+
+def test_torchvision_resnet50_loads_into_a_layer3_kpn_backbone():
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    from kpn_jax.models.kpn import KPN
+
+    torch.manual_seed(0)
+    state = torchvision.models.resnet50(weights=None).state_dict()
+    images = jax.ShapeDtypeStruct((1, 64, 64, 1), jnp.float32)
+    points = jax.ShapeDtypeStruct((1, 16, 2), jnp.float32)
+    shapes = jax.eval_shape(KPN(depth=50).init, jax.random.key(0), images, points)
+    assert "layer4_0" not in shapes["params"]["backbone"]
+    model_variables = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+    # As train.py does it (the full ResNet, merge leaves layer4 out) and with last_stage.
+    merged = torch_weights.merge_backbone(model_variables,
+                                          torch_weights.load_backbone(state, 50))
+    direct = torch_weights.load_backbone(state, 50, last_stage="layer3")
+    assert_trees_equal(merged["params"]["backbone"], direct["params"])
+    assert_trees_equal(merged["batch_stats"]["backbone"], direct["batch_stats"])
+    back = torch_weights.resnet_to_torch(direct, 50)
+    assert set(back) == {k for k in state if not k.startswith(("layer4.", "fc."))}
+    for key, value in back.items():
+        assert torch.equal(value, state[key]), key
 
 
 def test_pth_file_round_trip_and_nested_checkpoint(tmp_path):

@@ -41,6 +41,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 GRAY_MEAN, GRAY_STD = 0.449, 0.226
 FEATURE_STRIDES = {"stem": 4, "layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
+STAGES = ("layer1", "layer2", "layer3", "layer4")
 _RESNET_BLOCKS = {18: (torchvision.models.resnet.BasicBlock, (2, 2, 2, 2)),
                   34: (torchvision.models.resnet.BasicBlock, (3, 4, 6, 3)),
                   50: (torchvision.models.resnet.Bottleneck, (3, 4, 6, 3))}
@@ -49,16 +50,20 @@ _RESNET_BLOCKS = {18: (torchvision.models.resnet.BasicBlock, (2, 2, 2, 2)),
 # ----------------------------------------------------------------------------- backbone
 
 
-def torchvision_backbone(depth: int, width: int = 64, in_channels: int = 3) -> nn.Module:
+def torchvision_backbone(depth: int, width: int = 64, in_channels: int = 3,
+                         last_stage: str = "layer4") -> nn.Module:
     """torchvision ResNet-``depth`` without ``avgpool``/``fc``, randomly initialised.
 
     ``width=64, in_channels=3`` is exactly ``torchvision.models.resnet{depth}(weights=None)``;
     other widths rebuild the stages with torchvision's ``_make_layer`` (stage ``k``
     has ``width * 2**k`` planes, like the Flax ``ResNet``), initialised the way
-    torchvision initialises.
+    torchvision initialises. The stages after ``last_stage`` are deleted (no
+    weights, not run), like the Flax ``ResNet(last_stage=...)``.
     """
     if depth not in _RESNET_BLOCKS:
         raise ValueError(f"depth: expected one of {sorted(_RESNET_BLOCKS)}, got {depth}")
+    if last_stage not in STAGES:
+        raise ValueError(f"last_stage: expected one of {STAGES}, got {last_stage!r}")
     net = getattr(torchvision.models, f"resnet{depth}")(weights=None)
     if width != 64 or in_channels != 3:
         block, layers = _RESNET_BLOCKS[depth]
@@ -76,14 +81,25 @@ def torchvision_backbone(depth: int, width: int = 64, in_channels: int = 3) -> n
                 nn.init.constant_(m.weight, 1)
                 nn.init.constant_(m.bias, 0)
     del net.avgpool, net.fc
+    for name in STAGES[STAGES.index(last_stage) + 1:]:
+        delattr(net, name)
     return net
 
 
+def backbone_stages(net: nn.Module) -> tuple[str, ...]:
+    """The stages a (possibly truncated) torchvision ResNet has, in order."""
+    return tuple(name for name in STAGES if hasattr(net, name))
+
+
 def backbone_features(net: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """torchvision ResNet stages on normalised ``x [B, C, H, W]`` -> NCHW maps by name."""
+    """torchvision ResNet stages on normalised ``x [B, C, H, W]`` -> NCHW maps by name.
+
+    Runs every stage the network has (a backbone truncated by
+    :func:`torchvision_backbone` stops at its last stage).
+    """
     x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
     features = {"stem": x}
-    for name in ("layer1", "layer2", "layer3", "layer4"):
+    for name in backbone_stages(net):
         x = getattr(net, name)(x)
         features[name] = x
     return features
@@ -159,8 +175,9 @@ class TorchKPN(nn.Module):
     """PyTorch twin of ``kpn_jax.models.kpn.KPN`` (``pooling='keypoints'``) and
     ``GlobalPoolNet`` (``pooling='global'``), with the same constructor fields.
 
-    Submodules: ``backbone`` (torchvision ResNet without fc), ``head_{task}``
-    (``nn.Linear``) and, with ``aux_regression``, ``regression_{task}``.
+    Submodules: ``backbone`` (torchvision ResNet without fc; for
+    ``pooling='keypoints'`` it ends at ``feature_layer``, as the Flax KPN's does),
+    ``head_{task}`` (``nn.Linear``) and, with ``aux_regression``, ``regression_{task}``.
     """
 
     def __init__(self, depth: int = 50, width: int = 64,
@@ -182,7 +199,10 @@ class TorchKPN(nn.Module):
         self.aggregation, self.feature_layer = aggregation, feature_layer
         self.input_mode, self.pooling = input_mode, pooling
         self.aux_regression = aux_regression
-        self.backbone = torchvision_backbone(depth, width, 3 if input_mode == "repeat" else 1)
+        # The backbone's last stage: the pooled one (GlobalPoolNet pools layer4).
+        self.last_stage = feature_layer if pooling == "keypoints" else "layer4"
+        self.backbone = torchvision_backbone(depth, width, 3 if input_mode == "repeat" else 1,
+                                             self.last_stage)
         expansion = 4 if depth == 50 else 1
         schema = get_schema(schema_name)
         self._indices: dict[str, list[int]] = {}
@@ -217,8 +237,8 @@ class TorchKPN(nn.Module):
 
         Adds ``'regression': {task: [B]}`` with ``aux_regression``, and
         ``'features'`` (NCHW stage maps and ``'pooled' [B, N, C]``) when
-        ``return_features``. Like the Flax model, all four stages run whatever
-        ``feature_layer`` is (train mode updates every BatchNorm).
+        ``return_features``. Like the Flax model, the backbone runs up to
+        ``feature_layer`` (``layer4`` for global pooling) and no further.
         """
         features = backbone_features(self.backbone, self.normalize(images))
         # Heads run in their weights' dtype (float32, or float64 for a .double() model),
@@ -266,7 +286,7 @@ def load_flax_variables(model: TorchKPN, variables: Mapping[str, Any]) -> None:
     params, stats = variables["params"], variables["batch_stats"]
     backbone_state = torch_weights.resnet_to_torch(
         {"params": params["backbone"], "batch_stats": stats["backbone"]},
-        _backbone_depth(model.backbone))
+        _backbone_depth(model.backbone), last_stage=model.last_stage)
     model.backbone.load_state_dict(backbone_state, strict=True)
     expected = set(_head_names(model))
     found = set(params) - {"backbone"}
@@ -288,7 +308,8 @@ def flax_variables_from_torch(model: TorchKPN) -> dict[str, Any]:
     """The torch model's weights as Flax ``{'params', 'batch_stats'}`` (jax arrays, float32)."""
     import jax.numpy as jnp
     backbone = torch_weights.resnet_from_torch(
-        {k: v for k, v in model.backbone.state_dict().items()}, _backbone_depth(model.backbone))
+        {k: v for k, v in model.backbone.state_dict().items()}, _backbone_depth(model.backbone),
+        last_stage=model.last_stage)
     params: dict[str, Any] = {"backbone": backbone["params"]}
     for name in _head_names(model):
         linear: nn.Linear = getattr(model, name)
@@ -298,10 +319,12 @@ def flax_variables_from_torch(model: TorchKPN) -> dict[str, Any]:
 
 
 def _backbone_depth(net: nn.Module) -> int:
-    block_counts = tuple(len(getattr(net, f"layer{k}")) for k in range(1, 5))
+    """18, 34 or 50 from the blocks of the stages present (a truncated backbone too)."""
+    block_counts = tuple(len(getattr(net, name)) for name in backbone_stages(net))
     bottleneck = isinstance(net.layer1[0], torchvision.models.resnet.Bottleneck)
     for depth, (block, layers) in _RESNET_BLOCKS.items():
-        if layers == block_counts and (block is torchvision.models.resnet.Bottleneck) == bottleneck:
+        if (layers[:len(block_counts)] == block_counts
+                and (block is torchvision.models.resnet.Bottleneck) == bottleneck):
             return depth
     raise ValueError(f"not a torchvision ResNet-18/34/50: blocks per stage {block_counts}")
 
@@ -646,7 +669,7 @@ def side_by_side(flax_model, variables: Mapping[str, Any], torch_model: TorchKPN
 
     Returns:
       name -> ``(flax value, torch value)`` numpy, same layout (NHWC maps):
-      ``features/{stem,layer1..4,pooled}``, ``logits/{task}``, ``regression/{task}``,
+      ``features/{stem,layer1..<last stage>,pooled}``, ``logits/{task}``, ``regression/{task}``,
       ``loss/{cls/<task>,cls,regression,gmm,total}``, ``log_prob_mean``,
       ``grad/{head}/{kernel,bias}`` (of the total loss), and in train mode
       ``batch_stats/{mean,var}`` (every BatchNorm's new running statistics).

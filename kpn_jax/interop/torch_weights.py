@@ -5,6 +5,10 @@ Two lines take an ImageNet checkpoint into a KPN::
     backbone = torch_weights.load_backbone("resnet50.pth", depth=50)
     variables = torch_weights.merge_backbone(variables, backbone)
 
+A KPN's backbone stops at its ``feature_layer`` (``layer3``: no ``layer4``);
+``merge_backbone`` leaves out the stages the model does not have, and
+``load_backbone(..., last_stage='layer3')`` reads only the stages up to it.
+
 Name mapping (torch key <-> Flax collection/path):
 
     conv1.weight [out, in, kh, kw]      params/conv1/kernel [kh, kw, in, out]
@@ -147,11 +151,14 @@ def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
 
 
 def expected_resnet_shapes(depth: int, width: int = 64, in_channels: int = 3,
-                           num_classes: int | None = None) -> Variables:
+                           num_classes: int | None = None, last_stage: str = "layer4"
+                           ) -> Variables:
     """``{'params', 'batch_stats'}`` of ``ShapeDtypeStruct`` of the Flax ResNet (no compute)."""
     if depth not in resnet_lib.RESNET_CONFIGS:
         raise ValueError(f"depth: expected one of {sorted(resnet_lib.RESNET_CONFIGS)}, got {depth}")
-    model = resnet_lib.ResNet(depth=depth, num_classes=num_classes, width=width)
+    resnet_lib.num_stages(last_stage)  # validates
+    model = resnet_lib.ResNet(depth=depth, num_classes=num_classes, width=width,
+                              last_stage=last_stage)
     images = jax.ShapeDtypeStruct((1, 32, 32, in_channels), jnp.float32)
     return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
 
@@ -247,7 +254,7 @@ def load_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> StateDict:
 
 def resnet_from_torch(state_dict: str | os.PathLike | Mapping[str, Any], depth: int, *,
                       drop_fc: bool = False, prefix: str = "",
-                      dtype: Any = np.float32) -> Variables:
+                      dtype: Any = np.float32, last_stage: str = "layer4") -> Variables:
     """Converts a torchvision ResNet state dict into Flax ``{'params', 'batch_stats'}``.
 
     Width, input channels and the number of classes are read from the shapes
@@ -261,10 +268,13 @@ def resnet_from_torch(state_dict: str | os.PathLike | Mapping[str, Any], depth: 
       prefix: read only keys under this prefix, stripped (e.g. ``'backbone.'``
         for a :class:`TorchKPN` state dict); other keys are ignored.
       dtype: dtype of the returned arrays (batch_stats are always float32).
+      last_stage: convert only up to this stage (``ResNet(last_stage=...)``); the
+        keys of later stages and ``fc`` are ignored (present or not). Every key of
+        the stages kept must be there.
 
     Returns:
-      ``{'params': ..., 'batch_stats': ...}`` for ``ResNet(depth, num_classes)``,
-      jax arrays.
+      ``{'params': ..., 'batch_stats': ...}`` for ``ResNet(depth, num_classes,
+      last_stage=last_stage)``, jax arrays.
 
     Raises:
       StateDictMismatchError: missing, unknown or mis-shaped keys, all named.
@@ -273,6 +283,12 @@ def resnet_from_torch(state_dict: str | os.PathLike | Mapping[str, Any], depth: 
     arrays = load_state_dict(state_dict)
     if prefix:
         arrays = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+    stages = resnet_lib.num_stages(last_stage)
+    if stages < len(resnet_lib.STAGES):
+        # A truncated ResNet has no fc (it reads layer4) and none of the later stages.
+        drop_fc = True
+        arrays = {k: v for k, v in arrays.items()
+                  if (_torch_stage_of(k) or 0) <= stages}
     if drop_fc:
         arrays = {k: v for k, v in arrays.items() if not k.startswith("fc.")}
     if "conv1.weight" not in arrays or arrays["conv1.weight"].ndim != 4:
@@ -284,7 +300,8 @@ def resnet_from_torch(state_dict: str | os.PathLike | Mapping[str, Any], depth: 
         num_classes = arrays["fc.weight"].shape[0]
     elif "fc.bias" in arrays:
         num_classes = arrays["fc.bias"].shape[0]
-    expected = expected_resnet_shapes(depth, int(width), int(in_channels), num_classes)
+    expected = expected_resnet_shapes(depth, int(width), int(in_channels), num_classes,
+                                      last_stage)
 
     converted: dict[str, dict[tuple[str, ...], Any]] = {}
     used, missing, mismatched = set(), [], []
@@ -314,6 +331,25 @@ def resnet_from_torch(state_dict: str | os.PathLike | Mapping[str, Any], depth: 
 # ----------------------------------------------------------------------------- flax -> torch
 
 
+def _stage_of(module: str) -> int | None:
+    """``'layer3_5'`` -> 3; any other module name (stem, fc) -> None."""
+    block = _BLOCK_NAME.match(module)
+    return int(block.group(1)) if block else None
+
+
+def _torch_stage_of(key: str) -> int | None:
+    """``'layer3.5.conv2.weight'`` -> 3; ``'fc.weight'``, ``'conv1.weight'`` -> None."""
+    match = re.match(r"^layer(\d)\.", key)
+    return int(match.group(1)) if match else None
+
+
+def last_stage_of(params: Mapping[str, Any]) -> str:
+    """The last stage present in a Flax ResNet's ``params`` tree, e.g. ``'layer3'``."""
+    stages = [_stage_of(name) for name in params]
+    stages = [k for k in stages if k is not None]
+    return f"layer{max(stages)}" if stages else resnet_lib.STAGES[0]
+
+
 def _check_tree(where: str, found: Mapping[tuple[str, ...], Any],
                 expected: Mapping[tuple[str, ...], Any], hint: str = "") -> None:
     """Raises StateDictMismatchError naming '/'-joined paths that differ."""
@@ -332,21 +368,25 @@ def _leaf_to_numpy(leaf: Any) -> np.ndarray:
     return array
 
 
-def resnet_to_torch(variables: Mapping[str, Any], depth: int, *, as_numpy: bool = False
-                    ) -> dict[str, Any]:
+def resnet_to_torch(variables: Mapping[str, Any], depth: int, *, as_numpy: bool = False,
+                    last_stage: str | None = None) -> dict[str, Any]:
     """Converts Flax ``{'params', 'batch_stats'}`` of a ResNet into a torchvision state dict.
 
     Args:
-      variables: of ``ResNet(depth, num_classes)`` (for a KPN, pass its
-        ``params['backbone']`` / ``batch_stats['backbone']``).
+      variables: of ``ResNet(depth, num_classes, last_stage=...)`` (for a KPN, pass
+        its ``params['backbone']`` / ``batch_stats['backbone']``).
       depth: 18, 34 or 50; the tree must be exactly that ResNet's.
       as_numpy: return numpy arrays (torch not needed; bfloat16 widened to
         float32) instead of torch tensors.
+      last_stage: the ResNet's last stage; ``None``: the last one in the tree
+        (a KPN's backbone ends at its ``feature_layer``).
 
     Returns:
       ``{torch key: tensor}`` loadable with ``torchvision.models.resnet{depth}
       (num_classes=...).load_state_dict(..., strict=True)`` (strict only when
-      ``fc`` is present); ``num_batches_tracked`` is written as 0.
+      ``fc`` is present and all four stages are; a truncated tree loads strictly
+      into a torchvision ResNet whose later stages were removed);
+      ``num_batches_tracked`` is written as 0.
 
     Raises:
       StateDictMismatchError: the tree is not that of ResNet-``depth``.
@@ -354,15 +394,25 @@ def resnet_to_torch(variables: Mapping[str, Any], depth: int, *, as_numpy: bool 
     for collection in ("params", "batch_stats"):
         if collection not in variables:
             raise ValueError(f"variables: missing collection {collection!r}")
-    params = _flatten(variables["params"])
+    params_tree = variables["params"]
+    params = _flatten(params_tree)
     stats = _flatten(variables["batch_stats"])
     if ("conv1", "kernel") not in params or np.ndim(params[("conv1", "kernel")]) != 4:
         raise StateDictMismatchError("variables", ["params/conv1/kernel"], [], [],
                                      "Is this a Flax ResNet variable tree?")
     _, _, in_channels, width = np.shape(params[("conv1", "kernel")])
     num_classes = np.shape(params[("fc", "bias")])[0] if ("fc", "bias") in params else None
-    expected = expected_resnet_shapes(depth, int(width), int(in_channels), num_classes)
-    hint = f"Expected Flax ResNet-{depth} variables; is depth={depth} right?"
+    if last_stage is None:
+        # A tree with fc is a full ResNet (a missing layer4 is then reported as missing).
+        last_stage = (resnet_lib.STAGES[-1] if num_classes is not None
+                      else last_stage_of(params_tree))
+    if num_classes is not None and last_stage != resnet_lib.STAGES[-1]:
+        raise StateDictMismatchError("variables['params']", [], ["fc/kernel", "fc/bias"], [],
+                                     f"a ResNet up to {last_stage} has no fc")
+    expected = expected_resnet_shapes(depth, int(width), int(in_channels), num_classes,
+                                      last_stage)
+    hint = (f"Expected Flax ResNet-{depth} variables up to {last_stage}; "
+            f"is depth={depth} right?")
     _check_tree("variables['params']", params, _flatten(expected["params"]), hint)
     _check_tree("variables['batch_stats']", stats, _flatten(expected["batch_stats"]), hint)
 
@@ -384,7 +434,10 @@ def resnet_to_torch(variables: Mapping[str, Any], depth: int, *, as_numpy: bool 
 
 
 def save_safetensors(variables: Mapping[str, Any], depth: int, path: str | os.PathLike) -> None:
-    """Writes ResNet variables as a torchvision-keyed ``.safetensors`` file (no torch needed)."""
+    """Writes ResNet variables as a torchvision-keyed ``.safetensors`` file (no torch needed).
+
+    A truncated backbone (a KPN's, up to its ``feature_layer``) writes only its stages.
+    """
     from safetensors.numpy import save_file
     save_file(resnet_to_torch(variables, depth, as_numpy=True), os.fspath(path))
 
@@ -393,13 +446,16 @@ def save_safetensors(variables: Mapping[str, Any], depth: int, path: str | os.Pa
 
 
 def load_backbone(source: str | os.PathLike | Mapping[str, Any], depth: int,
-                  input_mode: str = "repeat") -> Variables:
+                  input_mode: str = "repeat", last_stage: str = "layer4") -> Variables:
     """ImageNet (or any torchvision ResNet) weights as the KPN's ``backbone`` variables.
 
-    The classifier ``fc`` is dropped. With ``input_mode='single'`` the model
-    feeds the 1-channel radiograph straight into ``conv1``; the stem kernel is
-    summed over its input channels, which is what a 3-channel stem computes on
-    a grey image repeated into 3 channels (``sum_c W_c * x == W * [x, x, x]``).
+    The classifier ``fc`` is dropped, and so are the stages after ``last_stage``
+    (a KPN pooling ``layer3`` has no ``layer4``; :func:`merge_backbone` also
+    leaves out stages the model lacks, so the default works for it too).
+
+    With ``input_mode='single'`` the model feeds the 1-channel radiograph
+    straight into ``conv1``; the stem kernel is summed over its input channels,
+    which is what a 3-channel stem computes on a grey image repeated into 3 channels (``sum_c W_c * x == W * [x, x, x]``).
     It is exact for equal per-channel normalisation; the KPN's 'single' mode
     normalises with the channel-averaged ImageNet mean/std (0.449 / 0.226)
     instead of (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225), a small shift the
@@ -409,13 +465,15 @@ def load_backbone(source: str | os.PathLike | Mapping[str, Any], depth: int,
       source: state dict or file, see :func:`load_state_dict`.
       depth: 18, 34 or 50.
       input_mode: ``'repeat'`` (3-channel stem kept) or ``'single'`` (1 channel).
+      last_stage: the backbone's last stage (the KPN's ``feature_layer``).
 
     Returns:
-      ``{'params', 'batch_stats'}`` of ``ResNet(depth, num_classes=None)``.
+      ``{'params', 'batch_stats'}`` of ``ResNet(depth, num_classes=None,
+      last_stage=last_stage)``.
     """
     if input_mode not in INPUT_MODES:
         raise ValueError(f"input_mode: expected one of {INPUT_MODES}, got {input_mode!r}")
-    backbone = resnet_from_torch(source, depth, drop_fc=True)
+    backbone = resnet_from_torch(source, depth, drop_fc=True, last_stage=last_stage)
     kernel = backbone["params"]["conv1"]["kernel"]          # [7, 7, Cin, width]
     if input_mode == "single" and kernel.shape[2] != 1:
         backbone["params"]["conv1"]["kernel"] = jnp.sum(kernel, axis=2, keepdims=True)
@@ -433,10 +491,23 @@ def merge_backbone(variables: Mapping[str, Any], backbone_variables: Mapping[str
     Leaves are cast to the dtype already in ``variables`` (e.g. a bfloat16
     ``param_dtype``). Nothing is modified in place.
 
+    Whole stages of ``backbone_variables`` after the model backbone's last stage
+    are left out (a full ImageNet ResNet into a KPN whose backbone ends at
+    ``layer3``); everything the model has must be matched exactly.
+
     Raises:
       StateDictMismatchError: the trees differ (paths or shapes), all named.
     """
     merged = dict(variables)
+    if "params" in variables and "backbone" in variables["params"]:
+        model_stages = [_stage_of(name) for name in variables["params"]["backbone"]]
+        last = max([k for k in model_stages if k is not None], default=0)
+        if last:
+            backbone_variables = {
+                collection: {name: tree for name, tree in value.items()
+                             if (_stage_of(name) or 0) <= last}
+                if isinstance(value, Mapping) else value
+                for collection, value in backbone_variables.items()}
     for collection in ("params", "batch_stats"):
         if collection not in variables or "backbone" not in variables[collection]:
             raise ValueError(f"merge_backbone: variables has no {collection}/backbone")
@@ -452,9 +523,10 @@ def merge_backbone(variables: Mapping[str, Any], backbone_variables: Mapping[str
     return merged
 
 
-def iter_torch_keys(depth: int, num_classes: int | None = None) -> Iterable[str]:
+def iter_torch_keys(depth: int, num_classes: int | None = None,
+                    last_stage: str = "layer4") -> Iterable[str]:
     """Every torchvision key of ResNet-``depth`` that :func:`resnet_from_torch` reads."""
-    expected = expected_resnet_shapes(depth, num_classes=num_classes)
+    expected = expected_resnet_shapes(depth, num_classes=num_classes, last_stage=last_stage)
     for collection in ("params", "batch_stats"):
         for path in _flatten(expected[collection]):
             yield torch_key(path)

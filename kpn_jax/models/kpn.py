@@ -5,7 +5,8 @@ and return ``{task: logits [B, C_task]}`` (float32; float64 for a float64 ``dtyp
 ``'regression': {task: [B]}`` when ``aux_regression`` is set, so the training loop can
 swap them.
 
-Parameter tree: ``backbone`` (a :class:`~kpn_jax.models.resnet.ResNet` without ``fc``),
+Parameter tree: ``backbone`` (a :class:`~kpn_jax.models.resnet.ResNet` without ``fc``;
+the KPN's ends at its ``feature_layer``, so the default has no ``layer4_*``),
 ``head_{task}`` (Dense, kernel ``[F, C_task]``), and with ``aux_regression``
 ``regression_{task}`` (Dense, kernel ``[F, 1]``). For the KPN with
 ``aggregation='concat'`` the head input ``F = n_points * C`` is point-major: feature
@@ -119,6 +120,7 @@ class KPN(nn.Module):
         points (``kpn_jax.keypoints.densify``) before pooling.
       aggregation: ``'concat'`` (the paper: ``[n_points * C]``) or ``'mean'`` (``[C]``).
       feature_layer: ``layer3`` (the paper; stride 16), or ``layer1``/``layer2``/``layer4``.
+        The backbone is built only up to this stage (``ResNet(last_stage=...)``).
       aux_regression: add a Dense(1) regression of each grade (Antony et al.).
       input_mode: ``'repeat'`` (3-channel ImageNet-normalised input, for
         torchvision-pretrained weights) or ``'single'`` (1-channel stem).
@@ -171,8 +173,11 @@ class KPN(nn.Module):
                              f"{images.shape[0]}")
 
         x = normalize_images(images, self.input_mode, self.dtype)
+        # The backbone stops at the pooled stage: later stages would only cost compute
+        # (and, through weight decay, shrink weights nothing reads).
         feature_maps = ResNet(self.depth, None, self.dtype, self.param_dtype, self.width,
-                              self.conv1x1, name="backbone")(x, train)
+                              self.conv1x1, last_stage=self.feature_layer,
+                              name="backbone")(x, train)
         feature_map = feature_maps[self.feature_layer]
 
         # Coordinates and pooled averages stay in >= float32 for a bfloat16 backbone.

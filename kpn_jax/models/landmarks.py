@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kpn_jax.models.kpn import INPUT_MODES, normalize_images
-from kpn_jax.models.layers import CONV1X1_MODES, kaiming_normal_fan_out
+from kpn_jax.models.layers import CONV1X1_MODES, BatchNorm, kaiming_normal_fan_out
 from kpn_jax.models.resnet import (BN_EPSILON, FEATURE_STRIDES, RESNET_CONFIGS, BasicBlock,
                                    Bottleneck)
 
@@ -138,8 +138,8 @@ class ResNetTrunk(nn.Module):
         x = nn.Conv(self.width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=False,
                     dtype=dt, param_dtype=pdt, kernel_init=kaiming_normal_fan_out,
                     name="conv1")(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                         epsilon=BN_EPSILON, dtype=dt, param_dtype=pdt, name="bn1")(x)
+        x = BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                      epsilon=BN_EPSILON, dtype=dt, param_dtype=pdt, name="bn1")(x)
         x = nn.max_pool(nn.relu(x), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         features = {"stem": x}
         for k, num_blocks in enumerate(blocks_per_stage[: self.stages]):

@@ -12,7 +12,11 @@ Parameter tree (a contract with the torchvision converter in ``kpn_jax.interop``
                  downsample_conv, downsample_bn   when the block changes shape
     fc/{kernel [in, num_classes], bias}       only when num_classes is set
 
-Every convolution's parameter is ``kernel [kh, kw, in, out]`` with no bias.
+Every convolution's parameter is ``kernel [kh, kw, in, out]`` with no bias. With
+``last_stage='layer3'`` (say) the tree simply stops: no ``layer4_*``, no ``fc``.
+
+BatchNorm is :class:`~kpn_jax.models.layers.BatchNorm`: the variables of
+``flax.linen.BatchNorm``, with torch's running-variance update (unbiased, n/(n-1)).
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kpn_jax.models.layers import (CONV1X1_MODES, Conv1x1, kaiming_normal_fan_out,
-                                   torch_linear)
+from kpn_jax.models.layers import (CONV1X1_MODES, BatchNorm, Conv1x1,
+                                   kaiming_normal_fan_out, torch_linear)
 
 Dtype = Any
 
@@ -38,6 +42,7 @@ BOTTLENECK_EXPANSION = 4
 # Input pixels per cell of each returned feature map.
 FEATURE_STRIDES: dict[str, int] = {"stem": 4, "layer1": 4, "layer2": 8, "layer3": 16,
                                    "layer4": 32}
+STAGES: tuple[str, ...] = ("layer1", "layer2", "layer3", "layer4")
 
 # torch nn.BatchNorm2d: eps 1e-5, momentum 0.1 on the new value == flax momentum 0.9.
 BN_EPSILON = 1e-5
@@ -63,12 +68,19 @@ def _conv(features: int, kernel: int, stride: int, name: str, dtype: Dtype,
                    param_dtype=param_dtype, kernel_init=kaiming_normal_fan_out, name=name)
 
 
+def num_stages(last_stage: str) -> int:
+    """``'layer1'`` .. ``'layer4'`` -> 1 .. 4 (the stages a ResNet ending there has)."""
+    if last_stage not in STAGES:
+        raise ValueError(f"last_stage: expected one of {STAGES}, got {last_stage!r}")
+    return STAGES.index(last_stage) + 1
+
+
 def _batch_norm(train: bool, momentum: float, name: str, dtype: Dtype,
-                param_dtype: Dtype) -> nn.BatchNorm:
-    # flax reduces the statistics in float32 even for a bfloat16 ``dtype``
-    # (force_float32_reductions), and keeps batch_stats in float32.
-    return nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=BN_EPSILON,
-                        dtype=dtype, param_dtype=param_dtype, name=name)
+                param_dtype: Dtype) -> BatchNorm:
+    # Statistics reduced in float32 even for a bfloat16 ``dtype``; batch_stats float32;
+    # running variance updated with the unbiased batch variance, as torch does.
+    return BatchNorm(use_running_average=not train, momentum=momentum, epsilon=BN_EPSILON,
+                     dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class BasicBlock(nn.Module):
@@ -132,7 +144,7 @@ class ResNet(nn.Module):
     Attributes:
       depth: 18, 34 or 50.
       num_classes: size of the ``fc`` classifier on the globally pooled ``layer4``;
-        ``None`` builds no ``fc`` (a backbone).
+        ``None`` builds no ``fc`` (a backbone). Needs ``last_stage='layer4'``.
       dtype: compute dtype of the convolutions and of the returned feature maps.
       param_dtype: dtype of the parameters (batch_stats are always float32).
       width: stem / first-stage channels (64 = torchvision); stages use
@@ -140,6 +152,10 @@ class ResNet(nn.Module):
       conv1x1: ``'einsum'`` or ``'conv'``, how 1x1 convolutions are computed
         (see :class:`Conv1x1`; same parameters either way).
       bn_momentum: flax BatchNorm momentum (0.9 == torch momentum 0.1).
+      last_stage: the last stage built and run (``'layer1'`` .. ``'layer4'``). A
+        backbone whose user reads only ``layer3`` should stop there: in training its
+        BatchNorm updates would keep XLA from pruning an unused ``layer4``, and
+        weight decay would shrink its weights for nothing.
     """
 
     depth: int = 50
@@ -149,6 +165,7 @@ class ResNet(nn.Module):
     width: int = 64
     conv1x1: str = "einsum"
     bn_momentum: float = 0.9
+    last_stage: str = "layer4"
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
@@ -161,8 +178,8 @@ class ResNet(nn.Module):
 
         Returns:
           ``stem`` ``[B, H/4, W/4, width]`` (after the max-pool), ``layer1`` (stride 4),
-          ``layer2`` (8), ``layer3`` (16), ``layer4`` (32), all in ``dtype``
-          (sizes rounded up), and ``logits [B, num_classes]`` float32 (float64 for a
+          ``layer2`` (8), ``layer3`` (16), ``layer4`` (32) up to ``last_stage``, all in
+          ``dtype`` (sizes rounded up), and ``logits [B, num_classes]`` float32 (float64 for a
           float64 ``dtype``) when ``num_classes`` is set.
         """
         if self.depth not in RESNET_CONFIGS:
@@ -173,6 +190,10 @@ class ResNet(nn.Module):
             raise ValueError(f"width: expected a positive channel count, got {self.width}")
         if images.ndim != 4:
             raise ValueError(f"images: expected [B, H, W, C], got shape {images.shape}")
+        stages = num_stages(self.last_stage)
+        if self.num_classes is not None and stages != len(STAGES):
+            raise ValueError(f"num_classes: the fc classifier reads layer4; a ResNet with "
+                             f"last_stage={self.last_stage!r} has none (set num_classes=None)")
         kind, blocks_per_stage = RESNET_CONFIGS[self.depth]
         block_cls = Bottleneck if kind == "bottleneck" else BasicBlock
         dt, pdt = self.dtype, self.param_dtype
@@ -184,7 +205,7 @@ class ResNet(nn.Module):
         # max_pool pads with -inf, like torch's MaxPool2d(3, 2, padding=1).
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         features = {"stem": x}
-        for k, num_blocks in enumerate(blocks_per_stage):
+        for k, num_blocks in enumerate(blocks_per_stage[:stages]):
             planes = self.width * 2 ** k
             for i in range(num_blocks):
                 stride = 2 if (k > 0 and i == 0) else 1
