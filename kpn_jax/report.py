@@ -14,6 +14,8 @@ from typing import Sequence
 
 from kpn_jax import reporting
 
+NOT_METRICS = ("checkpoint", "majority_accuracy")
+
 
 def expand_workdirs(patterns: Sequence[str]) -> list[Path]:
     """Workdir paths from names or glob patterns, in the given order, without duplicates."""
@@ -47,11 +49,20 @@ def load_run(workdir: Path, split: str) -> tuple[str, int, dict]:
 def collect(workdirs: Sequence[Path], split: str = "test") -> dict[str, list[dict]]:
     """Method name -> the evaluate() dicts of its seeds, in first-seen order."""
     rows: dict[str, list[dict]] = {}
+    unfinished = []
     for workdir in workdirs:
+        if not (Path(workdir) / "report" / "results.json").exists():
+            unfinished.append(str(workdir))  # a sweep still running: tabulate what is done
+            continue
         method, _, result = load_run(Path(workdir), split)
+        # Bookkeeping beside the metrics (which checkpoint, chance levels) is not averaged.
+        result = {k: v for k, v in result.items() if k not in NOT_METRICS}
         rows.setdefault(method, []).append(result)
+    if unfinished:
+        print(f"skipped {len(unfinished)} unfinished workdir(s): {', '.join(unfinished)}", flush=True)
     if not rows:
-        raise ValueError("no workdirs given")
+        raise FileNotFoundError(f"none of the {len(workdirs)} workdirs has finished "
+                                "(no report/results.json)")
     return rows
 
 
