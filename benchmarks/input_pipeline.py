@@ -115,10 +115,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                        if r.get("mode") == "train" and "images_per_s" in r}
         report["train_step"] = {"settings": step["settings"], "images_per_s": consumption}
         for runner, images_per_s in consumption.items():
+            busy = images_per_s * best["cpu_ms_per_example"] / 1e3
+            delivered = best["examples_per_s"]
             print(f"# {runner} train step consumes {images_per_s:.2f} images/s; the pipeline "
-                  f"delivers {best['examples_per_s']:.1f}/s ({best['examples_per_s'] / images_per_s:.1f}x) "
-                  f"and would use {images_per_s * best['cpu_ms_per_example'] / 1e3:.2f} CPU "
-                  f"cores to keep up")
+                  f"delivers {delivered:.1f}/s ({delivered / images_per_s:.0f}x); keeping up "
+                  f"costs {100 * busy:.2f} % of one core")
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(report, indent=1))
     return report

@@ -94,6 +94,29 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def restrict_cpus(num_cpus: int) -> set[int]:
+    """Limits this process to its first ``num_cpus`` CPUs; returns the CPUs it had.
+
+    XLA sizes its CPU thread pools by the CPUs the process may run on when the client
+    starts (``tsl::port::MaxParallelism``); it has no thread-count flag. So
+    ``--jax_threads`` starts JAX under this restriction and :func:`restore_cpus` lifts
+    it once the pools exist: the step then runs on that many threads, free to move to
+    any core.
+    """
+    original = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, sorted(original)[:num_cpus])
+    return original
+
+
+def restore_cpus(cpus: set[int]) -> None:
+    """Gives every thread of this process (Linux: /proc/self/task) the CPUs ``cpus``."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except OSError:  # the thread ended meanwhile
+            pass
+
+
 # ----------------------------------------------------------------------------- inputs
 
 
@@ -343,10 +366,16 @@ def _torch_model(config, device):
                        aux_regression=m.aux_regression).to(device)
 
 
+def _torch_runner_name(compile_model: bool, threads: int | None) -> str:
+    name = "torch_compile" if compile_model else "torch"
+    return f"{name}[{threads} threads]" if threads else name
+
+
 def _torch_batch(batch_np: dict, device) -> dict:
     import torch
 
-    return {"image": torch.from_numpy(batch_np["image"]).permute(0, 3, 1, 2).contiguous().to(device),
+    images = torch.from_numpy(batch_np["image"]).permute(0, 3, 1, 2).contiguous()
+    return {"image": images.to(device),
             "keypoints": torch.from_numpy(batch_np["keypoints"]).to(device),
             "grades": torch.from_numpy(batch_np["grades"]).long().to(device),
             "labeled": torch.from_numpy(batch_np["labeled"]).to(device)}
@@ -389,7 +418,7 @@ def torch_train_runner(config, batch_np: dict, gmm, class_weights, compile_model
         _torch_sync(device)
 
     run()
-    name = ("torch_compile" if compile_model else "torch") + (f"[{threads} threads]" if threads else "")
+    name = _torch_runner_name(compile_model, threads)
     return Runner(name, "torch_compile" if compile_model else "torch", "train", run,
                   time.perf_counter() - start)
 
@@ -422,7 +451,7 @@ def torch_eval_runner(config, batch_np: dict, compile_model: bool, threads: int 
         _torch_sync(device)
 
     run()
-    name = ("torch_compile" if compile_model else "torch") + (f"[{threads} threads]" if threads else "")
+    name = _torch_runner_name(compile_model, threads)
     return Runner(name, "torch_compile" if compile_model else "torch", "eval", run,
                   time.perf_counter() - start)
 
@@ -442,7 +471,7 @@ def time_interleaved(runners: Sequence[Runner], warmup: int, steps: int) -> None
             runner.times.append(time.perf_counter() - start)
 
 
-def summarise(runner: Runner, batch_size: int, peak_flops: float | None) -> dict[str, Any]:
+def summarise(runner: Runner, batch_size: int) -> dict[str, Any]:
     median = statistics.median(runner.times)
     result = {"name": runner.name, "framework": runner.framework, "mode": runner.mode,
               "median_step_s": round(median, 5), "images_per_s": round(batch_size / median, 3),
@@ -469,6 +498,16 @@ def add_flop_utilisation(results: list[dict], flops_by_mode: dict[str, float],
             result["mfu"] = round(achieved / peak_flops, 4)
 
 
+def add_ratios(results: list[dict]) -> None:
+    """``ratio``: images/s over that of the first PyTorch eager runner of the same mode."""
+    for mode in MODES:
+        rows = [r for r in results if r["mode"] == mode and "images_per_s" in r]
+        base = next((r for r in rows if r["framework"] == "torch"), None)
+        for r in rows if base else ():
+            r["ratio_to"] = base["name"]
+            r["ratio"] = round(r["images_per_s"] / base["images_per_s"], 4)
+
+
 # Dense peak FLOP/s by device name and compute dtype (float32 = TF32 tensor cores,
 # which XLA and cuDNN use for float32 convolutions by default). From NVIDIA's data sheets.
 GPU_PEAK_TFLOPS = {
@@ -492,7 +531,8 @@ def peak_flops_for(device_kind: str, dtype: str, override_tflops: float | None) 
 # ----------------------------------------------------------------------------- 1x1 conv
 
 
-def conv1x1_microbenchmark(batch: int, image_size: int, steps: int, warmup: int) -> list[dict]:
+def conv1x1_microbenchmark(batch: int, image_size: int, steps: int, warmup: int,
+                           restricted_cpus: set[int] | None = None) -> list[dict]:
     """Single 1x1 convolutions at ResNet-50 shapes, ``lax.conv_general_dilated`` vs the
     same product as an einsum: forward, gradient w.r.t. the input, w.r.t. the weight
     (each of ``sum(y ** 2)``, jitted on its own)."""
@@ -531,6 +571,8 @@ def conv1x1_microbenchmark(batch: int, image_size: int, steps: int, warmup: int)
                                       "jax", part,
                                       lambda g=compiled, x=x, w=w: jax.block_until_ready(g(x, w)),
                                       time.perf_counter() - start))
+    if restricted_cpus:
+        restore_cpus(restricted_cpus)
     time_interleaved(runners, warmup, steps)
     return [{"name": r.name, "median_ms": round(1e3 * statistics.median(r.times), 3)}
             for r in runners]
@@ -560,10 +602,12 @@ def run_benchmark(args) -> dict[str, Any]:
                       sigma=config.coherence.sigma, seed=args.seed)
 
     info = machine_info()
+    info["jax_threads"] = args.jax_threads or "all CPUs"
     print(f"# {info['date']}  {info['host_cpus']} CPUs ({info['cpu_model']}), load "
           f"{info['load_average_1_5_15']}, jax {info['jax']} on {info['jax_devices']}, "
           f"torch {info.get('torch')} ({info.get('torch_device', 'cpu')}, "
-          f"{info.get('torch_threads')} threads), XLA_FLAGS={info['xla_flags']!r}", flush=True)
+          f"{info.get('torch_threads')} threads), XLA_FLAGS={info['xla_flags']!r}, jax threads "
+          f"{info['jax_threads']}", flush=True)
     print(f"# ResNet-{args.depth} (width {args.width}) {args.pooling} pooling"
           f"{' + CL' if coherence else ''}, {args.image_size} px, batch {args.batch_size} "
           f"({labeled} labelled), {args.dtype}; {args.warmup} warm-up + {args.steps} timed "
@@ -595,20 +639,25 @@ def run_benchmark(args) -> dict[str, Any]:
                         print(f"# torch.compile failed ({type(error).__name__}: "
                               f"{str(error).splitlines()[0][:200]}); skipped", flush=True)
                         results.append({"name": "torch_compile", "framework": "torch_compile",
-                                        "mode": mode, "error": f"{type(error).__name__}: {error}"[:500]})
+                                        "mode": mode,
+                                        "error": f"{type(error).__name__}: {error}"[:500]})
             else:
                 raise ValueError(f"--frameworks: unknown {framework!r}; choose from {FRAMEWORKS}")
-            print(f"#   built {mode} runners: {[(r.name, round(r.setup_seconds, 1)) for r in runners]}",
-                  flush=True)
+            built = [(r.name, round(r.setup_seconds, 1)) for r in runners]
+            print(f"#   built {mode} runners (name, setup s): {built}", flush=True)
+        if getattr(args, "restricted_cpus", None):
+            restore_cpus(args.restricted_cpus)  # the pools exist now; see restrict_cpus
         time_interleaved(runners, args.warmup, args.steps)
-        results += [summarise(r, args.batch_size, None) for r in runners]
+        results += [summarise(r, args.batch_size) for r in runners]
 
     device_kind = info.get("torch_device") or info["jax_devices"][0]
     peak = peak_flops_for(device_kind, args.dtype, args.peak_tflops)
     add_flop_utilisation(results, flops_by_mode, peak)
+    add_ratios(results)
     info["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     return {"machine": info, "peak_tflops": peak / 1e12 if peak else None,
-            "settings": {k: v for k, v in vars(args).items() if k not in ("json", "xla_flag_set")}
+            "settings": {k: v for k, v in vars(args).items()
+                         if k not in ("json", "xla_flag_set", "restricted_cpus")}
             | {"labeled": labeled}, "results": results}
 
 
@@ -618,11 +667,13 @@ def print_table(report: dict) -> None:
         rows = [r for r in results if r["mode"] == mode]
         if not rows:
             continue
+        # Ratios are to the first PyTorch eager runner (the first --torch_threads value).
         base = next((r for r in rows if r["framework"] == "torch"), None)
-        print(f"\n{mode} step          median s   images/s   vs torch eager   setup s"
+        print(f"\n{mode} step (ratio to {base['name'] if base else '-'})")
+        print(f"{'runner':<22} median s   images/s            ratio   setup s"
               + ("   TFLOP/s   MFU" if any("achieved_tflops" in r for r in rows) else ""))
         for r in rows:
-            ratio = f"{r['images_per_s'] / base['images_per_s']:.2f}x" if base else "-"
+            ratio = f"{r['ratio']:.2f}x" if "ratio" in r else "-"
             extra = ""
             if "achieved_tflops" in r:
                 extra = f"   {r['achieved_tflops']:7.3f}"
@@ -642,7 +693,7 @@ def print_table(report: dict) -> None:
 def sweep_xla_flags(args, argv: Sequence[str]) -> dict[str, Any]:
     """Runs this benchmark once per ``--xla_flag_set`` in a fresh process (flags are read
     at start-up), one after the other; returns every run's report."""
-    base_argv = [a for a in argv if not a.startswith("--xla_flag_set") and not a.startswith("--json")]
+    base_argv = [a for a in argv if not a.startswith(("--xla_flag_set", "--json"))]
     reports = []
     for flags in args.xla_flag_set:
         env = dict(os.environ, XLA_FLAGS=flags)
@@ -651,9 +702,10 @@ def sweep_xla_flags(args, argv: Sequence[str]) -> dict[str, Any]:
         subprocess.run([sys.executable, __file__, *base_argv, f"--json={out}"], env=env, check=True)
         reports.append(json.loads(out.read_text()))
         out.unlink()
-    print("\n######## summary (images/s)")
+    print("\n######## summary: images/s (ratio to the first torch eager runner of the run)")
     for report in reports:
         cells = ", ".join(f"{r['mode']} {r['name']} {r['images_per_s']:.2f}"
+                          + (f" ({r['ratio']:.2f}x)" if "ratio" in r else "")
                           for r in report["results"] if "error" not in r)
         print(f"XLA_FLAGS={report['machine']['xla_flags']!r}: {cells}")
     return {"sweep": reports}
@@ -680,6 +732,8 @@ def parse_args(argv: Sequence[str]):
     parser.add_argument("--mode", default="train", choices=(*MODES, "both"))
     parser.add_argument("--torch_threads", default="",
                         help="comma list of torch.set_num_threads values (one runner each)")
+    parser.add_argument("--jax_threads", type=int, default=0,
+                        help="size of XLA's CPU thread pools (default: one per CPU)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
@@ -694,12 +748,18 @@ def parse_args(argv: Sequence[str]):
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    args.restricted_cpus = None
+    if args.jax_threads and not args.xla_flag_set:
+        if "jax" in sys.modules:
+            raise RuntimeError("--jax_threads must be applied before JAX is imported")
+        args.restricted_cpus = restrict_cpus(args.jax_threads)
     if args.xla_flag_set:
         report = sweep_xla_flags(args, argv)
     elif args.what == "conv1x1":
-        report = {"machine": machine_info(), "settings": vars(args),
+        report = {"machine": machine_info(),
+                  "settings": {k: v for k, v in vars(args).items() if k != "restricted_cpus"},
                   "results": conv1x1_microbenchmark(args.batch_size, args.image_size,
-                                                    args.steps, args.warmup)}
+                                                    args.steps, args.warmup, args.restricted_cpus)}
         print(f"# {report['machine']['date']} load {report['machine']['load_average_1_5_15']}, "
               f"XLA_FLAGS={report['machine']['xla_flags']!r}; 1x1 convolutions, batch "
               f"{args.batch_size}, {args.image_size} px, median of {args.steps}")
