@@ -578,6 +578,111 @@ def conv1x1_microbenchmark(batch: int, image_size: int, steps: int, warmup: int,
             for r in runners]
 
 
+def _max_pool_reference(x):
+    """The ResNet stem's pool as the model computes it: flax ``nn.max_pool`` (reduce_window)."""
+    import flax.linen as nn
+
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+def _make_max_pool_masked():
+    """A candidate for the stem's 3x3 / stride 2 / pad 1 max pool: the same forward, and a
+    custom gradient that sends each window's cotangent to its first maximum in row-major
+    order (the tie rule of XLA's select-and-scatter and of torch's MaxPool2d) with 9
+    strided masks, instead of XLA:CPU's expansion of select-and-scatter into a 5-output
+    reduce-window over full-size iotas."""
+    import jax
+    import jax.numpy as jnp
+
+    @jax.custom_vjp
+    def pool(x):
+        return _max_pool_reference(x)
+
+    def forward(x):
+        y = _max_pool_reference(x)
+        return y, (x, y)
+
+    def backward(residuals, cotangent):
+        x, y = residuals
+        height, width = x.shape[1:3]
+        out_h, out_w = y.shape[1:3]
+        padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+        taken = jnp.zeros(y.shape, bool)
+        grad = jnp.zeros(padded.shape, cotangent.dtype)
+        zero = jnp.zeros((), cotangent.dtype)
+        for di in range(3):
+            for dj in range(3):
+                window = padded[:, di:di + 2 * out_h - 1:2, dj:dj + 2 * out_w - 1:2, :]
+                hit = (window == y) & ~taken
+                taken = taken | hit
+                # Back to the strided positions: interior padding of 1 between the values.
+                spread = [(0, 0, 0), (di, padded.shape[1] - di - (2 * out_h - 1), 1),
+                          (dj, padded.shape[2] - dj - (2 * out_w - 1), 1), (0, 0, 0)]
+                grad = grad + jax.lax.pad(jnp.where(hit, cotangent, zero), zero, spread)
+        return (grad[:, 1:1 + height, 1:1 + width, :],)
+
+    pool.defvjp(forward, backward)
+    return pool
+
+
+def layers_microbenchmark(batch: int, image_size: int, steps: int, warmup: int,
+                          restricted_cpus: set[int] | None = None) -> list[dict]:
+    """The ResNet-50 layers that section 8 of the README finds slow on CPU: the 3x3 and
+    stem 7x7 convolutions (forward; forward + input gradient; forward + weight gradient)
+    and the stem max pool (forward + gradient), reduce_window vs the masked gradient."""
+    import jax
+    import jax.numpy as jnp
+
+    def conv(x, w, stride):
+        pad = w.shape[0] // 2
+        return jax.lax.conv_general_dilated(x, w, (stride, stride), ((pad, pad), (pad, pad)),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    shapes = [("layer1 conv2 3x3", image_size // 4, 64, 64, 3, 1),
+              ("layer2 conv2 3x3", image_size // 8, 128, 128, 3, 1),
+              ("layer3 conv2 3x3", image_size // 16, 256, 256, 3, 1),
+              ("stem conv1 7x7/2", image_size, 3, 64, 7, 2)]
+    runners = []
+
+    def add(name, fn, *args):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        runners.append(Runner(name, "jax", "layer",
+                              lambda: jax.block_until_ready(fn(*args)),
+                              time.perf_counter() - start))
+
+    for label, size, cin, cout, kernel, stride in shapes:
+        x = jax.random.normal(jax.random.PRNGKey(0), (batch, size, size, cin), jnp.float32)
+        w = jax.random.normal(jax.random.PRNGKey(1), (kernel, kernel, cin, cout)) * 0.05
+
+        def loss(x, w, stride=stride):
+            return jnp.sum(conv(x, w, stride) ** 2)
+
+        name = f"{label} {size}x{size} {cin}->{cout}"
+        add(f"{name} forward", jax.jit(lambda x, w, stride=stride: conv(x, w, stride)), x, w)
+        add(f"{name} input grad", jax.jit(jax.grad(loss, argnums=0)), x, w)
+        add(f"{name} weight grad", jax.jit(jax.grad(loss, argnums=1)), x, w)
+    pool_size = image_size // 2
+    x = jax.nn.relu(jax.random.normal(jax.random.PRNGKey(2), (batch, pool_size, pool_size, 64)))
+    x = jnp.round(x * 4) / 4  # ties, as after a ReLU, to exercise the tie rule
+    weights = jax.random.normal(jax.random.PRNGKey(3), _max_pool_reference(x).shape)
+    grads = {}
+    for kind, pool in (("reduce_window", _max_pool_reference),
+                       ("masked", _make_max_pool_masked())):
+        fn = jax.jit(jax.value_and_grad(lambda x, pool=pool: jnp.sum(pool(x) * weights)))
+        grads[kind] = fn(x)[1]
+        add(f"stem max pool 3x3/2 {pool_size}x{pool_size}x64 forward + grad [{kind}]", fn, x)
+    difference = float(jnp.max(jnp.abs(grads["masked"] - grads["reduce_window"])))
+    if restricted_cpus:
+        restore_cpus(restricted_cpus)
+    time_interleaved(runners, warmup, steps)
+    results = [{"name": r.name, "median_ms": round(1e3 * statistics.median(r.times), 3)}
+               for r in runners]
+    results.append({"name": "max pool gradients, max |masked - reduce_window|",
+                    "value": difference})
+    return results
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -713,8 +818,9 @@ def sweep_xla_flags(args, argv: Sequence[str]) -> dict[str, Any]:
 
 def parse_args(argv: Sequence[str]):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--what", default="step", choices=("step", "conv1x1"),
-                        help="'step': train/eval steps; 'conv1x1': the 1x1-conv gradient alone")
+    parser.add_argument("--what", default="step", choices=("step", "conv1x1", "layers"),
+                        help="'step': train/eval steps; 'conv1x1': 1x1 convolutions, conv vs "
+                             "einsum; 'layers': 3x3/7x7 convolutions and the max pool")
     parser.add_argument("--depth", type=int, default=50, choices=(18, 34, 50))
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--image_size", type=int, default=320)
@@ -755,16 +861,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.restricted_cpus = restrict_cpus(args.jax_threads)
     if args.xla_flag_set:
         report = sweep_xla_flags(args, argv)
-    elif args.what == "conv1x1":
+    elif args.what in ("conv1x1", "layers"):
+        micro = conv1x1_microbenchmark if args.what == "conv1x1" else layers_microbenchmark
         report = {"machine": machine_info(),
                   "settings": {k: v for k, v in vars(args).items() if k != "restricted_cpus"},
-                  "results": conv1x1_microbenchmark(args.batch_size, args.image_size,
-                                                    args.steps, args.warmup, args.restricted_cpus)}
+                  "results": micro(args.batch_size, args.image_size, args.steps, args.warmup,
+                                   args.restricted_cpus)}
         print(f"# {report['machine']['date']} load {report['machine']['load_average_1_5_15']}, "
-              f"XLA_FLAGS={report['machine']['xla_flags']!r}; 1x1 convolutions, batch "
+              f"XLA_FLAGS={report['machine']['xla_flags']!r}; {args.what}, batch "
               f"{args.batch_size}, {args.image_size} px, median of {args.steps}")
         for r in report["results"]:
-            print(f"{r['name']:<60} {r['median_ms']:10.2f} ms")
+            value = f"{r['median_ms']:10.2f} ms" if "median_ms" in r else f"{r['value']:.3g}"
+            print(f"{r['name']:<66} {value}")
     else:
         report = run_benchmark(args)
         print_table(report)
