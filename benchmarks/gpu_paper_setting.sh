@@ -8,11 +8,15 @@
 # jaxpr) and the model FLOP utilisation against the GPU's dense peak (TF32 for float32,
 # bf16 for bfloat16; known H100/H200/A100 names, else set PEAK_TFLOPS_FLOAT32/_BFLOAT16).
 #
+# float32 times both 1x1-convolution implementations of the ResNet (einsum, the CPU
+# default, and XLA's convolution) to pick the GPU default; bfloat16 times einsum only
+# (override with CONV1X1_FLOAT32 / CONV1X1_BFLOAT16, comma lists).
+#
 # Installs nothing: needs a Python (PYTHON, default python3) that already has jax with
 # CUDA, flax, optax, ml_collections, scikit-learn, torch with CUDA and torchvision, and
 # this repository importable (run from anywhere; it cds to the repository root).
-# About 5 minutes on an H100 (2 x ~2 min: compiling, then 3 warm-up + 10 timed steps
-# per runner); torch.compile adds a few minutes per dtype.
+# 3 min 40 s on an H100 (2026-11-26: compiling ~25-35 s per jax runner, then 3 warm-up +
+# 10 timed steps per runner); torch.compile adds about a minute per dtype.
 #
 #   bash benchmarks/gpu_paper_setting.sh [OUT_DIR]         # results: OUT_DIR/*.json, *.log
 set -euo pipefail
@@ -25,6 +29,11 @@ mkdir -p "$OUT"
 
 # JAX and PyTorch share the GPU in one process: JAX must not grab 75 % of it up front.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
+# jax/jaxlib 0.11.2 on an H100 aborted while compiling a ResNet-18 eval step in XLA's Triton
+# GEMM tiling pass ('triton_tiling_propagation.cc:703 Check failed', 2026-11-26; log in
+# benchmarks/results/h100_2026-11-26/). With Triton GEMM fusion off, XLA calls cuBLAS for
+# the products and every step compiles. Set XLA_FLAGS yourself to override.
+export XLA_FLAGS="${XLA_FLAGS---xla_gpu_enable_triton_gemm=false}"
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -48,9 +57,11 @@ for dtype in float32 bfloat16; do
   peak_var="PEAK_TFLOPS_${dtype^^}"
   peak_arg=()
   if [[ -n "${!peak_var:-}" ]]; then peak_arg=(--peak_tflops="${!peak_var}"); fi
-  echo "=== $dtype ($frameworks)"
+  conv_var="CONV1X1_${dtype^^}"
+  if [[ "$dtype" == "float32" ]]; then conv1x1="${!conv_var:-einsum,conv}"; else conv1x1="${!conv_var:-einsum}"; fi
+  echo "=== $dtype ($frameworks; 1x1 convolutions as $conv1x1)"
   timeout "$STEP_TIMEOUT" "$PY" benchmarks/train_step.py --depth=50 --image_size=320 \
-      --batch_size=96 --labeled=48 --dtype="$dtype" --pooling=keypoints \
+      --batch_size=96 --labeled=48 --dtype="$dtype" --pooling=keypoints --conv1x1="$conv1x1" \
       --frameworks="$frameworks" --mode=both --warmup=3 --steps=10 ${peak_arg[@]+"${peak_arg[@]}"} \
       --json="$OUT/paper_${dtype}.json" 2>&1 | tee "$OUT/paper_${dtype}.log" \
     || echo "=== $dtype: failed or timed out (exit ${PIPESTATUS[0]}); see $OUT/paper_${dtype}.log"
