@@ -10,6 +10,9 @@ Keys (all optional):
            rest become unlabelled (Table 4: 0.2, 0.4, 1.0)                    (1.0)
   tau      incoherence-loss temperature (supplementary Table 1)              (0.5)
   aux      1 = Antony et al.'s auxiliary regression head (suppl. Table 2)    (0)
+  warmup   epochs of classification-only training before the incoherence
+           loss starts (the paper: 1)                                       (1)
+  lgmm     lambda_gmm, the weight of the incoherence loss in eq. 5          (1)
   seed     training seed (the labelled subset's seed stays fixed)            (0)
   setting  paper = DESIGN.md section 1 on config.dataset (default: synthetic
            knees at 320 px); cpu = the CPU-sized synthetic setting of
@@ -23,7 +26,7 @@ kpn=1,cl=1}; tau sweep = tau in {0.25,0.5,0.75,1.0,1.5}; aux = aux=1.
 from configs import default
 
 DEFAULTS = dict(arch="resnet50", kpn="1", cl="1", labeled="1.0", tau="0.5", aux="0", seed="0",
-                setting="paper")
+                setting="paper", warmup="1", lgmm="1")
 ARCH_DEPTH = {"resnet18": 18, "resnet34": 34, "resnet50": 50}
 
 
@@ -43,6 +46,16 @@ def parse_arguments(config_string: str | None) -> dict:
             raise ValueError(f"configs/paper.py: {key} must be 0 or 1, got {args[key]!r}")
     if args["setting"] not in ("paper", "cpu"):
         raise ValueError(f"configs/paper.py: setting must be paper or cpu, got {args['setting']!r}")
+    for key, lowest in (("labeled", 0.0), ("tau", 0.0), ("warmup", None), ("lgmm", None)):
+        try:
+            value = float(args[key])
+        except ValueError:
+            raise ValueError(f"configs/paper.py: {key} must be a number, got {args[key]!r}") from None
+        if (lowest is None and value < 0) or (lowest is not None and not value > lowest):
+            raise ValueError(f"configs/paper.py: {key} must be "
+                             f"{'>= 0' if lowest is None else '> 0'}, got {args[key]!r}")
+    if float(args["labeled"]) > 1:
+        raise ValueError(f"configs/paper.py: labeled is a fraction in (0, 1], got {args['labeled']!r}")
     return args
 
 
@@ -55,6 +68,10 @@ def method_name(args: dict) -> str:
         parts.append(f"{float(args['labeled']):.0%} labels")
     if args["cl"] == "1" and float(args["tau"]) != 0.5:
         parts.append(f"tau={float(args['tau']):g}")
+    if args["cl"] == "1" and float(args["warmup"]) != 1.0:
+        parts.append(f"warm-up {float(args['warmup']):g} ep")
+    if args["cl"] == "1" and float(args["lgmm"]) != 1.0:
+        parts.append(f"lambda_gmm={float(args['lgmm']):g}")
     if args["aux"] == "1":
         parts.append("w. aux regression")
     return " ".join(parts)
@@ -89,6 +106,8 @@ def get_config(config_string: str | None = None):
     config.model.pooling = "keypoints" if args["kpn"] == "1" else "global"
     config.coherence.enabled = args["cl"] == "1"
     config.coherence.tau = float(args["tau"])
+    config.coherence.warmup_epochs = float(args["warmup"])
+    config.coherence.lambda_gmm = float(args["lgmm"])
     config.labeled_fraction = float(args["labeled"])
     # Every labelled fraction trains for the same number of steps (an epoch = the whole
     # training split), so Table 4 compares labels, not training length.
