@@ -89,8 +89,42 @@ def _check_shapes(weights_shape, means_shape, chol_shape, where: str) -> None:
                          f"{tuple(chol_shape)}")
 
 
-def fit(grades, num_components: int = 10, sigma: float = 0.2, repeats: int = 1, seed: int = 0,
-        reg_covar: float = 1e-6, max_iter: int = 200, n_init: int = 1) -> GMM:
+# EM needs many more samples per component than dimensions, or a component's
+# covariance collapses onto the few points it holds: its smallest eigenvalues fall
+# to ``reg_covar`` (1e-6) instead of the noise floor ``sigma^2``, and every vector
+# off that thin subspace, expert grades included, gets a log-density of -1e4 or
+# lower. Fitting on 200 knees once each did exactly that (docs/RESULTS.md); with
+# at least this many noisy samples per component (34 per dimension at D = 29) the
+# covariance floor stays within a factor of two of ``sigma^2``.
+MIN_SAMPLES_PER_COMPONENT = 1000
+
+
+def auto_repeats(num_rows: int, num_components: int,
+                 min_samples_per_component: int = MIN_SAMPLES_PER_COMPONENT) -> int:
+    """Noisy copies per fully graded row so that EM sees ``>= K * min_samples_per_component``.
+
+    1 for the paper's OAI training set (11,600 knees, K = 10); 50 for 200 knees.
+    """
+    if num_rows < 1 or num_components < 1:
+        raise ValueError(f"auto_repeats: need num_rows >= 1 and num_components >= 1, got "
+                         f"{num_rows}, {num_components}")
+    return max(1, math.ceil(num_components * min_samples_per_component / num_rows))
+
+
+def covariance_floor(gmm: GMM) -> float:
+    """The smallest eigenvalue over all component covariances.
+
+    With noise ``sigma`` added to the one-hot grades, a healthy fit keeps it near
+    ``sigma^2``; far below it means a degenerate component (see
+    :data:`MIN_SAMPLES_PER_COMPONENT`).
+    """
+    chol = np.asarray(gmm.precisions_cholesky, np.float64)
+    precisions = np.einsum("kij,klj->kil", chol, chol)
+    return float(1.0 / np.max(np.linalg.eigvalsh(precisions)))
+
+
+def fit(grades, num_components: int = 10, sigma: float = 0.2, repeats: int | None = None,
+        seed: int = 0, reg_covar: float = 1e-6, max_iter: int = 200, n_init: int = 1) -> GMM:
     """Fits the coherence GMM on expert grades (EM, scikit-learn).
 
     Args:
@@ -100,7 +134,8 @@ def fit(grades, num_components: int = 10, sigma: float = 0.2, repeats: int = 1, 
       num_components: ``K`` (10 in the paper).
       sigma: std of the Gaussian noise added to each one-hot coordinate (0.2).
       repeats: each fully graded row is used this many times, each copy with
-        fresh noise (more samples of the smoothed distribution).
+        fresh noise (more samples of the smoothed distribution). ``None``:
+        :func:`auto_repeats` (1 at the paper's data size, more for small sets).
       seed: seeds both the noise and scikit-learn's initialisation.
       reg_covar, max_iter, n_init: passed to ``GaussianMixture``.
 
@@ -113,8 +148,8 @@ def fit(grades, num_components: int = 10, sigma: float = 0.2, repeats: int = 1, 
     """
     if num_components < 1:
         raise ValueError(f"fit: num_components must be >= 1, got {num_components}")
-    if repeats < 1:
-        raise ValueError(f"fit: repeats must be >= 1, got {repeats}")
+    if repeats is not None and repeats < 1:
+        raise ValueError(f"fit: repeats must be >= 1 (or None for automatic), got {repeats}")
     if not sigma >= 0 or not math.isfinite(sigma):
         raise ValueError(f"fit: sigma must be a finite number >= 0, got {sigma}")
     grades_arr = grades_lib.validate(grades, name="fit: grades")
@@ -125,6 +160,8 @@ def fit(grades, num_components: int = 10, sigma: float = 0.2, repeats: int = 1, 
     if found < needed:
         raise ValueError("coherence learning needs fully graded examples to fit the GMM: "
                          f"found {found}, need at least {needed}")
+    if repeats is None:
+        repeats = auto_repeats(found, num_components)
     one_hot = grades_lib.one_hot(grades_arr[complete]).astype(np.float64)   # [M', 29]
     samples = np.repeat(one_hot, repeats, axis=0)                             # [M' * r, 29]
     rng = np.random.default_rng(seed)

@@ -70,6 +70,15 @@ def validate_config(config) -> None:
     for name in ("batch_size", "eval_batch_size", "num_epochs"):
         if int(config[name]) <= 0:
             raise ValueError(f"config.{name} must be positive, got {config[name]}")
+    coherence = config.coherence
+    if int(coherence.gmm_repeats) < 0 or int(coherence.gmm_repeats) != coherence.gmm_repeats:
+        raise ValueError(f"config.coherence.gmm_repeats must be an integer >= 0 (0 = automatic), "
+                         f"got {coherence.gmm_repeats!r}")
+    if not coherence.warmup_epochs >= 0:
+        raise ValueError(f"config.coherence.warmup_epochs must be >= 0, got "
+                         f"{coherence.warmup_epochs!r}")
+    if not coherence.lambda_gmm >= 0:
+        raise ValueError(f"config.coherence.lambda_gmm must be >= 0, got {coherence.lambda_gmm!r}")
 
 
 def config_to_dict(config) -> dict:
@@ -215,10 +224,21 @@ def fit_or_load_gmm(config, workdir: Path, labeled_grades: np.ndarray):
     if path.exists():
         return gmm_lib.load(path)
     c = config.coherence
-    logging.info("Fitting the coherence GMM (K=%d, sigma=%.2f) on %d labelled grade vectors",
-                 c.num_components, c.sigma, len(labeled_grades))
+    num_complete = int(grades_lib.fully_graded(labeled_grades).sum())
+    repeats = c.gmm_repeats or gmm_lib.auto_repeats(max(num_complete, 1), c.num_components)
     fitted = gmm_lib.fit(labeled_grades, num_components=c.num_components, sigma=c.sigma,
-                         repeats=c.gmm_repeats, seed=c.gmm_seed)
+                         repeats=repeats, seed=c.gmm_seed)
+    floor = gmm_lib.covariance_floor(fitted)
+    _print(f"coherence GMM: K={c.num_components}, sigma={c.sigma:g}, fitted on {num_complete} "
+           f"fully graded knees x {repeats} noisy copies; smallest covariance eigenvalue "
+           f"{floor:.2g} (sigma^2 = {c.sigma ** 2:.2g})")
+    if c.sigma > 0 and floor < 0.1 * c.sigma ** 2:
+        _print(f"WARNING: the coherence GMM is degenerate: a component's covariance has an "
+               f"eigenvalue of {floor:.2g}, far below the noise floor sigma^2 = "
+               f"{c.sigma ** 2:.2g}, so coherent predictions off its subspace get log-densities "
+               f"of -1e3 and lower and the incoherence loss will swamp the classification loss. "
+               f"Raise config.coherence.gmm_repeats (now {repeats}; 0 = automatic) or lower "
+               f"config.coherence.num_components.")
     if jax.process_index() == 0:
         gmm_lib.save(fitted, path)
     return fitted
@@ -532,7 +552,9 @@ def fit_gmm_to_workdir(config, workdir: str):
         val = grades_lib.validate(input_pipeline.read_field(handle.sources["validation"], "grades"))
         val = val[grades_lib.fully_graded(val)]
         if len(val):
-            value = float(jnp.mean(gmm_lib.log_prob(fitted, jnp.asarray(grades_lib.one_hot(val)))))
-            message += f"; mean log-density of {len(val)} validation grade vectors: {value:.2f}"
+            values = np.asarray(gmm_lib.log_prob(fitted, jnp.asarray(grades_lib.one_hot(val))))
+            message += (f"; log-density of {len(val)} validation grade vectors: mean "
+                        f"{values.mean():.2f}, median {np.median(values):.2f}, lowest "
+                        f"{values.min():.2f}")
     _print(message)
     return fitted

@@ -201,3 +201,34 @@ def test_from_sklearn_rejects_other_covariance_types():
     assert math.isfinite(float(gmm_lib.log_prob(
         gmm_lib.GMM.from_sklearn(GaussianMixture(2, random_state=0).fit(samples)),
         jnp.zeros(3))))
+
+
+def test_auto_repeats_reaches_a_thousand_samples_per_component():
+    assert gmm_lib.auto_repeats(11600, 10) == 1        # the paper's OAI training set
+    assert gmm_lib.auto_repeats(1000, 10) == 10
+    assert gmm_lib.auto_repeats(200, 10) == 50
+    assert gmm_lib.auto_repeats(333, 10) == 31         # rounds up: 31 * 333 >= 10,000
+    with pytest.raises(ValueError, match="auto_repeats"):
+        gmm_lib.auto_repeats(0, 10)
+
+
+def test_covariance_floor_is_the_smallest_covariance_eigenvalue(sklearn_gm):
+    expected = min(np.linalg.eigvalsh(c).min() for c in sklearn_gm.covariances_)
+    got = gmm_lib.covariance_floor(gmm_lib.GMM.from_sklearn(sklearn_gm))
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+
+
+def test_small_labelled_set_needs_noisy_copies():
+    """200 knees fitted once each leave K=10 components with too few points in 29 dims: the
+    covariances collapse to reg_covar and held-out expert grades look 'incoherent'. The
+    automatic number of noisy copies keeps the noise floor and scores them as coherent."""
+    rng = np.random.default_rng(11)
+    train, held_out = coherent_grades(rng, 200), coherent_grades(rng, 300)
+    once = gmm_lib.fit(train, num_components=10, sigma=0.2, repeats=1, seed=0)
+    auto = gmm_lib.fit(train, num_components=10, sigma=0.2, seed=0)   # 50 copies
+    assert gmm_lib.covariance_floor(once) < 1e-3
+    assert gmm_lib.covariance_floor(auto) > 0.5 * 0.2 ** 2
+    held_out_once = np.asarray(gmm_lib.log_prob(once, grades_lib.one_hot(held_out)))
+    held_out_auto = np.asarray(gmm_lib.log_prob(auto, grades_lib.one_hot(held_out)))
+    assert np.median(held_out_once) < -100.0
+    assert np.median(held_out_auto) > 0.0
