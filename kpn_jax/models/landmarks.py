@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kpn_jax.models import pooling
 from kpn_jax.models.kpn import INPUT_MODES, normalize_images
 from kpn_jax.models.layers import CONV1X1_MODES, BatchNorm, kaiming_normal_fan_out
 from kpn_jax.models.resnet import (BN_EPSILON, FEATURE_STRIDES, RESNET_CONFIGS, BasicBlock,
@@ -140,7 +141,7 @@ class ResNetTrunk(nn.Module):
                     name="conv1")(x)
         x = BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                       epsilon=BN_EPSILON, dtype=dt, param_dtype=pdt, name="bn1")(x)
-        x = nn.max_pool(nn.relu(x), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = pooling.max_pool(nn.relu(x), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         features = {"stem": x}
         for k, num_blocks in enumerate(blocks_per_stage[: self.stages]):
             for i in range(num_blocks):

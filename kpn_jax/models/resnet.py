@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kpn_jax.models import pooling
 from kpn_jax.models.layers import (CONV1X1_MODES, BatchNorm, Conv1x1,
                                    kaiming_normal_fan_out, torch_linear)
 
@@ -202,8 +203,9 @@ class ResNet(nn.Module):
                     dtype=dt, param_dtype=pdt, kernel_init=kaiming_normal_fan_out,
                     name="conv1")(images)
         x = nn.relu(_batch_norm(train, self.bn_momentum, "bn1", dt, pdt)(x))
-        # max_pool pads with -inf, like torch's MaxPool2d(3, 2, padding=1).
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        # Pads with -inf, like torch's MaxPool2d(3, 2, padding=1); pooling.max_pool has
+        # nn.max_pool's forward and a gradient XLA:CPU computes 2-2.5x faster.
+        x = pooling.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         features = {"stem": x}
         for k, num_blocks in enumerate(blocks_per_stage[:stages]):
             planes = self.width * 2 ** k
