@@ -65,7 +65,16 @@ def main():
     tx = train.make_optimizer(config, steps_per_epoch=10)
     state = train.create_state(config, model, tx, 32, 16, mesh)
     step = train.make_train_step(config, model, weights, gmm)
-    state, aux = step(state, parallel.global_batch(local, mesh), jnp.asarray(True))
+    global_batch, use_gmm = parallel.global_batch(local, mesh), jnp.asarray(True)
+    compiled = step.lower(state, global_batch, use_gmm).compile()
+    if args.num_processes > 1:
+        # Compile first, then meet: on a loaded CPU one process can finish compiling more
+        # than gloo's 30 s key-exchange timeout after the other, and the first collective
+        # of the step would fail (seen once under load 8: 'GetKeyValue() timed out').
+        from jax._src import distributed
+
+        distributed.global_state.client.wait_at_barrier("one_train_step_compiled", 600_000)
+    state, aux = compiled(state, global_batch, use_gmm)
     params = jax.tree_util.tree_flatten_with_path(
         {"params": state.params, "batch_stats": state.batch_stats})[0]
     if jax.process_index() == 0:
