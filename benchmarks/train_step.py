@@ -586,43 +586,13 @@ def _max_pool_reference(x):
 
 
 def _make_max_pool_masked():
-    """A candidate for the stem's 3x3 / stride 2 / pad 1 max pool: the same forward, and a
-    custom gradient that sends each window's cotangent to its first maximum in row-major
-    order (the tie rule of XLA's select-and-scatter and of torch's MaxPool2d) with 9
-    strided masks, instead of XLA:CPU's expansion of select-and-scatter into a 5-output
-    reduce-window over full-size iotas."""
-    import jax
-    import jax.numpy as jnp
+    """The model's stem pool since commit bccb7ac: ``kpn_jax.models.pooling.max_pool``, the
+    same forward with a custom gradient that routes each window's cotangent to its first
+    maximum through strided masks, instead of XLA:CPU's expansion of select-and-scatter
+    into a 5-output reduce-window over full-size iotas."""
+    from kpn_jax.models import pooling
 
-    @jax.custom_vjp
-    def pool(x):
-        return _max_pool_reference(x)
-
-    def forward(x):
-        y = _max_pool_reference(x)
-        return y, (x, y)
-
-    def backward(residuals, cotangent):
-        x, y = residuals
-        height, width = x.shape[1:3]
-        out_h, out_w = y.shape[1:3]
-        padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-        taken = jnp.zeros(y.shape, bool)
-        grad = jnp.zeros(padded.shape, cotangent.dtype)
-        zero = jnp.zeros((), cotangent.dtype)
-        for di in range(3):
-            for dj in range(3):
-                window = padded[:, di:di + 2 * out_h - 1:2, dj:dj + 2 * out_w - 1:2, :]
-                hit = (window == y) & ~taken
-                taken = taken | hit
-                # Back to the strided positions: interior padding of 1 between the values.
-                spread = [(0, 0, 0), (di, padded.shape[1] - di - (2 * out_h - 1), 1),
-                          (dj, padded.shape[2] - dj - (2 * out_w - 1), 1), (0, 0, 0)]
-                grad = grad + jax.lax.pad(jnp.where(hit, cotangent, zero), zero, spread)
-        return (grad[:, 1:1 + height, 1:1 + width, :],)
-
-    pool.defvjp(forward, backward)
-    return pool
+    return pooling.max_pool
 
 
 def layers_microbenchmark(batch: int, image_size: int, steps: int, warmup: int,
