@@ -92,15 +92,19 @@ def _run(argv) -> None:
     elif FLAGS.mode == "predict":
         from kpn_jax import predict
 
-        sides = [s.strip() for s in FLAGS.sides.split(",") if s.strip()] if FLAGS.sides else None
         predict.predict_files(config, FLAGS.workdir, FLAGS.images, FLAGS.keypoints or None,
-                              sides=sides, output_dir=FLAGS.output or None,
+                              sides=_sides(), output_dir=FLAGS.output or None,
                               landmark_workdir=FLAGS.landmark_workdir or None)
     elif FLAGS.mode == "compare_torch":
         sys.path.insert(0, "benchmarks")
         import compare_torch  # benchmarks/compare_torch.py
 
         compare_torch.main_with_config(config)
+
+
+def _sides() -> list[str] | None:
+    """``--sides='R,L'`` -> ``['R', 'L']``; ``None`` when not given."""
+    return [s.strip() for s in FLAGS.sides.split(",") if s.strip()] if FLAGS.sides else None
 
 
 def _run_landmarks(config) -> None:
@@ -112,8 +116,7 @@ def _run_landmarks(config) -> None:
     elif FLAGS.mode == "evaluate":
         landmarks_train.evaluate_landmarks(config, FLAGS.workdir)
     elif FLAGS.mode == "predict":
-        sides = [s.strip() for s in FLAGS.sides.split(",") if s.strip()] if FLAGS.sides else None
-        landmarks_train.predict_landmark_files(FLAGS.workdir, FLAGS.images, sides=sides,
+        landmarks_train.predict_landmark_files(FLAGS.workdir, FLAGS.images, sides=_sides(),
                                                output_dir=FLAGS.output or None)
     else:
         raise ValueError(f"--mode={FLAGS.mode} does not apply to a landmark config")

@@ -34,8 +34,8 @@ def diagnose(workdir: Path, num_images: int) -> None:
     import ml_collections
     import numpy as np
 
-    from kpn_jax import checkpointing, gmm as gmm_lib, grades as grades_lib
-    from kpn_jax import input_pipeline, keypoints as kp_lib, losses, parallel, train
+    from kpn_jax import gmm as gmm_lib, grades as grades_lib
+    from kpn_jax import input_pipeline, losses, predict, train
 
     config_path = workdir / "config.json"
     if not config_path.exists():
@@ -49,26 +49,16 @@ def diagnose(workdir: Path, num_images: int) -> None:
         sigma = gmm.sigma if gmm.sigma is not None else float("nan")
         line = (f"  GMM: K={gmm.num_components}, smallest covariance eigenvalue "
                 f"{gmm_lib.covariance_floor(gmm):.3g} (sigma^2 = {sigma ** 2:.3g})")
-        if "validation" in handle.sources:
-            held_out = grades_lib.validate(input_pipeline.read_field(handle.sources["validation"],
-                                                                     "grades"))
-            held_out = held_out[grades_lib.fully_graded(held_out)]
-            if len(held_out):
-                values = np.asarray(gmm_lib.log_prob(gmm, jnp.asarray(grades_lib.one_hot(held_out))))
-                line += (f"; log-density of {len(held_out)} validation grade vectors: median "
-                         f"{np.median(values):.1f}, lowest {values.min():.1f}")
+        values = train.held_out_log_density(gmm, handle)
+        if values is not None:
+            line += (f"; log-density of {len(values)} validation grade vectors: median "
+                     f"{np.median(values):.1f}, lowest {values.min():.1f}")
         print(line)
     else:
         print("  no gmm.npz: a run without coherence learning")
 
-    schema = kp_lib.get_schema(handle.keypoint_schema)
-    model = train.create_model(config, handle.keypoint_schema)
-    mesh = parallel.make_mesh(jax.devices()[:1])
-    tx = train.make_optimizer(config, 1)
-    state = train._abstract_state(config, model, tx, handle.image_size, schema.num_points, mesh)
-    checkpoints = checkpointing.Checkpointer(workdir)
-    state = checkpoints.restore(state, which="latest")
-    checkpoints.close()
+    model, variables, restored = predict._restore_variables(
+        config, workdir, handle.image_size, handle.keypoint_schema, which="latest")
     source = handle.split("validation")
     count = min(num_images, len(source))
     examples = [source[i] for i in range(count)]
@@ -76,9 +66,8 @@ def diagnose(workdir: Path, num_images: int) -> None:
     if images.ndim == 3:
         images = images[..., None]
     keypoints = np.stack([e["keypoints"] for e in examples]).astype(np.float32)
-    outputs = model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                          jnp.asarray(images), jnp.asarray(keypoints), train=False)
-    print(f"  model at step {int(jax.device_get(state.step))} on {count} validation images:")
+    outputs = model.apply(variables, jnp.asarray(images), jnp.asarray(keypoints), train=False)
+    print(f"  model at step {restored['step']} on {count} validation images:")
     for task in config.tasks:
         logits = np.asarray(outputs[task], np.float64)
         probabilities = np.asarray(jax.nn.softmax(outputs[task]), np.float64)

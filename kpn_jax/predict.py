@@ -79,7 +79,10 @@ def prepare_image(image: np.ndarray, keypoints: np.ndarray | None, side: str, im
     return np.clip(np.round(resized), 0, 255).astype(np.uint8), keypoints
 
 
-def _restore_variables(config, workdir: Path, image_size: int, schema_name: str):
+def _restore_variables(config, workdir: Path, image_size: int, schema_name: str,
+                       which: str | None = None):
+    """``(model, variables, {'which', 'step'})`` of ``which`` checkpoint ('best' or
+    'latest'; ``None`` = best, else latest)."""
     from kpn_jax import train
 
     model = train.create_model(config, schema_name)
@@ -88,7 +91,8 @@ def _restore_variables(config, workdir: Path, image_size: int, schema_name: str)
     schema = kp_lib.get_schema(schema_name)
     state = train._abstract_state(config, model, tx, image_size, schema.num_points, mesh)
     checkpoints = checkpointing.Checkpointer(workdir)
-    which = "best" if checkpoints.best_step() is not None else "latest"
+    if which is None:
+        which = "best" if checkpoints.best_step() is not None else "latest"
     state = checkpoints.restore(state, which=which)
     checkpoints.close()
     variables = {"params": state.params, "batch_stats": state.batch_stats}

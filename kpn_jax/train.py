@@ -532,6 +532,18 @@ def _abstract_state(config, model, tx, image_size, num_points, mesh):
     return create_state(stripped, model, tx, image_size, num_points, mesh)
 
 
+def held_out_log_density(gmm, handle) -> np.ndarray | None:
+    """GMM log-density of the fully graded validation grade vectors, ``[M]``; ``None``
+    when the dataset has no validation split or no fully graded knee in it."""
+    if "validation" not in handle.sources:
+        return None
+    grades = grades_lib.validate(input_pipeline.read_field(handle.sources["validation"], "grades"))
+    grades = grades[grades_lib.fully_graded(grades)]
+    if not len(grades):
+        return None
+    return np.asarray(gmm_lib.log_prob(gmm, jnp.asarray(grades_lib.one_hot(grades))))
+
+
 def fit_gmm_to_workdir(config, workdir: str):
     """``--mode=fit_gmm``: (re)fits the coherence GMM on the labelled training grades.
 
@@ -548,13 +560,10 @@ def fit_gmm_to_workdir(config, workdir: str):
     fitted = fit_or_load_gmm(config, workdir, labeled_grades)
     message = (f"GMM with {fitted.num_components} components fitted on {len(labeled_grades)} "
                f"labelled grade vectors -> {path}")
-    if "validation" in handle.sources:
-        val = grades_lib.validate(input_pipeline.read_field(handle.sources["validation"], "grades"))
-        val = val[grades_lib.fully_graded(val)]
-        if len(val):
-            values = np.asarray(gmm_lib.log_prob(fitted, jnp.asarray(grades_lib.one_hot(val))))
-            message += (f"; log-density of {len(val)} validation grade vectors: mean "
-                        f"{values.mean():.2f}, median {np.median(values):.2f}, lowest "
-                        f"{values.min():.2f}")
+    values = held_out_log_density(fitted, handle)
+    if values is not None:
+        message += (f"; log-density of {len(values)} validation grade vectors: mean "
+                    f"{values.mean():.2f}, median {np.median(values):.2f}, lowest "
+                    f"{values.min():.2f}")
     _print(message)
     return fitted
