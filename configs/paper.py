@@ -46,14 +46,14 @@ def parse_arguments(config_string: str | None) -> dict:
             raise ValueError(f"configs/paper.py: {key} must be 0 or 1, got {args[key]!r}")
     if args["setting"] not in ("paper", "cpu"):
         raise ValueError(f"configs/paper.py: setting must be paper or cpu, got {args['setting']!r}")
-    for key, lowest in (("labeled", 0.0), ("tau", 0.0), ("warmup", None), ("lgmm", None)):
+    for key, zero_allowed in (("labeled", False), ("tau", False), ("warmup", True), ("lgmm", True)):
         try:
             value = float(args[key])
         except ValueError:
             raise ValueError(f"configs/paper.py: {key} must be a number, got {args[key]!r}") from None
-        if (lowest is None and value < 0) or (lowest is not None and not value > lowest):
-            raise ValueError(f"configs/paper.py: {key} must be "
-                             f"{'>= 0' if lowest is None else '> 0'}, got {args[key]!r}")
+        if not (value > 0 or (zero_allowed and value == 0)):   # NaN fails both
+            raise ValueError(f"configs/paper.py: {key} must be {'>= 0' if zero_allowed else '> 0'}, "
+                             f"got {args[key]!r}")
     if float(args["labeled"]) > 1:
         raise ValueError(f"configs/paper.py: labeled is a fraction in (0, 1], got {args['labeled']!r}")
     return args

@@ -11,6 +11,7 @@ versions it was measured on. This module imports nothing from JAX.
 
 from __future__ import annotations
 
+import os
 from typing import MutableMapping
 
 CPU_CONVOLUTION_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
@@ -42,8 +43,6 @@ def with_default_flags(environ: MutableMapping[str, str], jaxlib_version: str) -
 
 def apply_defaults(environ: MutableMapping[str, str] | None = None) -> bool:
     """:func:`with_default_flags` for this process's environment and installed jaxlib."""
-    import os
-
     try:
         from jaxlib import version
     except ImportError:
