@@ -82,7 +82,13 @@ class Conv1x1(nn.Module):
         if self.mode == "einsum":
             if self.stride > 1:
                 x = x[:, ::self.stride, ::self.stride, :]
-            return jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0])
+            # A 2-D product [B*H*W, Cin] @ [Cin, out]: its weight gradient is then a dot
+            # contracting dim 0 of both operands, which XLA:CPU runs on the operands as
+            # they lie. The 4-D einsum's gradient contracts (b, h, w) instead, and XLA
+            # materialises a transposed copy of the [B*H*W, C] cotangent for it.
+            batch, height, width, channels = x.shape
+            y = jnp.dot(x.reshape(batch * height * width, channels), kernel[0, 0])
+            return y.reshape(batch, height, width, self.features)
         return jax.lax.conv_general_dilated(
             x, kernel, window_strides=(self.stride, self.stride), padding=((0, 0), (0, 0)),
             dimension_numbers=("NHWC", "HWIO", "NHWC"))
