@@ -12,7 +12,15 @@ import os
 import re
 import sys
 
-from kpn_jax import xla_flags
+if __name__ == "__main__":
+    from kpn_jax import malloc_tunables
+
+    # Restarts this process once with glibc settings that keep freed memory for reuse: XLA's
+    # per-step temporaries otherwise cost a page fault per 4 KiB every step (~20 % of a CPU
+    # train step; KPN_JAX_MALLOC_TUNABLES=0 opts out; see kpn_jax/malloc_tunables.py).
+    malloc_tunables.reexec_with_tunables()
+
+from kpn_jax import xla_flags  # noqa: E402
 
 # Before anything starts JAX's backend: faster CPU convolutions on the jaxlib versions where
 # this was measured (KPN_JAX_DEFAULT_XLA_FLAGS=0 opts out; see kpn_jax/xla_flags.py).

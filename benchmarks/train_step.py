@@ -77,6 +77,7 @@ def machine_info() -> dict[str, Any]:
         "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
         "python": platform.python_version(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
     }
     import jax
 
@@ -681,7 +682,8 @@ def run_benchmark(args) -> dict[str, Any]:
     print(f"# {info['date']}  {info['host_cpus']} CPUs ({info['cpu_model']}), load "
           f"{info['load_average_1_5_15']}, jax {info['jax']} on {info['jax_devices']}, "
           f"torch {info.get('torch')} ({info.get('torch_device', 'cpu')}, "
-          f"{info.get('torch_threads')} threads), XLA_FLAGS={info['xla_flags']!r}, jax threads "
+          f"{info.get('torch_threads')} threads), XLA_FLAGS={info['xla_flags']!r}, "
+          f"GLIBC_TUNABLES={info['glibc_tunables']!r}, jax threads "
           f"{info['jax_threads']}", flush=True)
     print(f"# ResNet-{args.depth} (width {args.width}) {args.pooling} pooling"
           f"{' + CL' if coherence else ''}, {args.image_size} px, batch {args.batch_size} "
@@ -817,6 +819,9 @@ def parse_args(argv: Sequence[str]):
                         help="the device's peak TFLOP/s for the MFU (default: known GPUs)")
     parser.add_argument("--xla_flag_set", action="append", default=None,
                         help="repeatable: run once per XLA_FLAGS value, each in a new process")
+    parser.add_argument("--run_py_defaults", action="store_true",
+                        help="start as run.py does: its glibc malloc settings (a restart, for "
+                             "every framework in this process) and its default XLA flags")
     parser.add_argument("--json", default="", help="also write the results to this JSON file")
     return parser.parse_args(argv)
 
@@ -824,6 +829,12 @@ def parse_args(argv: Sequence[str]):
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.run_py_defaults:
+        from kpn_jax import malloc_tunables, xla_flags
+
+        malloc_tunables.reexec_with_tunables()  # returns once the settings are in place
+        if not args.xla_flag_set:  # a sweep's flag sets are exactly what they say
+            xla_flags.apply_defaults()
     args.restricted_cpus = None
     if args.jax_threads and not args.xla_flag_set:
         if "jax" in sys.modules:
