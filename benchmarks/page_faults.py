@@ -1,0 +1,76 @@
+"""Per-step time, minor page faults and system CPU of one framework's train step.
+
+  python benchmarks/page_faults.py --framework=jax            # glibc's malloc as started
+  GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python benchmarks/page_faults.py --framework=torch
+  python benchmarks/page_faults.py --framework=jax --run_py_defaults   # as run.py starts
+
+The ResNet-50 KPN + CL train step at 320 px, batch 8 (4 labelled), float32, of
+``benchmarks/train_step.py``; one warm-up step, then ``--steps`` steps, each with its wall
+time and this process's minor page faults, user and system CPU (``getrusage``). Run one
+process per malloc setting (glibc reads ``GLIBC_TUNABLES`` only at start-up); section 9 of
+benchmarks/README.md. kpn-jax runs with ``run.py``'s XLA flag unless ``XLA_FLAGS`` is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+for path in (REPO_ROOT, REPO_ROOT / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from kpn_jax import malloc_tunables, xla_flags  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--framework", choices=("jax", "torch"), default="jax")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--run_py_defaults", action="store_true",
+                        help="restart with run.py's glibc malloc tunables first")
+    args = parser.parse_args()
+    if args.run_py_defaults:
+        malloc_tunables.reexec_with_tunables()
+    xla_flags.apply_defaults()
+
+    import os
+
+    import train_step
+    from kpn_jax import gmm as gmm_lib
+    from kpn_jax import losses
+
+    batch_size, image_size = 8, 320
+    batch = train_step.synthetic_batch(batch_size, batch_size // 2, image_size)
+    config = train_step.make_config(50, 64, image_size, batch_size, batch_size // 2, "float32",
+                                    "keypoints", "einsum")
+    grades = train_step.random_grades(2000, 0)
+    class_weights = losses.class_weights(grades, tuple(config.tasks))
+    gmm = gmm_lib.fit(grades, num_components=config.coherence.num_components,
+                      sigma=config.coherence.sigma, seed=0)
+    if args.framework == "jax":
+        runner = train_step.jax_train_runner(config, batch, image_size, gmm, class_weights)
+    else:
+        runner = train_step.torch_train_runner(config, batch, gmm, class_weights, False, None)
+    runner.run()
+    print(f"# {args.framework}, GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}, "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
+    times = []
+    for _ in range(args.steps):
+        before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        runner.run()
+        seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+        times.append(seconds)
+        print(f"step {seconds:.3f} s  minor faults {after.ru_minflt - before.ru_minflt:7d}  "
+              f"user {after.ru_utime - before.ru_utime:.2f} s  "
+              f"system {after.ru_stime - before.ru_stime:.2f} s", flush=True)
+    print(f"median step {statistics.median(times):.3f} s")
+
+
+if __name__ == "__main__":
+    main()
