@@ -22,8 +22,9 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+for path in (REPO_ROOT, REPO_ROOT / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 from kpn_jax import malloc_tunables, xla_flags  # noqa: E402
 
@@ -68,16 +69,12 @@ def main() -> None:
     import jax.numpy as jnp
     import numpy as np
     import torch
+    from conv_weight_grad import conv
 
-    def conv(x, w, stride):
-        pad = w.shape[0] // 2
-        return jax.lax.conv_general_dilated(x, w, (stride, stride), ((pad, pad), (pad, pad)),
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    from kpn_jax.models.layers import Conv1x1
 
-    def conv1x1(x, w, stride):  # as kpn_jax.models.layers.Conv1x1 computes it
-        x = x[:, ::stride, ::stride, :]
-        batch, height, width, channels = x.shape
-        return jnp.dot(x.reshape(-1, channels), w[0, 0]).reshape(batch, height, width, -1)
+    def conv1x1(x, w, stride):  # the model's own 1x1 convolution
+        return Conv1x1(w.shape[-1], stride).apply({"params": {"kernel": w}}, x)
 
     def stem_space_to_depth(x, w, stride):
         del stride  # 2
@@ -98,14 +95,13 @@ def main() -> None:
           f"{[round(v, 2) for v in os.getloadavg()]}; ms, median of 5", flush=True)
     totals = collections.Counter()
     rng = np.random.default_rng(0)
-    lines = sorted(resnet50_convolutions().items())
-    lines.append(((7, 2, IMAGE_SIZE, 3, 64), 0))  # the space-to-depth stem, not in the totals
-    for index, ((k, stride, size, cin, cout), count) in enumerate(lines):
+    lines = [(shape, count, conv1x1 if shape[0] == 1 else conv)
+             for shape, count in sorted(resnet50_convolutions().items())]
+    # The space-to-depth stem last, with count 0: printed, not in the totals.
+    lines.append(((7, 2, IMAGE_SIZE, 3, 64), 0, stem_space_to_depth))
+    for (k, stride, size, cin, cout), count, fn in lines:
         x = jnp.asarray(rng.standard_normal((BATCH, size, size, cin), np.float32))
         w = jnp.asarray(0.05 * rng.standard_normal((k, k, cin, cout), np.float32))
-        fn = conv1x1 if k == 1 else conv
-        if index == len(lines) - 1:
-            fn = stem_space_to_depth
         g = jnp.full(fn(x, w, stride).shape, 0.01, jnp.float32)
         forward = jax.jit(lambda x, w: fn(x, w, stride))
         grad_x = jax.jit(lambda x, w, g: jax.vjp(lambda x: fn(x, w, stride), x)[1](g)[0])

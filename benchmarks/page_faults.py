@@ -14,6 +14,7 @@ benchmarks/README.md. kpn-jax runs with ``run.py``'s XLA flag unless ``XLA_FLAGS
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import statistics
 import sys
@@ -38,8 +39,6 @@ def main() -> None:
     if args.run_py_defaults:
         malloc_tunables.reexec_with_tunables()
     xla_flags.apply_defaults()
-
-    import os
 
     import train_step
     from kpn_jax import gmm as gmm_lib

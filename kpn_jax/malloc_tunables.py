@@ -5,12 +5,12 @@ step at 320 px, batch 8) with ``malloc`` in its worker threads. glibc serves an 
 that large with a fresh ``mmap`` and returns it with ``munmap`` when the step ends, so every
 step touches about 550,000 new 4 KiB pages: the kernel zeroes each on its first write,
 1.1-1.3 s of system CPU per step on this project's 2-core machine, 20 % of the step's wall
-time (benchmarks/README.md, section 1). With :data:`TUNABLES` glibc serves every
+time (benchmarks/README.md, section 9). With :data:`TUNABLES` glibc serves every
 allocation from one heap that it never gives back, so the second step onwards reuses warm
 pages: no page faults, the same numbers, the process keeps its peak memory.
 
 glibc reads ``GLIBC_TUNABLES`` only when a process starts, so :func:`reexec_with_tunables`
-restarts the interpreter (``os.execv``, same pid, same arguments) with them set. Nothing
+restarts the interpreter (``os.execve``, same pid, same arguments) with them set. Nothing
 happens off glibc, when ``KPN_JAX_MALLOC_TUNABLES=0``, or when ``GLIBC_TUNABLES`` already
 sets any ``glibc.malloc.*`` tunable (the user's choice wins, and it stops a second restart).
 This module imports nothing from JAX.
