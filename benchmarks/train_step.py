@@ -767,10 +767,24 @@ def print_table(report: dict) -> None:
     print(f"# load average after: {report['machine']['load_average_after']}")
 
 
+def _without_options(argv: Sequence[str], names: Sequence[str]) -> list[str]:
+    """``argv`` without the options ``names``, in either form (``--name=value`` or
+    ``--name value``)."""
+    kept, skip_value = [], False
+    for arg in argv:
+        if skip_value:
+            skip_value = False
+        elif arg in names:
+            skip_value = True
+        elif not arg.startswith(tuple(f"{name}=" for name in names)):
+            kept.append(arg)
+    return kept
+
+
 def sweep_xla_flags(args, argv: Sequence[str]) -> dict[str, Any]:
     """Runs this benchmark once per ``--xla_flag_set`` in a fresh process (flags are read
     at start-up), one after the other; returns every run's report."""
-    base_argv = [a for a in argv if not a.startswith(("--xla_flag_set", "--json"))]
+    base_argv = _without_options(argv, ("--xla_flag_set", "--json"))
     reports = []
     for flags in args.xla_flag_set:
         env = dict(os.environ, XLA_FLAGS=flags)
