@@ -1,0 +1,33 @@
+"""benchmarks/train_step.py's command line: what an XLA flag sweep passes on to its runs."""
+
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
+
+
+@pytest.fixture(scope="module")
+def train_step():
+    spec = importlib.util.spec_from_file_location("benchmark_train_step", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]
+
+
+def test_sweep_drops_its_own_options_in_both_spellings(train_step):
+    argv = ["--run_py_defaults", "--json", "/tmp/out.json", "--xla_flag_set=--a=1",
+            "--xla_flag_set", "--b=2", "--steps=7", "--json=/tmp/other.json", "--warmup", "1"]
+    assert train_step._without_options(argv, ("--xla_flag_set", "--json")) == [
+        "--run_py_defaults", "--steps=7", "--warmup", "1"]
+
+
+def test_an_option_that_only_starts_like_a_dropped_one_is_kept(train_step):
+    assert train_step._without_options(["--jsonl=x", "--json_out", "y"], ("--json",)) == [
+        "--jsonl=x", "--json_out", "y"]
