@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections
 import os
 import sys
-import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -49,19 +48,6 @@ def resnet50_convolutions() -> collections.Counter:
     return convs
 
 
-def median_s(fn, repeats: int = 5) -> float:
-    import numpy as np
-
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
 def main() -> None:
     malloc_tunables.reexec_with_tunables()
     xla_flags.apply_defaults()
@@ -69,12 +55,15 @@ def main() -> None:
     import jax.numpy as jnp
     import numpy as np
     import torch
-    from conv_weight_grad import conv
+    from conv_weight_grad import conv, median_ms
 
     from kpn_jax.models.layers import Conv1x1
 
     def conv1x1(x, w, stride):  # the model's own 1x1 convolution
         return Conv1x1(w.shape[-1], stride).apply({"params": {"kernel": w}}, x)
+
+    def median_s(fn):
+        return 1e-3 * median_ms(fn, warmups=2)
 
     def stem_space_to_depth(x, w, stride):
         del stride  # 2

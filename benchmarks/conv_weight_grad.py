@@ -33,14 +33,21 @@ def weight_grad_xla(w, x, g, stride):
     return jax.grad(lambda w: jnp.sum(conv(x, w, stride) * g))(w)
 
 
+def _windows(x, k, stride, out_h, out_w):
+    """The ``k * k`` strided windows of ``x`` (zero-padded by ``k // 2``) that meet the
+    output gradient, in kernel order ``(i, j)``: each ``[B, H', W', C]``."""
+    pad = k // 2
+    padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    return [padded[:, i:i + stride * (out_h - 1) + 1:stride,
+                   j:j + stride * (out_w - 1) + 1:stride, :]
+            for i in range(k) for j in range(k)]
+
+
 def weight_grad_patches(w, x, g, stride):
     """``dW[i, j, c, o] = sum_{b,h,w} xpad[b, s h + i, s w + j, c] g[b, h, w, o]``."""
-    k, pad = w.shape[0], w.shape[0] // 2
-    padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
     _, out_h, out_w, _ = g.shape
-    patches = jnp.stack([padded[:, i:i + stride * (out_h - 1) + 1:stride,
-                                j:j + stride * (out_w - 1) + 1:stride, :]
-                         for i in range(k) for j in range(k)], axis=3)      # [B, H', W', k*k, C]
+    windows = _windows(x, w.shape[0], stride, out_h, out_w)
+    patches = jnp.stack(windows, axis=3)                                 # [B, H', W', k*k, C]
     return jnp.einsum("bhwkc,bhwo->kco", patches, g).reshape(w.shape)
 
 
@@ -48,18 +55,17 @@ def weight_grad_patches_2d(w, x, g, stride):
     """The same patches as one 2-D product ``[k*k*C, B*H'*W'] @ [B*H'*W', O]``: contracting
     the leading (b, h, w) dimensions of 5-D/4-D operands makes XLA:CPU copy a transposed
     operand first (the reason the 1x1 convolutions are 2-D products)."""
-    k, pad = w.shape[0], w.shape[0] // 2
-    padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
     batch, out_h, out_w, out_c = g.shape
-    patches = jnp.concatenate([padded[:, i:i + stride * (out_h - 1) + 1:stride,
-                                      j:j + stride * (out_w - 1) + 1:stride, :]
-                               for i in range(k) for j in range(k)], axis=3)  # [B, H', W', k*k*C]
+    windows = _windows(x, w.shape[0], stride, out_h, out_w)
+    patches = jnp.concatenate(windows, axis=3)                           # [B, H', W', k*k*C]
     rows = batch * out_h * out_w
     return jnp.dot(patches.reshape(rows, -1).T, g.reshape(rows, out_c)).reshape(w.shape)
 
 
-def median_ms(fn, *args, repeats=5):
-    jax.block_until_ready(fn(*args))
+def median_ms(fn, *args, repeats=5, warmups=1):
+    """Median wall time of ``fn(*args)`` in ms, after ``warmups`` untimed calls."""
+    for _ in range(warmups):
+        jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

@@ -41,17 +41,12 @@ def main() -> None:
     xla_flags.apply_defaults()
 
     import train_step
-    from kpn_jax import gmm as gmm_lib
-    from kpn_jax import losses
 
     batch_size, image_size = 8, 320
     batch = train_step.synthetic_batch(batch_size, batch_size // 2, image_size)
     config = train_step.make_config(50, 64, image_size, batch_size, batch_size // 2, "float32",
                                     "keypoints", "einsum")
-    grades = train_step.random_grades(2000, 0)
-    class_weights = losses.class_weights(grades, tuple(config.tasks))
-    gmm = gmm_lib.fit(grades, num_components=config.coherence.num_components,
-                      sigma=config.coherence.sigma, seed=0)
+    class_weights, gmm = train_step.class_weights_and_gmm(config, seed=0)
     if args.framework == "jax":
         runner = train_step.jax_train_runner(config, batch, image_size, gmm, class_weights)
     else:

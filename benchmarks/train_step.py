@@ -657,11 +657,21 @@ def layers_microbenchmark(batch: int, image_size: int, steps: int, warmup: int,
 # ----------------------------------------------------------------------------- main
 
 
-def run_benchmark(args) -> dict[str, Any]:
-    """Builds every requested runner, times them interleaved, returns the results."""
+def class_weights_and_gmm(config, seed: int):
+    """The loss inputs every runner shares: class weights and the coherence GMM, both from
+    2,000 random grade vectors."""
     from kpn_jax import gmm as gmm_lib
     from kpn_jax import losses
 
+    train_grades = random_grades(2000, seed)
+    class_weights = losses.class_weights(train_grades, tuple(config.tasks))
+    gmm = gmm_lib.fit(train_grades, num_components=config.coherence.num_components,
+                      sigma=config.coherence.sigma, seed=seed)
+    return class_weights, gmm
+
+
+def run_benchmark(args) -> dict[str, Any]:
+    """Builds every requested runner, times them interleaved, returns the results."""
     labeled = args.labeled if args.labeled is not None else args.batch_size // 2
     frameworks = [f for f in args.frameworks.split(",") if f]
     conv_modes = [c for c in args.conv1x1.split(",") if c]
@@ -672,10 +682,7 @@ def run_benchmark(args) -> dict[str, Any]:
     configs = {c: make_config(args.depth, args.width, args.image_size, args.batch_size, labeled,
                               args.dtype, args.pooling, c, coherence) for c in conv_modes}
     config = configs[conv_modes[0]]
-    train_grades = random_grades(2000, args.seed)
-    class_weights = losses.class_weights(train_grades, tuple(config.tasks))
-    gmm = gmm_lib.fit(train_grades, num_components=config.coherence.num_components,
-                      sigma=config.coherence.sigma, seed=args.seed)
+    class_weights, gmm = class_weights_and_gmm(config, args.seed)
 
     info = machine_info()
     info["jax_threads"] = args.jax_threads or "all CPUs"
