@@ -151,7 +151,8 @@ def synthetic_batch(batch_size: int, labeled: int, image_size: int, seed: int = 
 
 
 def make_config(depth: int, width: int, image_size: int, batch_size: int, labeled: int,
-                dtype: str, pooling: str, conv1x1: str, coherence: bool = True):
+                dtype: str, pooling: str, conv1x1: str, coherence: bool = True,
+                conv3x3: str = "auto"):
     """``configs/default.py`` (the paper) with the benchmark's sizes.
 
     The augmentation's translation keeps the paper's 10 px at 320 px in proportion.
@@ -159,7 +160,8 @@ def make_config(depth: int, width: int, image_size: int, batch_size: int, labele
     from configs import default
 
     config = default.get_config()
-    config.model.update(dict(depth=depth, width=width, pooling=pooling, conv1x1=conv1x1))
+    config.model.update(dict(depth=depth, width=width, pooling=pooling, conv1x1=conv1x1,
+                             conv3x3=conv3x3))
     config.dtype = dtype
     config.batch_size = labeled
     config.unlabeled_batch_size = batch_size - labeled
@@ -235,6 +237,13 @@ def _jaxpr_eqns(jaxpr):
                     yield from _jaxpr_eqns(sub)
 
 
+def _jax_runner_name(config) -> str:
+    """``jax[einsum]``, or ``jax[einsum,conv3x3=conv]`` when the 3x3 mode is not the default."""
+    conv3x3 = config.model.get("conv3x3", "auto")
+    suffix = "" if conv3x3 == "auto" else f",conv3x3={conv3x3}"
+    return f"jax[{config.model.conv1x1}{suffix}]"
+
+
 def jax_train_runner(config, batch_np: dict, image_size: int, gmm, class_weights) -> Runner:
     """kpn-jax's jitted train step (``kpn_jax.train.make_train_step``), state donated."""
     import jax
@@ -260,7 +269,7 @@ def jax_train_runner(config, batch_np: dict, image_size: int, gmm, class_weights
         jax.block_until_ready((holder["state"], metrics))
 
     run()
-    name = f"jax[{config.model.conv1x1}]"
+    name = _jax_runner_name(config)
     return Runner(name, "jax", "train", run, time.perf_counter() - start, _xla_flops(compiled),
                   model_flops)
 
@@ -285,7 +294,7 @@ def jax_eval_runner(config, batch_np: dict, image_size: int) -> Runner:
         jax.block_until_ready(compiled(variables, batch))
 
     run()
-    name = f"jax[{config.model.conv1x1}]"
+    name = _jax_runner_name(config)
     return Runner(name, "jax", "eval", run, time.perf_counter() - start, _xla_flops(compiled),
                   model_flops)
 
@@ -674,13 +683,15 @@ def run_benchmark(args) -> dict[str, Any]:
     """Builds every requested runner, times them interleaved, returns the results."""
     labeled = args.labeled if args.labeled is not None else args.batch_size // 2
     frameworks = [f for f in args.frameworks.split(",") if f]
-    conv_modes = [c for c in args.conv1x1.split(",") if c]
+    conv_modes = [(c1, c3) for c1 in args.conv1x1.split(",") if c1
+                  for c3 in args.conv3x3.split(",") if c3]
     modes = list(MODES) if args.mode == "both" else [args.mode]
     torch_threads = [int(t) for t in args.torch_threads.split(",") if t] or [None]
     coherence = not args.no_coherence
     batch_np = synthetic_batch(args.batch_size, labeled, args.image_size, args.seed)
     configs = {c: make_config(args.depth, args.width, args.image_size, args.batch_size, labeled,
-                              args.dtype, args.pooling, c, coherence) for c in conv_modes}
+                              args.dtype, args.pooling, c[0], coherence, c[1])
+               for c in conv_modes}
     config = configs[conv_modes[0]]
     class_weights, gmm = class_weights_and_gmm(config, args.seed)
 
@@ -754,7 +765,7 @@ def print_table(report: dict) -> None:
         # Ratios are to the first PyTorch eager runner (the first --torch_threads value).
         base = next((r for r in rows if r["framework"] == "torch"), None)
         print(f"\n{mode} step (ratio to {base['name'] if base else '-'})")
-        print(f"{'runner':<22} median s   images/s            ratio   setup s"
+        print(f"{'runner':<30} median s   images/s            ratio   setup s"
               + ("   TFLOP/s   MFU" if any("achieved_tflops" in r for r in rows) else ""))
         for r in rows:
             ratio = f"{r['ratio']:.2f}x" if "ratio" in r else "-"
@@ -762,7 +773,7 @@ def print_table(report: dict) -> None:
             if "achieved_tflops" in r:
                 extra = f"   {r['achieved_tflops']:7.3f}"
                 extra += f"   {r['mfu']:.3f}" if "mfu" in r else ""
-            print(f"{r['name']:<22} {r['median_step_s']:9.3f} {r['images_per_s']:10.2f} "
+            print(f"{r['name']:<30} {r['median_step_s']:9.3f} {r['images_per_s']:10.2f} "
                   f"{ratio:>16} {r['setup_s']:9.1f}{extra}")
     for mode in MODES:
         counted = [r for r in results if r["mode"] == mode and "model_flops_per_step" in r]
@@ -826,6 +837,9 @@ def parse_args(argv: Sequence[str]):
                         help="drop the GMM incoherence loss (labelled-only baseline training)")
     parser.add_argument("--conv1x1", default="einsum",
                         help="comma list of kpn-jax 1x1-conv modes: einsum, conv")
+    parser.add_argument("--conv3x3", default="auto",
+                        help="comma list of kpn-jax 3x3-conv modes: auto (matmul on CPU), "
+                             "matmul, conv (one runner per 1x1/3x3 pair)")
     parser.add_argument("--frameworks", default="jax,torch,torch_compile",
                         help=f"comma list from {FRAMEWORKS}")
     parser.add_argument("--mode", default="train", choices=(*MODES, "both"))

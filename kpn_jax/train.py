@@ -88,14 +88,30 @@ def config_to_dict(config) -> dict:
 # ----------------------------------------------------------------------------- model + state
 
 
+CONV3X3_CHOICES = ("auto", "matmul", "conv")
+
+
+def conv3x3_mode(configured: str, backend: str) -> str:
+    """``config.model.conv3x3`` for the model: ``'auto'`` is ``'matmul'`` on the CPU backend
+    (faster there, benchmarks/README.md section 1) and ``'conv'`` on GPU/TPU, whose
+    convolution libraries already use fast algorithms."""
+    if configured not in CONV3X3_CHOICES:
+        raise ValueError(f"model.conv3x3: expected one of {CONV3X3_CHOICES}, got {configured!r}")
+    if configured == "auto":
+        return "matmul" if backend == "cpu" else "conv"
+    return configured
+
+
 def create_model(config, keypoint_schema: str = "kneel16"):
     """The flax module of ``config.model`` (KPN or the global-pooling baseline)."""
     from kpn_jax.models import kpn
 
     m = config.model
+    # Configs saved before conv3x3 existed mean the default.
+    conv3x3 = conv3x3_mode(m.get("conv3x3", "auto"), jax.default_backend())
     kwargs = dict(depth=m.depth, width=m.width, tasks=tuple(config.tasks),
                   aux_regression=m.aux_regression, input_mode=m.input_mode,
-                  dtype=DTYPES[config.dtype], conv1x1=m.conv1x1)
+                  dtype=DTYPES[config.dtype], conv1x1=m.conv1x1, conv3x3=conv3x3)
     if m.pooling == "keypoints":
         kwargs.update(schema_name=keypoint_schema, densify_k=(m.densify_k or None),
                       aggregation=m.aggregation, feature_layer=m.feature_layer)

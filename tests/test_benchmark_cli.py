@@ -31,3 +31,14 @@ def test_sweep_drops_its_own_options_in_both_spellings(train_step):
 def test_an_option_that_only_starts_like_a_dropped_one_is_kept(train_step):
     assert train_step._without_options(["--jsonl=x", "--json_out", "y"], ("--json",)) == [
         "--jsonl=x", "--json_out", "y"]
+
+
+def test_make_config_sets_both_convolution_modes_and_runner_names_tell_them_apart(train_step):
+    """--conv3x3 reaches the config; runner names stay 'jax[einsum]' for the default mode
+    (older JSON and READMEs use that name) and say the 3x3 mode otherwise."""
+    default = train_step.make_config(18, 8, 64, 4, 2, "float32", "keypoints", "einsum")
+    assert default.model.conv3x3 == "auto"
+    assert train_step._jax_runner_name(default) == "jax[einsum]"
+    conv = train_step.make_config(18, 8, 64, 4, 2, "float32", "keypoints", "conv", True, "conv")
+    assert (conv.model.conv1x1, conv.model.conv3x3) == ("conv", "conv")
+    assert train_step._jax_runner_name(conv) == "jax[conv,conv3x3=conv]"

@@ -113,7 +113,7 @@ class KPN(nn.Module):
     JSN heads read every point, each osteophyte head only its compartment's.
 
     Attributes:
-      depth, width, conv1x1, dtype, param_dtype: the backbone's (see ``ResNet``).
+      depth, width, conv1x1, conv3x3, dtype, param_dtype: the backbone's (see ``ResNet``).
       tasks: grade tasks to predict, a subset of ``grades.TASKS``.
       schema_name: keypoint schema of the ``keypoints`` argument (``kneel16``).
       densify_k: when set, each compartment's polyline is resampled to this many
@@ -138,6 +138,7 @@ class KPN(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     conv1x1: str = "einsum"
+    conv3x3: str = "conv"
 
     @nn.compact
     def __call__(self, images: jax.Array, keypoints: jax.Array,
@@ -177,7 +178,7 @@ class KPN(nn.Module):
         # (and, through weight decay, shrink weights nothing reads).
         feature_maps = ResNet(self.depth, None, self.dtype, self.param_dtype, self.width,
                               self.conv1x1, last_stage=self.feature_layer,
-                              name="backbone")(x, train)
+                              conv3x3=self.conv3x3, name="backbone")(x, train)
         feature_map = feature_maps[self.feature_layer]
 
         # Coordinates and pooled averages stay in >= float32 for a bfloat16 backbone.
@@ -213,6 +214,7 @@ class GlobalPoolNet(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     conv1x1: str = "einsum"
+    conv3x3: str = "conv"
 
     @nn.compact
     def __call__(self, images: jax.Array, keypoints: jax.Array | None = None,
@@ -222,7 +224,8 @@ class GlobalPoolNet(nn.Module):
         tasks = _validate_tasks(self.tasks)
         x = normalize_images(images, self.input_mode, self.dtype)
         feature_maps = ResNet(self.depth, None, self.dtype, self.param_dtype, self.width,
-                              self.conv1x1, name="backbone")(x, train)
+                              self.conv1x1, conv3x3=self.conv3x3,
+                              name="backbone")(x, train)
         pooled = jnp.mean(feature_maps["layer4"].astype(_real_dtype(self.dtype)), axis=(1, 2))
         return _heads({task: pooled for task in tasks}, tasks, self.aux_regression, self.dtype,
                       self.param_dtype)

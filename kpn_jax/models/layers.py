@@ -14,9 +14,12 @@ import jax
 import jax.numpy as jnp
 from flax.linen import dtypes
 
+from kpn_jax.models import conv3x3
+
 Dtype = Any
 
 CONV1X1_MODES: tuple[str, ...] = ("einsum", "conv")
+CONV3X3_MODES: tuple[str, ...] = ("matmul", "conv")
 
 # torchvision ResNet: nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu"),
 # i.e. an untruncated normal with std sqrt(2 / (out * kh * kw)).
@@ -91,6 +94,43 @@ class Conv1x1(nn.Module):
             return y.reshape(batch, height, width, self.features)
         return jax.lax.conv_general_dilated(
             x, kernel, window_strides=(self.stride, self.stride), padding=((0, 0), (0, 0)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+class Conv3x3(nn.Module):
+    """Bias-free 3x3 convolution, padding 1 (torchvision's), parameter ``kernel [3, 3, in, out]``.
+
+    ``mode='conv'`` is ``lax.conv_general_dilated``. ``mode='matmul'`` (see
+    :mod:`kpn_jax.models.conv3x3`) moves work XLA:CPU does slowly onto matrix products:
+    a stride-1 float32 convolution with at least 128 input channels on a map of at least
+    32 x 32 pixels runs as Winograd F(4x4, 3x3) (the same function to about 1e-5 of the
+    output's scale), and a stride-2 convolution gets its input gradient from one product
+    (the same numbers to float rounding); other cases are the convolution. The parameter
+    is ``nn.Conv``'s, so checkpoints are interchangeable between modes.
+    """
+
+    features: int
+    stride: int = 1
+    mode: str = "conv"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Any = kaiming_normal_fan_out
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x [B, H, W, Cin]`` -> ``[B, ceil(H/s), ceil(W/s), features]`` in ``dtype``."""
+        if self.mode not in CONV3X3_MODES:
+            raise ValueError(f"conv3x3: expected one of {CONV3X3_MODES}, got {self.mode!r}")
+        kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features),
+                            self.param_dtype)
+        x, kernel = dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        if self.mode == "matmul":
+            if conv3x3.winograd_applies(x.shape, self.stride, x.dtype):
+                return conv3x3.winograd_conv3x3(x, kernel)
+            if self.stride == 2:
+                return conv3x3.conv3x3_stride2(x, kernel)
+        return jax.lax.conv_general_dilated(
+            x, kernel, window_strides=(self.stride, self.stride), padding=((1, 1), (1, 1)),
             dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 

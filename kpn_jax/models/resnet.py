@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from kpn_jax.models import pooling
-from kpn_jax.models.layers import (CONV1X1_MODES, BatchNorm, Conv1x1,
+from kpn_jax.models.layers import (CONV1X1_MODES, CONV3X3_MODES, BatchNorm, Conv1x1, Conv3x3,
                                    kaiming_normal_fan_out, torch_linear)
 
 Dtype = Any
@@ -93,14 +93,15 @@ class BasicBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
     conv1x1: str = "einsum"
     bn_momentum: float = 0.9
+    conv3x3: str = "conv"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         """``x [B, H, W, Cin]`` -> ``[B, H/s, W/s, planes]``."""
         dt, pdt = self.dtype, self.param_dtype
-        y = _conv(self.planes, 3, self.stride, "conv1", dt, pdt)(x)
+        y = Conv3x3(self.planes, self.stride, self.conv3x3, dt, pdt, name="conv1")(x)
         y = nn.relu(_batch_norm(train, self.bn_momentum, "bn1", dt, pdt)(y))
-        y = _conv(self.planes, 3, 1, "conv2", dt, pdt)(y)
+        y = Conv3x3(self.planes, 1, self.conv3x3, dt, pdt, name="conv2")(y)
         y = _batch_norm(train, self.bn_momentum, "bn2", dt, pdt)(y)
         shortcut = x
         if self.stride != 1 or x.shape[-1] != self.planes:
@@ -119,6 +120,7 @@ class Bottleneck(nn.Module):
     param_dtype: Dtype = jnp.float32
     conv1x1: str = "einsum"
     bn_momentum: float = 0.9
+    conv3x3: str = "conv"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -127,7 +129,7 @@ class Bottleneck(nn.Module):
         out_channels = self.planes * BOTTLENECK_EXPANSION
         y = Conv1x1(self.planes, 1, self.conv1x1, dt, pdt, name="conv1")(x)
         y = nn.relu(_batch_norm(train, self.bn_momentum, "bn1", dt, pdt)(y))
-        y = _conv(self.planes, 3, self.stride, "conv2", dt, pdt)(y)
+        y = Conv3x3(self.planes, self.stride, self.conv3x3, dt, pdt, name="conv2")(y)
         y = nn.relu(_batch_norm(train, self.bn_momentum, "bn2", dt, pdt)(y))
         y = Conv1x1(out_channels, 1, self.conv1x1, dt, pdt, name="conv3")(y)
         y = _batch_norm(train, self.bn_momentum, "bn3", dt, pdt)(y)
@@ -152,6 +154,8 @@ class ResNet(nn.Module):
         ``width * [1, 2, 4, 8]`` (times 4 for the bottleneck's output).
       conv1x1: ``'einsum'`` or ``'conv'``, how 1x1 convolutions are computed
         (see :class:`Conv1x1`; same parameters either way).
+      conv3x3: ``'conv'`` or ``'matmul'``, how the blocks' 3x3 convolutions are
+        computed (see :class:`Conv3x3`; same parameters either way).
       bn_momentum: flax BatchNorm momentum (0.9 == torch momentum 0.1).
       last_stage: the last stage built and run (``'layer1'`` .. ``'layer4'``). A
         backbone whose user reads only ``layer3`` should stop there: in training its
@@ -167,6 +171,7 @@ class ResNet(nn.Module):
     conv1x1: str = "einsum"
     bn_momentum: float = 0.9
     last_stage: str = "layer4"
+    conv3x3: str = "conv"
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
@@ -187,6 +192,8 @@ class ResNet(nn.Module):
             raise ValueError(f"depth: expected one of {sorted(RESNET_CONFIGS)}, got {self.depth}")
         if self.conv1x1 not in CONV1X1_MODES:
             raise ValueError(f"conv1x1: expected one of {CONV1X1_MODES}, got {self.conv1x1!r}")
+        if self.conv3x3 not in CONV3X3_MODES:
+            raise ValueError(f"conv3x3: expected one of {CONV3X3_MODES}, got {self.conv3x3!r}")
         if self.width < 1:
             raise ValueError(f"width: expected a positive channel count, got {self.width}")
         if images.ndim != 4:
@@ -212,6 +219,7 @@ class ResNet(nn.Module):
             for i in range(num_blocks):
                 stride = 2 if (k > 0 and i == 0) else 1
                 x = block_cls(planes, stride, dt, pdt, self.conv1x1, self.bn_momentum,
+                              self.conv3x3,
                               name=f"layer{k + 1}_{i}")(x, train)
             features[f"layer{k + 1}"] = x
 
