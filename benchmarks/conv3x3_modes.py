@@ -15,8 +15,9 @@ and weight gradient, and the copies XLA makes around them), three ways:
 
 The per-layer gains are larger than the train step's (benchmarks/README.md, section 1):
 within the step the convolutions share the memory bus and the two cores with other work.
-Median of 5 runs after two warm-ups, the three ways interleaved. Speed only: no test
-relies on it.
+Median of 5 runs after two warm-ups, the ways interleaved, best of three rounds; where
+``matmul`` is the convolution itself it is not timed again (the same program timed twice
+differed by up to 15 % on the project's VM). Speed only: no test relies on it.
 """
 
 from __future__ import annotations
@@ -70,24 +71,26 @@ def main() -> None:
         kernel = jnp.asarray(rng.normal(size=(3, 3, channels, channels)).astype(np.float32)
                              * 0.05)
         params = (jnp.ones(channels), jnp.zeros(channels), kernel)
-        ways = {"conv": step_fn(module_conv("conv", stride, channels)),
-                "matmul": step_fn(module_conv("matmul", stride, channels))}
+        applied = ("Winograd" if conv3x3.winograd_applies(x.shape, stride, x.dtype)
+                   else "one-product input gradient" if stride == 2 else "convolution")
+        ways = {"conv": step_fn(module_conv("conv", stride, channels))}
+        if applied != "convolution":
+            ways["matmul"] = step_fn(module_conv("matmul", stride, channels))
         if stride == 1:
             ways["winograd (forced)"] = step_fn(conv3x3.winograd_conv3x3)
         reference = ways["conv"](params, x)[2]
         errors = {k: float(jnp.max(jnp.abs(f(params, x)[2] - reference))
                            / jnp.max(jnp.abs(reference))) for k, f in ways.items() if k != "conv"}
         times = {k: [] for k in ways}
-        for _ in range(2):
+        for _ in range(3):
             for k, f in ways.items():
                 times[k].append(median_ms(f, params, x, warmups=2))
         best = {k: min(v) for k, v in times.items()}
+        best.setdefault("matmul", best["conv"])  # the same program
         for k in totals:
             totals[k] += count * best[k]
-        applied = ("Winograd" if conv3x3.winograd_applies(x.shape, stride, x.dtype)
-                   else "one-product input gradient" if stride == 2 else "convolution")
-        line = "  ".join(f"{k} {best[k]:6.1f}" for k in ways)
-        err = "  ".join(f"{k} {e:.1e}" for k, e in errors.items())
+        line = "  ".join(f"{k} {best[k]:6.1f}" for k in ways if k in times)
+        err = "  ".join(f"{k} {e:.1e}" for k, e in errors.items()) or "-"
         print(f"{name:15s} x{count}  {line}   matmul/conv {best['matmul'] / best['conv']:.2f} "
               f"(matmul mode: {applied}; weight-gradient difference {err})", flush=True)
     print(f"per step (x count): conv {totals['conv']:.0f} ms, matmul {totals['matmul']:.0f} ms, "

@@ -1,17 +1,17 @@
 """3x3 convolutions as matrix products, for XLA:CPU: Winograd F(4x4, 3x3) for stride 1, and
-a one-product input gradient for stride 2 (:func:`conv3x3_stride2`, at the end).
+a one-product input gradient for stride 2 (:func:`conv3x3_stride2`, at the end). The
+ResNet's ``conv3x3='matmul'`` (``config.model.conv3x3='auto'`` on CPU) uses both.
 
-Stride 1: Winograd's minimal filtering.
-
-Each 6x6 input tile ``d`` (stride 4) gives a 4x4 output tile
+Stride 1, Winograd's minimal filtering: each 6x6 input tile ``d`` (stride 4) gives a 4x4 output tile
 ``Y = A^T [(G w G^T) . (B^T d B)] A`` (Lavin & Gray, "Fast Algorithms for Convolutional
 Neural Networks", 2016): the 36 elementwise products become 36 matrix products
 ``[tiles, Cin] @ [Cin, Cout]``, 4x fewer multiplications than the direct convolution, and
 the input/output transforms are additions XLA fuses. On XLA:CPU the matrix products run
 on its fast dot path (YNNPACK in jaxlib 0.10), while its direct 3x3 convolution and,
 above all, its weight gradient (an Eigen convolution over a transposed copy of the
-activations) are slower: the ResNet-50 layer1/layer2 3x3 convolutions' forward + both
-gradients took 10-27 % less time this way (benchmarks/README.md, section 1).
+activations) are slower. Per layer (``benchmarks/conv3x3_modes.py``) this pays only with
+enough channels and tiles (:func:`winograd_applies`); in the ResNet-50 train step it is the
+three stride-1 layer2 convolutions (benchmarks/README.md, section 1).
 
 The gradient is written out (:func:`winograd_conv3x3`'s ``custom_vjp``): the input gradient is
 the same Winograd convolution of the output gradient with the flipped, transposed kernel,
@@ -20,7 +20,7 @@ output-gradient tiles over the tiles, ``[Cin, tiles] @ [tiles, Cout]`` for each 
 points, then maps back with ``G^T . G``. Same function as
 ``lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)))``; in float32 the outputs
 differ from it by about 1e-5 of their largest magnitude (the transforms' coefficients,
-up to 8, lose a few bits), which is why :func:`applies` admits float32 only.
+up to 8, lose a few bits), which is why :func:`winograd_applies` admits float32 only.
 """
 
 from __future__ import annotations
