@@ -51,7 +51,28 @@ def torch_linear(features: int, fan_in: int, name: str, dtype: Dtype = jnp.float
                     bias_init=torch_linear_bias_init(fan_in), name=name)
 
 
-class Conv1x1(nn.Module):
+class _SquareConv(nn.Module):
+    """Fields and kernel of the bias-free square convolutions below (``kernel [k, k, in, out]``,
+    ``nn.Conv``'s parameter)."""
+
+    features: int
+    stride: int = 1
+    mode: str = ""
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Any = kaiming_normal_fan_out
+
+    def _checked_input_and_kernel(self, x: jax.Array, size: int, modes: tuple[str, ...],
+                                  option: str) -> tuple[jax.Array, jax.Array]:
+        """Checks ``mode``, creates the kernel, returns both in the compute dtype."""
+        if self.mode not in modes:
+            raise ValueError(f"{option}: expected one of {modes}, got {self.mode!r}")
+        kernel = self.param("kernel", self.kernel_init, (size, size, x.shape[-1], self.features),
+                            self.param_dtype)
+        return dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+
+
+class Conv1x1(_SquareConv):
     """Bias-free 1x1 convolution with stride, parameter ``kernel [1, 1, in, out]``.
 
     ``mode='einsum'`` computes it as ``x[:, ::s, ::s, :]`` followed by a matrix
@@ -67,21 +88,12 @@ class Conv1x1(nn.Module):
       mode: ``'einsum'`` or ``'conv'``.
     """
 
-    features: int
-    stride: int = 1
     mode: str = "einsum"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    kernel_init: Any = kaiming_normal_fan_out
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x [B, H, W, Cin]`` -> ``[B, ceil(H/s), ceil(W/s), features]`` in ``dtype``."""
-        if self.mode not in CONV1X1_MODES:
-            raise ValueError(f"conv1x1: expected one of {CONV1X1_MODES}, got {self.mode!r}")
-        kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features),
-                            self.param_dtype)
-        x, kernel = dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        x, kernel = self._checked_input_and_kernel(x, 1, CONV1X1_MODES, "conv1x1")
         if self.mode == "einsum":
             if self.stride > 1:
                 x = x[:, ::self.stride, ::self.stride, :]
@@ -97,7 +109,7 @@ class Conv1x1(nn.Module):
             dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-class Conv3x3(nn.Module):
+class Conv3x3(_SquareConv):
     """Bias-free 3x3 convolution, padding 1 (torchvision's), parameter ``kernel [3, 3, in, out]``.
 
     ``mode='conv'`` is ``lax.conv_general_dilated``. ``mode='matmul'`` (see
@@ -109,21 +121,12 @@ class Conv3x3(nn.Module):
     is ``nn.Conv``'s, so checkpoints are interchangeable between modes.
     """
 
-    features: int
-    stride: int = 1
     mode: str = "conv"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    kernel_init: Any = kaiming_normal_fan_out
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x [B, H, W, Cin]`` -> ``[B, ceil(H/s), ceil(W/s), features]`` in ``dtype``."""
-        if self.mode not in CONV3X3_MODES:
-            raise ValueError(f"conv3x3: expected one of {CONV3X3_MODES}, got {self.mode!r}")
-        kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features),
-                            self.param_dtype)
-        x, kernel = dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        x, kernel = self._checked_input_and_kernel(x, 3, CONV3X3_MODES, "conv3x3")
         if self.mode == "matmul":
             if conv3x3.winograd_applies(x.shape, self.stride, x.dtype):
                 return conv3x3.winograd_conv3x3(x, kernel)
