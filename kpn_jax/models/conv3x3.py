@@ -158,6 +158,7 @@ def _conv3x3_bwd(residuals, grad_out):
     pixel = [[padded[:, i::TILE, j::TILE] for j in range(TILE)] for i in range(TILE)]
     a_matrix = _AT.T  # [6, 4]
     by_column = [_combine(a_matrix, [pixel[i][j] for i in range(TILE)]) for j in range(TILE)]
+    # Recomputed rather than saved by the forward: the tiles are 2.25x the input's size.
     input_tiles = _input_tiles(x)
     grad_transformed = []
     for a in range(_SPAN):
@@ -174,8 +175,10 @@ def _conv3x3_bwd(residuals, grad_out):
 winograd_conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
 
 
-def _strided_forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    return jax.lax.conv_general_dilated(x, kernel, (2, 2), ((1, 1), (1, 1)),
+def convolution(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """The 3x3 convolution as XLA computes it: ``lax.conv_general_dilated``, padding 1 (NHWC,
+    HWIO), ``[B, H, W, Cin]`` -> ``[B, ceil(H/s), ceil(W/s), Cout]``."""
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((1, 1), (1, 1)),
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
@@ -195,18 +198,18 @@ def conv3x3_stride2(x: jax.Array, kernel: jax.Array) -> jax.Array:
     Returns:
       ``[B, ceil(H/2), ceil(W/2), Cout]``.
     """
-    return _strided_forward(x, kernel)
+    return convolution(x, kernel, 2)
 
 
 def _stride2_fwd(x, kernel):
-    return _strided_forward(x, kernel), (x, kernel)
+    return convolution(x, kernel, 2), (x, kernel)
 
 
 def _stride2_bwd(residuals, grad_out):
     x, kernel = residuals
     batch, height, width, in_channels = x.shape
     _, out_h, out_w, out_channels = grad_out.shape
-    _, weight_vjp = jax.vjp(lambda k: _strided_forward(x, k), kernel)
+    _, weight_vjp = jax.vjp(lambda k: convolution(x, k, 2), kernel)
     grad_kernel, = weight_vjp(grad_out)
     # taps[b, i, j, u, v, c]: output pixel (i, j)'s gradient sent through kernel tap (u, v);
     # it lands on padded input pixel (2i + u, 2j + v), i.e. input pixel (2i + u - 1, ...).

@@ -132,9 +132,7 @@ class Conv3x3(_SquareConv):
                 return conv3x3.winograd_conv3x3(x, kernel)
             if self.stride == 2:
                 return conv3x3.conv3x3_stride2(x, kernel)
-        return jax.lax.conv_general_dilated(
-            x, kernel, window_strides=(self.stride, self.stride), padding=((1, 1), (1, 1)),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return conv3x3.convolution(x, kernel, self.stride)
 
 
 class BatchNorm(nn.Module):

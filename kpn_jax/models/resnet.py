@@ -60,15 +60,6 @@ def stage_channels(depth: int, width: int = 64) -> dict[str, int]:
     return channels
 
 
-def _conv(features: int, kernel: int, stride: int, name: str, dtype: Dtype,
-          param_dtype: Dtype) -> nn.Conv:
-    """Bias-free k x k convolution with torchvision's symmetric padding k // 2."""
-    pad = kernel // 2
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                   padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
-                   param_dtype=param_dtype, kernel_init=kaiming_normal_fan_out, name=name)
-
-
 def num_stages(last_stage: str) -> int:
     """``'layer1'`` .. ``'layer4'`` -> 1 .. 4 (the stages a ResNet ending there has)."""
     if last_stage not in STAGES:
