@@ -40,7 +40,7 @@ def get_config():
         aux_regression=False,         # Antony et al.'s auxiliary regression head
         input_mode="repeat",          # 'repeat' grey -> 3 channels, or 'single' channel stem
         conv1x1="einsum",             # 'einsum' or 'conv' (same parameters, same numbers)
-        conv3x3="auto",               # 'auto' ('matmul' on CPU, else 'conv'), 'matmul' or 'conv'
+        conv3x3="auto",               # 'auto' (CPU: 'onednn', else 'matmul'; GPU: 'conv'), or one of those
     ))
     config.dtype = "float32"          # compute dtype: 'float32' or 'bfloat16'
     config.init_from = ""             # torchvision ResNet weights (.pth/.safetensors) for the backbone

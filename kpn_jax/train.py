@@ -29,7 +29,7 @@ from kpn_jax import augment as augment_lib
 from kpn_jax import checkpointing, evaluate as eval_lib
 from kpn_jax import gmm as gmm_lib
 from kpn_jax import grades as grades_lib
-from kpn_jax import input_pipeline, keypoints as kp_lib, losses, parallel
+from kpn_jax import input_pipeline, keypoints as kp_lib, losses, native, parallel
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DATA_INFO = "data_info.json"  # image size and keypoint schema of the training data
@@ -88,17 +88,49 @@ def config_to_dict(config) -> dict:
 # ----------------------------------------------------------------------------- model + state
 
 
-CONV3X3_CHOICES = ("auto", "matmul", "conv")
+CONV3X3_CHOICES = ("auto", "matmul", "conv", "onednn")
 
 
-def conv3x3_mode(configured: str, backend: str) -> str:
-    """``config.model.conv3x3`` for the model: ``'auto'`` is ``'matmul'`` on the CPU backend
-    (faster there, benchmarks/README.md section 1) and ``'conv'`` on GPU/TPU, whose
-    convolution libraries already use fast algorithms."""
+def conv3x3_mode(configured: str, backend: str, num_devices: int = 1,
+                 onednn_availability=native.availability) -> str:
+    """``config.model.conv3x3`` for the model.
+
+    ``'auto'`` is ``'onednn'`` on a single CPU device where :mod:`kpn_jax.native` builds
+    and passes its check (the fastest there, benchmarks/README.md section 1), else
+    ``'matmul'`` on CPU (with a warning saying why oneDNN is not used), and ``'conv'`` on
+    GPU/TPU, whose convolution libraries are already fast. ``'onednn'`` asked for
+    explicitly must be usable: oneDNN runs on the CPU, and its custom calls have no
+    sharding rule, so with several devices XLA would gather every batch onto each one.
+
+    Args:
+      configured: ``config.model.conv3x3``.
+      backend: ``jax.default_backend()``.
+      num_devices: ``jax.device_count()`` (all processes).
+      onednn_availability: ``() -> (ok, why_not)``, :func:`kpn_jax.native.availability`.
+    """
     if configured not in CONV3X3_CHOICES:
         raise ValueError(f"model.conv3x3: expected one of {CONV3X3_CHOICES}, got {configured!r}")
     if configured == "auto":
-        return "matmul" if backend == "cpu" else "conv"
+        if backend != "cpu":
+            return "conv"
+        if num_devices > 1:
+            return "matmul"
+        ok, why_not = onednn_availability()
+        if not ok:
+            logging.warning("model.conv3x3='auto': oneDNN convolutions unavailable, using "
+                            "'matmul' (%s)", why_not)
+            return "matmul"
+        return "onednn"
+    if configured == "onednn":
+        if backend != "cpu":
+            raise ValueError(f"model.conv3x3='onednn' runs on the CPU backend, not {backend!r}; "
+                             f"use 'auto' or 'conv'")
+        if num_devices > 1:
+            raise ValueError(f"model.conv3x3='onednn' runs on a single device (its custom calls "
+                             f"cannot be sharded), not {num_devices}; use 'auto' or 'matmul'")
+        ok, why_not = onednn_availability()
+        if not ok:
+            raise native.OneDnnUnavailable(f"model.conv3x3='onednn': {why_not}")
     return configured
 
 
@@ -108,7 +140,7 @@ def create_model(config, keypoint_schema: str = "kneel16"):
 
     m = config.model
     # Configs saved before conv3x3 existed mean the default.
-    conv3x3 = conv3x3_mode(m.get("conv3x3", "auto"), jax.default_backend())
+    conv3x3 = conv3x3_mode(m.get("conv3x3", "auto"), jax.default_backend(), jax.device_count())
     kwargs = dict(depth=m.depth, width=m.width, tasks=tuple(config.tasks),
                   aux_regression=m.aux_regression, input_mode=m.input_mode,
                   dtype=DTYPES[config.dtype], conv1x1=m.conv1x1, conv3x3=conv3x3)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kpn_jax import train
+from kpn_jax import native, train
 from kpn_jax.models import conv3x3
 from kpn_jax.models.layers import Conv3x3
 from kpn_jax.models.resnet import ResNet
@@ -154,11 +154,24 @@ def test_resnet_conv3x3_modes_agree_and_bad_mode_is_named():
         jit_init(ResNet(18, conv3x3="fft"), images[:, :32, :32])
 
 
-def test_config_auto_picks_matmul_on_cpu_only():
-    assert train.conv3x3_mode("auto", "cpu") == "matmul"
-    assert train.conv3x3_mode("auto", "gpu") == "conv"
-    assert train.conv3x3_mode("auto", "tpu") == "conv"
-    assert train.conv3x3_mode("conv", "cpu") == "conv"
-    assert train.conv3x3_mode("matmul", "gpu") == "matmul"
+def test_config_auto_rule_and_explicit_onednn_errors():
+    """'auto': oneDNN on one CPU device when it works, else 'matmul' on CPU; 'conv' on
+    GPU/TPU. An explicit 'onednn' that cannot run is an error naming the reason."""
+    works = lambda: (True, "")  # noqa: E731
+    broken = lambda: (False, "no C++ compiler found")  # noqa: E731
+    assert train.conv3x3_mode("auto", "cpu", 1, works) == "onednn"
+    assert train.conv3x3_mode("auto", "cpu", 1, broken) == "matmul"
+    assert train.conv3x3_mode("auto", "cpu", 2, works) == "matmul"
+    assert train.conv3x3_mode("auto", "gpu", 1, works) == "conv"
+    assert train.conv3x3_mode("auto", "tpu", 1, works) == "conv"
+    assert train.conv3x3_mode("conv", "cpu", 1, works) == "conv"
+    assert train.conv3x3_mode("matmul", "gpu", 1, works) == "matmul"
+    assert train.conv3x3_mode("onednn", "cpu", 1, works) == "onednn"
+    with pytest.raises(native.OneDnnUnavailable, match="no C.. compiler"):
+        train.conv3x3_mode("onednn", "cpu", 1, broken)
+    with pytest.raises(ValueError, match="CPU backend"):
+        train.conv3x3_mode("onednn", "gpu", 1, works)
+    with pytest.raises(ValueError, match="single device"):
+        train.conv3x3_mode("onednn", "cpu", 2, works)
     with pytest.raises(ValueError, match="model.conv3x3"):
         train.conv3x3_mode("winnograd", "cpu")

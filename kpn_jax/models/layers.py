@@ -14,12 +14,13 @@ import jax
 import jax.numpy as jnp
 from flax.linen import dtypes
 
+from kpn_jax import native
 from kpn_jax.models import conv3x3
 
 Dtype = Any
 
 CONV1X1_MODES: tuple[str, ...] = ("einsum", "conv")
-CONV3X3_MODES: tuple[str, ...] = ("matmul", "conv")
+CONV3X3_MODES: tuple[str, ...] = ("matmul", "conv", "onednn")
 
 # torchvision ResNet: nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu"),
 # i.e. an untruncated normal with std sqrt(2 / (out * kh * kw)).
@@ -117,8 +118,11 @@ class Conv3x3(_SquareConv):
     a stride-1 float32 convolution with at least 128 input channels on a map of at least
     32 x 32 pixels runs as Winograd F(4x4, 3x3) (the same function to about 1e-5 of the
     output's scale), and a stride-2 convolution gets its input gradient from one product
-    (the same numbers to float rounding); other cases are the convolution. The parameter
-    is ``nn.Conv``'s, so checkpoints are interchangeable between modes.
+    (the same numbers to float rounding); other cases are the convolution.
+    ``mode='onednn'`` runs float32 convolutions and both their gradients through oneDNN
+    (:mod:`kpn_jax.native`, CPU only; the same function to float rounding) and other
+    dtypes as ``'matmul'``. The parameter is ``nn.Conv``'s, so checkpoints are
+    interchangeable between modes.
     """
 
     mode: str = "conv"
@@ -127,12 +131,38 @@ class Conv3x3(_SquareConv):
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x [B, H, W, Cin]`` -> ``[B, ceil(H/s), ceil(W/s), features]`` in ``dtype``."""
         x, kernel = self._checked_input_and_kernel(x, 3, CONV3X3_MODES, "conv3x3")
-        if self.mode == "matmul":
+        if self.mode == "onednn" and x.dtype == jnp.float32:
+            return native.convolution(x, kernel, self.stride, 1)
+        if self.mode in ("matmul", "onednn"):
             if conv3x3.winograd_applies(x.shape, self.stride, x.dtype):
                 return conv3x3.winograd_conv3x3(x, kernel)
             if self.stride == 2:
                 return conv3x3.conv3x3_stride2(x, kernel)
         return conv3x3.convolution(x, kernel, self.stride)
+
+
+class StemConv(_SquareConv):
+    """ResNet's bias-free 7x7 stride-2 stem convolution, padding 3, parameter ``kernel
+    [7, 7, in, out]`` (the same tree as ``nn.Conv(..., use_bias=False)``, so checkpoints
+    and the torchvision converter are unchanged).
+
+    ``mode='onednn'`` runs it through oneDNN when float32 (:mod:`kpn_jax.native`; XLA
+    drops the input gradient, which nothing reads); other modes and dtypes are
+    ``lax.conv_general_dilated``.
+    """
+
+    stride: int = 2
+    mode: str = "conv"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x [B, H, W, Cin]`` -> ``[B, ceil(H/s), ceil(W/s), features]`` in ``dtype``."""
+        x, kernel = self._checked_input_and_kernel(x, 7, CONV3X3_MODES, "conv3x3")
+        if self.mode == "onednn" and x.dtype == jnp.float32:
+            return native.convolution(x, kernel, self.stride, 3)
+        return jax.lax.conv_general_dilated(
+            x, kernel, window_strides=(self.stride, self.stride), padding=((3, 3), (3, 3)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 class BatchNorm(nn.Module):

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from kpn_jax.models import pooling
 from kpn_jax.models.layers import (CONV1X1_MODES, CONV3X3_MODES, BatchNorm, Conv1x1, Conv3x3,
-                                   kaiming_normal_fan_out, torch_linear)
+                                   StemConv, torch_linear)
 
 Dtype = Any
 
@@ -145,8 +145,9 @@ class ResNet(nn.Module):
         ``width * [1, 2, 4, 8]`` (times 4 for the bottleneck's output).
       conv1x1: ``'einsum'`` or ``'conv'``, how 1x1 convolutions are computed
         (see :class:`Conv1x1`; same parameters either way).
-      conv3x3: ``'conv'`` or ``'matmul'``, how the blocks' 3x3 convolutions are
-        computed (see :class:`Conv3x3`; same parameters either way).
+      conv3x3: ``'conv'``, ``'matmul'`` or ``'onednn'``, how the blocks' 3x3
+        convolutions are computed (see :class:`Conv3x3`; same parameters either way);
+        ``'onednn'`` also runs the 7x7 stem through oneDNN (:class:`StemConv`).
       bn_momentum: flax BatchNorm momentum (0.9 == torch momentum 0.1).
       last_stage: the last stage built and run (``'layer1'`` .. ``'layer4'``). A
         backbone whose user reads only ``layer3`` should stop there: in training its
@@ -197,9 +198,7 @@ class ResNet(nn.Module):
         block_cls = Bottleneck if kind == "bottleneck" else BasicBlock
         dt, pdt = self.dtype, self.param_dtype
 
-        x = nn.Conv(self.width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=False,
-                    dtype=dt, param_dtype=pdt, kernel_init=kaiming_normal_fan_out,
-                    name="conv1")(images)
+        x = StemConv(self.width, 2, self.conv3x3, dt, pdt, name="conv1")(images)
         x = nn.relu(_batch_norm(train, self.bn_momentum, "bn1", dt, pdt)(x))
         # Pads with -inf, like torch's MaxPool2d(3, 2, padding=1); pooling.max_pool has
         # nn.max_pool's forward and a gradient XLA:CPU computes 2-2.5x faster.
