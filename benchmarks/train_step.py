@@ -204,23 +204,44 @@ def jaxpr_flops(closed_jaxpr) -> float:
     nested jaxprs included: the model FLOPs of a step as written, counted independently
     of any compiler. Elementwise work (BatchNorm, activations, Adam) is not counted, as
     in the usual model-FLOP-utilisation convention. A strided convolution's input
-    gradient is counted over its dilated input (zeros included), as XLA does."""
-    import jax
+    gradient is counted over its dilated input (zeros included), as XLA does. Work whose
+    result nothing reads (a custom gradient's unused input gradient) is removed first."""
+    from jax._src.interpreters import partial_eval as pe
 
+    jaxpr = closed_jaxpr.jaxpr
+    jaxpr, _ = pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
     total = 0.0
-    for eqn in _jaxpr_eqns(closed_jaxpr.jaxpr):
+    for eqn in _jaxpr_eqns(jaxpr):
         name = eqn.primitive.name
         if name == "conv_general_dilated":
             rhs = eqn.invars[1].aval.shape
             rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, *spatial)
             kernel_macs = rhs[rhs_spec[1]] * int(np.prod([rhs[d] for d in rhs_spec[2:]]))
             total += 2.0 * int(np.prod(eqn.outvars[0].aval.shape)) * kernel_macs
+        elif name == "ffi_call" and str(eqn.params.get("target_name", "")).startswith(
+                "kpn_onednn_conv_"):
+            total += _onednn_conv_flops(str(eqn.params["target_name"]),
+                                        [v.aval.shape for v in eqn.invars],
+                                        eqn.outvars[0].aval.shape)
         elif name == "dot_general":
             (contract_lhs, _), _ = eqn.params["dimension_numbers"]
             lhs = eqn.invars[0].aval.shape
             contracted = int(np.prod([lhs[d] for d in contract_lhs])) if contract_lhs else 1
             total += 2.0 * int(np.prod(eqn.outvars[0].aval.shape)) * contracted
     return total
+
+
+def _onednn_conv_flops(target: str, in_shapes: list, out_shape) -> float:
+    """FLOPs of one of kpn_jax.native's oneDNN custom calls, counted as jaxpr_flops counts
+    the ``conv_general_dilated`` it replaces (the input gradient over the dilated map)."""
+    if target.endswith("_forward"):  # (x, kernel) -> y
+        kh, kw, cin, _ = in_shapes[1]
+        return 2.0 * int(np.prod(out_shape)) * kh * kw * cin
+    if target.endswith("_backward_data"):  # (dy, kernel) -> dx
+        kh, kw, _, cout = in_shapes[1]
+        return 2.0 * int(np.prod(out_shape)) * kh * kw * cout
+    kh, kw, cin, _ = out_shape  # backward_weights: (x, dy) -> dkernel
+    return 2.0 * int(np.prod(in_shapes[1])) * kh * kw * cin
 
 
 def _jaxpr_eqns(jaxpr):
@@ -838,8 +859,8 @@ def parse_args(argv: Sequence[str]):
     parser.add_argument("--conv1x1", default="einsum",
                         help="comma list of kpn-jax 1x1-conv modes: einsum, conv")
     parser.add_argument("--conv3x3", default="auto",
-                        help="comma list of kpn-jax 3x3-conv modes: auto (matmul on CPU), "
-                             "matmul, conv (one runner per 1x1/3x3 pair)")
+                        help="comma list of kpn-jax 3x3-conv modes: auto (onednn on one CPU "
+                             "device), onednn, matmul, conv (one runner per 1x1/3x3 pair)")
     parser.add_argument("--frameworks", default="jax,torch,torch_compile",
                         help=f"comma list from {FRAMEWORKS}")
     parser.add_argument("--mode", default="train", choices=(*MODES, "both"))

@@ -42,3 +42,34 @@ def test_make_config_sets_both_convolution_modes_and_runner_names_tell_them_apar
     conv = train_step.make_config(18, 8, 64, 4, 2, "float32", "keypoints", "conv", True, "conv")
     assert (conv.model.conv1x1, conv.model.conv3x3) == ("conv", "conv")
     assert train_step._jax_runner_name(conv) == "jax[conv,conv3x3=conv]"
+
+
+def test_flop_count_treats_onednn_calls_as_the_convolutions_they_replace(train_step):
+    """jaxpr_flops counts kpn_jax.native's custom calls as XLA's convolutions (the strided
+    input gradient over the dilated map), and not an input gradient nothing reads."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from kpn_jax import native
+
+    if not native.availability()[0]:
+        pytest.skip(native.availability()[1])
+    x = jnp.ones((2, 10, 10, 4), jnp.float32)
+    kernel = jnp.ones((3, 3, 4, 6), jnp.float32)
+
+    def xla(x, kernel):
+        return jnp.sum(jax.lax.conv_general_dilated(x, kernel, (2, 2), ((1, 1), (1, 1)),
+                                                    dimension_numbers=("NHWC", "HWIO", "NHWC")))
+
+    def onednn(x, kernel):
+        return jnp.sum(native.convolution(x, kernel, 2, 1))
+
+    forward = 2 * (2 * 5 * 5 * 6) * 9 * 4          # y [2, 5, 5, 6], 9 * 4 MACs each
+    input_grad = 2 * (2 * 10 * 10 * 4) * 9 * 6     # over the dilated 10 x 10 map
+    weight_grad = forward                          # the same products, summed over pixels
+    for argnums, want in (((0, 1), forward + input_grad + weight_grad),
+                          (1, forward + weight_grad)):
+        counts = [train_step.jaxpr_flops(
+            jax.make_jaxpr(jax.value_and_grad(f, argnums))(x, kernel)) for f in (xla, onednn)]
+        np.testing.assert_array_equal(counts, [want, want])

@@ -74,9 +74,15 @@ def find_libdnnl() -> Path:
 
 
 def _compiler() -> str:
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if not compiler:
-        raise OneDnnUnavailable("no C++ compiler found (set CXX, or install g++)")
+    """``$CXX`` if set (it must exist), else ``c++`` or ``g++`` from ``PATH``."""
+    if os.environ.get("CXX"):
+        compiler = shutil.which(os.environ["CXX"])
+        if compiler is None:
+            raise OneDnnUnavailable(f"CXX={os.environ['CXX']!r}: no such compiler")
+        return compiler
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        raise OneDnnUnavailable("no C++ compiler found (install g++, or set CXX)")
     return compiler
 
 
