@@ -11,7 +11,12 @@ and weight gradient, and the copies XLA makes around them), three ways:
 * ``matmul``: what ``conv3x3='matmul'`` does at that layer (Winograd F(4x4, 3x3) where
   ``kpn_jax.models.conv3x3.winograd_applies``, the one-product input gradient at stride 2,
   else the convolution);
-* ``winograd (forced)``: Winograd at every stride-1 layer, to show where it does not pay.
+* ``winograd (forced)``: Winograd at every stride-1 layer, to show where it does not pay;
+* ``onednn``: ``conv3x3='onednn'`` (oneDNN through ``kpn_jax.native``; ``auto`` on one CPU
+  device), where the library builds here.
+
+A last row times the 7x7 stride-2 stem (``StemConv``: forward and weight gradient, the
+image needs no gradient) as XLA's convolution and through oneDNN.
 
 The per-layer gains are larger than the train step's (benchmarks/README.md, section 1):
 within the step the convolutions share the memory bus and the two cores with other work.
@@ -47,8 +52,13 @@ def main() -> None:
     import numpy as np
 
     from conv_weight_grad import median_ms
+    from kpn_jax import native
     from kpn_jax.models import conv3x3
-    from kpn_jax.models.layers import Conv3x3
+    from kpn_jax.models.layers import Conv3x3, StemConv
+
+    onednn, why_not = native.availability()
+    if not onednn:
+        print(f"# oneDNN unavailable, its column is left out: {why_not}")
 
     def step_fn(convolve):
         def loss(params, x):
@@ -64,7 +74,7 @@ def main() -> None:
 
     print(f"# jax {jax.__version__}, {jax.devices()}, batch {BATCH}, float32; ms per "
           "gradient step of relu(bn(x)) -> 3x3 conv -> relu, median of 5")
-    totals = {"conv": 0.0, "matmul": 0.0}
+    totals = {"conv": 0.0, "matmul": 0.0, **({"onednn": 0.0} if onednn else {})}
     rng = np.random.default_rng(0)
     for name, size, channels, stride, count in LAYERS:
         x = jnp.asarray(rng.normal(size=(BATCH, size, size, channels)).astype(np.float32))
@@ -78,6 +88,8 @@ def main() -> None:
             ways["matmul"] = step_fn(module_conv("matmul", stride, channels))
         if stride == 1:
             ways["winograd (forced)"] = step_fn(conv3x3.winograd_conv3x3)
+        if onednn:
+            ways["onednn"] = step_fn(module_conv("onednn", stride, channels))
         reference = ways["conv"](params, x)[2]
         errors = {k: float(jnp.max(jnp.abs(f(params, x)[2] - reference))
                            / jnp.max(jnp.abs(reference))) for k, f in ways.items() if k != "conv"}
@@ -93,8 +105,29 @@ def main() -> None:
         err = "  ".join(f"{k} {e:.1e}" for k, e in errors.items()) or "-"
         print(f"{name:15s} x{count}  {line}   matmul/conv {best['matmul'] / best['conv']:.2f} "
               f"(matmul mode: {applied}; weight-gradient difference {err})", flush=True)
-    print(f"per step (x count): conv {totals['conv']:.0f} ms, matmul {totals['matmul']:.0f} ms, "
-          f"ratio {totals['matmul'] / totals['conv']:.2f}")
+    print("per step (x count): " + ", ".join(f"{k} {v:.0f} ms" for k, v in totals.items())
+          + f"; matmul/conv {totals['matmul'] / totals['conv']:.2f}"
+          + (f", onednn/conv {totals['onednn'] / totals['conv']:.2f}" if onednn else ""))
+    if onednn:
+        images = jnp.asarray(rng.normal(size=(BATCH, 320, 320, 3)).astype(np.float32))
+        kernel = jnp.asarray(rng.normal(size=(7, 7, 3, 64)).astype(np.float32) * 0.05)
+
+        def stem_step(mode):
+            module = StemConv(64, mode=mode)
+
+            def loss(kernel):
+                y = module.apply({"params": {"kernel": kernel}}, images)
+                return jnp.sum(jnp.maximum(y, 0.0) * y)
+            return jax.jit(jax.grad(loss))
+
+        ways = {"conv": stem_step("conv"), "onednn": stem_step("onednn")}
+        times = {k: [] for k in ways}
+        for _ in range(3):
+            for k, f in ways.items():
+                times[k].append(median_ms(f, kernel, warmups=2))
+        best = {k: min(v) for k, v in times.items()}
+        print(f"{'stem 7x7/2':15s} x1  conv {best['conv']:6.1f}  onednn {best['onednn']:6.1f}   "
+              f"onednn/conv {best['onednn'] / best['conv']:.2f} (forward + weight gradient)")
 
 
 if __name__ == "__main__":

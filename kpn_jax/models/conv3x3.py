@@ -1,6 +1,7 @@
 """3x3 convolutions as matrix products, for XLA:CPU: Winograd F(4x4, 3x3) for stride 1, and
 a one-product input gradient for stride 2 (:func:`conv3x3_stride2`, at the end). The
-ResNet's ``conv3x3='matmul'`` (``config.model.conv3x3='auto'`` on CPU) uses both.
+ResNet's ``conv3x3='matmul'`` uses both (``config.model.conv3x3='auto'`` on CPU where
+oneDNN, :mod:`kpn_jax.native`, is unavailable, or with several devices).
 
 Stride 1, Winograd's minimal filtering: each 6x6 input tile ``d`` (stride 4) gives a 4x4 output tile
 ``Y = A^T [(G w G^T) . (B^T d B)] A`` (Lavin & Gray, "Fast Algorithms for Convolutional
