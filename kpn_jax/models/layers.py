@@ -72,6 +72,12 @@ class _SquareConv(nn.Module):
                             self.param_dtype)
         return dtypes.promote_dtype(x, kernel, dtype=self.dtype)
 
+    def _on_onednn(self, x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array | None:
+        """``mode='onednn'``: the convolution through oneDNN if float32, else ``None``."""
+        if self.mode == "onednn" and x.dtype == jnp.float32:
+            return native.convolution(x, kernel, self.stride, padding)
+        return None
+
 
 class Conv1x1(_SquareConv):
     """Bias-free 1x1 convolution with stride, parameter ``kernel [1, 1, in, out]``.
@@ -131,8 +137,8 @@ class Conv3x3(_SquareConv):
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x [B, H, W, Cin]`` -> ``[B, ceil(H/s), ceil(W/s), features]`` in ``dtype``."""
         x, kernel = self._checked_input_and_kernel(x, 3, CONV3X3_MODES, "conv3x3")
-        if self.mode == "onednn" and x.dtype == jnp.float32:
-            return native.convolution(x, kernel, self.stride, 1)
+        if (y := self._on_onednn(x, kernel, 1)) is not None:
+            return y
         if self.mode in ("matmul", "onednn"):
             if conv3x3.winograd_applies(x.shape, self.stride, x.dtype):
                 return conv3x3.winograd_conv3x3(x, kernel)
@@ -158,8 +164,8 @@ class StemConv(_SquareConv):
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x [B, H, W, Cin]`` -> ``[B, ceil(H/s), ceil(W/s), features]`` in ``dtype``."""
         x, kernel = self._checked_input_and_kernel(x, 7, CONV3X3_MODES, "conv3x3")
-        if self.mode == "onednn" and x.dtype == jnp.float32:
-            return native.convolution(x, kernel, self.stride, 3)
+        if (y := self._on_onednn(x, kernel, 3)) is not None:
+            return y
         return jax.lax.conv_general_dilated(
             x, kernel, window_strides=(self.stride, self.stride), padding=((3, 3), (3, 3)),
             dimension_numbers=("NHWC", "HWIO", "NHWC"))
