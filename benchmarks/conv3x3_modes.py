@@ -68,6 +68,14 @@ def main() -> None:
             return jnp.sum(jnp.maximum(y, 0.0) * y)
         return jax.jit(jax.grad(loss))
 
+    def best_of_rounds(ways, *args):
+        """Best of three rounds of each way's median, the ways interleaved in every round."""
+        times = {k: [] for k in ways}
+        for _ in range(3):
+            for k, f in ways.items():
+                times[k].append(median_ms(f, *args, warmups=2))
+        return {k: min(v) for k, v in times.items()}
+
     def module_conv(mode, stride, channels):
         module = Conv3x3(channels, stride, mode)  # the model's own layer, kernel passed in
         return lambda h, kernel: module.apply({"params": {"kernel": kernel}}, h)
@@ -93,15 +101,11 @@ def main() -> None:
         reference = ways["conv"](params, x)[2]
         errors = {k: float(jnp.max(jnp.abs(f(params, x)[2] - reference))
                            / jnp.max(jnp.abs(reference))) for k, f in ways.items() if k != "conv"}
-        times = {k: [] for k in ways}
-        for _ in range(3):
-            for k, f in ways.items():
-                times[k].append(median_ms(f, params, x, warmups=2))
-        best = {k: min(v) for k, v in times.items()}
+        best = best_of_rounds(ways, params, x)
+        line = "  ".join(f"{k} {best[k]:6.1f}" for k in ways)
         best.setdefault("matmul", best["conv"])  # the same program
         for k in totals:
             totals[k] += count * best[k]
-        line = "  ".join(f"{k} {best[k]:6.1f}" for k in ways if k in times)
         err = "  ".join(f"{k} {e:.1e}" for k, e in errors.items()) or "-"
         print(f"{name:15s} x{count}  {line}   matmul/conv {best['matmul'] / best['conv']:.2f} "
               f"(matmul mode: {applied}; weight-gradient difference {err})", flush=True)
@@ -120,12 +124,7 @@ def main() -> None:
                 return jnp.sum(jnp.maximum(y, 0.0) * y)
             return jax.jit(jax.grad(loss))
 
-        ways = {"conv": stem_step("conv"), "onednn": stem_step("onednn")}
-        times = {k: [] for k in ways}
-        for _ in range(3):
-            for k, f in ways.items():
-                times[k].append(median_ms(f, kernel, warmups=2))
-        best = {k: min(v) for k, v in times.items()}
+        best = best_of_rounds({"conv": stem_step("conv"), "onednn": stem_step("onednn")}, kernel)
         print(f"{'stem 7x7/2':15s} x1  conv {best['conv']:6.1f}  onednn {best['onednn']:6.1f}   "
               f"onednn/conv {best['onednn'] / best['conv']:.2f} (forward + weight gradient)")
 

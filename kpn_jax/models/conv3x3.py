@@ -176,10 +176,11 @@ def _conv3x3_bwd(residuals, grad_out):
 winograd_conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
 
 
-def convolution(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-    """The 3x3 convolution as XLA computes it: ``lax.conv_general_dilated``, padding 1 (NHWC,
-    HWIO), ``[B, H, W, Cin]`` -> ``[B, ceil(H/s), ceil(W/s), Cout]``."""
-    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((1, 1), (1, 1)),
+def convolution(x: jax.Array, kernel: jax.Array, stride: int, padding: int = 1) -> jax.Array:
+    """The convolution as XLA computes it: ``lax.conv_general_dilated`` (NHWC, HWIO), zero
+    padding ``padding`` on every side (1: the 3x3's; the 7x7 stem passes 3),
+    ``[B, H, W, Cin]`` -> ``[B, (H + 2p - kh) // s + 1, (W + 2p - kw) // s + 1, Cout]``."""
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((padding, padding),) * 2,
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 

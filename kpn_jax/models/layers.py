@@ -166,9 +166,7 @@ class StemConv(_SquareConv):
         x, kernel = self._checked_input_and_kernel(x, 7, CONV3X3_MODES, "conv3x3")
         if (y := self._on_onednn(x, kernel, 3)) is not None:
             return y
-        return jax.lax.conv_general_dilated(
-            x, kernel, window_strides=(self.stride, self.stride), padding=((3, 3), (3, 3)),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return conv3x3.convolution(x, kernel, self.stride, 3)
 
 
 class BatchNorm(nn.Module):

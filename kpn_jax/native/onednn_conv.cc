@@ -106,6 +106,7 @@ dnnl_status_t KernelDesc(dnnl_memory_desc_t* md, const Shape& s) {
 // One primitive per (kind, shape), created once and executed from any thread.
 struct Primitive {
   dnnl_primitive_t conv = nullptr;
+  MemoryDesc activations, outputs;  // x or dx, and y or dy: NHWC
   // The kernel layout the primitive chose, and the reorder between it and HWIO
   // (HWIO -> chosen before forward / backward-data, chosen -> HWIO after backward-weights).
   MemoryDesc kernel_hwio, kernel_chosen, scratchpad;
@@ -121,9 +122,10 @@ std::map<std::tuple<int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, i
     cache;
 
 ffi::Error Create(Kind kind, const Shape& s, Primitive* p) {
-  MemoryDesc src, dst, kernel_any;
-  KPN_DNNL(ActivationDesc(&src.md, s.n, s.h, s.w, s.c));
-  KPN_DNNL(ActivationDesc(&dst.md, s.n, s.oh, s.ow, s.o));
+  MemoryDesc kernel_any;
+  KPN_DNNL(ActivationDesc(&p->activations.md, s.n, s.h, s.w, s.c));
+  KPN_DNNL(ActivationDesc(&p->outputs.md, s.n, s.oh, s.ow, s.o));
+  const_dnnl_memory_desc_t src = p->activations.md, dst = p->outputs.md;
   KPN_DNNL(KernelDesc(&p->kernel_hwio.md, s));
   dnnl_dims_t kernel_dims = {s.o, s.c, s.kh, s.kw};
   KPN_DNNL(dnnl_memory_desc_create_with_tag(&kernel_any.md, 4, kernel_dims, dnnl_f32,
@@ -140,8 +142,8 @@ ffi::Error Create(Kind kind, const Shape& s, Primitive* p) {
 
   dnnl_primitive_desc_t forward_pd = nullptr, pd = nullptr;
   KPN_DNNL(dnnl_convolution_forward_primitive_desc_create(
-      &forward_pd, Engine(), dnnl_forward_training, dnnl_convolution_direct, src.md,
-      kernel_any.md, nullptr, dst.md, strides, dilations, padding_l, padding_r, attr));
+      &forward_pd, Engine(), dnnl_forward_training, dnnl_convolution_direct, src,
+      kernel_any.md, nullptr, dst, strides, dilations, padding_l, padding_r, attr));
   std::unique_ptr<dnnl_primitive_desc, dnnl_status_t (*)(dnnl_primitive_desc_t)> forward_guard(
       forward_pd, dnnl_primitive_desc_destroy);
   dnnl_query_t kernel_query = dnnl_query_weights_md;
@@ -150,11 +152,11 @@ ffi::Error Create(Kind kind, const Shape& s, Primitive* p) {
     pd = forward_pd;
   } else if (kind == kBackwardData) {
     KPN_DNNL(dnnl_convolution_backward_data_primitive_desc_create(
-        &pd, Engine(), dnnl_convolution_direct, src.md, kernel_any.md, dst.md, strides,
+        &pd, Engine(), dnnl_convolution_direct, src, kernel_any.md, dst, strides,
         dilations, padding_l, padding_r, forward_pd, attr));
   } else {
     KPN_DNNL(dnnl_convolution_backward_weights_primitive_desc_create(
-        &pd, Engine(), dnnl_convolution_direct, src.md, kernel_any.md, nullptr, dst.md, strides,
+        &pd, Engine(), dnnl_convolution_direct, src, kernel_any.md, nullptr, dst, strides,
         dilations, padding_l, padding_r, forward_pd, attr));
     kernel_query = dnnl_query_diff_weights_md;
   }
@@ -211,12 +213,9 @@ ffi::Error Run(Kind kind, const Shape& s, void* activations, void* kernel, void*
   ffi::Error error = Get(kind, s, &p);
   if (error.failure()) return error;
   thread_local ThreadBuffer kernel_buffer, scratchpad_buffer;
-  MemoryDesc src_md, dst_md;
-  KPN_DNNL(ActivationDesc(&src_md.md, s.n, s.h, s.w, s.c));
-  KPN_DNNL(ActivationDesc(&dst_md.md, s.n, s.oh, s.ow, s.o));
   Memory src, dst, kernel_hwio, kernel_chosen, scratchpad;
-  KPN_DNNL(dnnl_memory_create(&src.mem, src_md.md, Engine(), activations));
-  KPN_DNNL(dnnl_memory_create(&dst.mem, dst_md.md, Engine(), outputs));
+  KPN_DNNL(dnnl_memory_create(&src.mem, p->activations.md, Engine(), activations));
+  KPN_DNNL(dnnl_memory_create(&dst.mem, p->outputs.md, Engine(), outputs));
   KPN_DNNL(dnnl_memory_create(&kernel_hwio.mem, p->kernel_hwio.md, Engine(), kernel));
   KPN_DNNL(dnnl_memory_create(&scratchpad.mem, p->scratchpad.md, Engine(),
                               scratchpad_buffer.get(p->scratchpad_bytes)));
