@@ -3,7 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-EXTRAS ?= test
+# The cpu extra adds oneDNN convolutions for XLA:CPU (Linux x86-64; nothing elsewhere):
+# `make demo` and `make test` run on a CPU. EXTRAS=test gives the plain install.
+EXTRAS ?= test,cpu
 
 .PHONY: demo test venv clean
 

@@ -12,22 +12,8 @@ import os
 import re
 import sys
 
-if __name__ == "__main__":
-    from kpn_jax import malloc_tunables
-
-    # Restarts this process once with glibc settings that keep freed memory for reuse: XLA's
-    # per-step temporaries otherwise cost a page fault per 4 KiB every step (~20 % of a CPU
-    # train step; KPN_JAX_MALLOC_TUNABLES=0 opts out; see kpn_jax/malloc_tunables.py).
-    malloc_tunables.reexec_with_tunables()
-
-from kpn_jax import xla_flags  # noqa: E402
-
-# Before anything starts JAX's backend: faster CPU convolutions on the jaxlib versions where
-# this was measured (KPN_JAX_DEFAULT_XLA_FLAGS=0 opts out; see kpn_jax/xla_flags.py).
-xla_flags.apply_defaults()
-
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
@@ -83,6 +69,11 @@ def _run(argv) -> None:
         parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                         FLAGS.process_id, auto=FLAGS.multihost)
     config = FLAGS.config
+    if FLAGS.mode in ("train", "evaluate", "fit_gmm"):
+        from data_prep import synthetic_knee
+
+        # The embedded synthetic knees are built on first use (identical builds are reused).
+        synthetic_knee.build_for_config(config)
     if config.get("task") == "landmarks":
         _run_landmarks(config)
     elif FLAGS.mode == "train":
@@ -104,8 +95,7 @@ def _run(argv) -> None:
                               sides=_sides(), output_dir=FLAGS.output or None,
                               landmark_workdir=FLAGS.landmark_workdir or None)
     elif FLAGS.mode == "compare_torch":
-        sys.path.insert(0, "benchmarks")
-        import compare_torch  # benchmarks/compare_torch.py
+        from kpn_jax.interop import compare_torch
 
         compare_torch.main_with_config(config)
 

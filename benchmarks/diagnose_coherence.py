@@ -57,7 +57,7 @@ def diagnose(workdir: Path, num_images: int) -> None:
     else:
         print("  no gmm.npz: a run without coherence learning")
 
-    model, variables, restored = predict._restore_variables(
+    model, variables, restored = predict.restore_variables(
         config, workdir, handle.image_size, handle.keypoint_schema, which="latest")
     source = handle.split("validation")
     count = min(num_images, len(source))

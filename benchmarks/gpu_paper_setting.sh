@@ -8,9 +8,8 @@
 # jaxpr) and the model FLOP utilisation against the GPU's dense peak (TF32 for float32,
 # bf16 for bfloat16; known H100/H200/A100 names, else set PEAK_TFLOPS_FLOAT32/_BFLOAT16).
 #
-# float32 times both 1x1-convolution implementations of the ResNet (einsum, the CPU
-# default, and XLA's convolution) to pick the GPU default; bfloat16 times einsum only
-# (override with CONV1X1_FLOAT32 / CONV1X1_BFLOAT16, comma lists).
+# kpn-jax runs with config.model.kernels=auto (flax's nn.Conv on a GPU); KERNELS sets
+# another comma list of kernels (kpn_jax/kernels.py), one runner each.
 #
 # Installs nothing: needs a Python (PYTHON, default python3) that already has jax with
 # CUDA, flax, optax, ml_collections, scikit-learn, torch with CUDA and torchvision, and
@@ -57,11 +56,10 @@ for dtype in float32 bfloat16; do
   peak_var="PEAK_TFLOPS_${dtype^^}"
   peak_arg=()
   if [[ -n "${!peak_var:-}" ]]; then peak_arg=(--peak_tflops="${!peak_var}"); fi
-  conv_var="CONV1X1_${dtype^^}"
-  if [[ "$dtype" == "float32" ]]; then conv1x1="${!conv_var:-einsum,conv}"; else conv1x1="${!conv_var:-einsum}"; fi
-  echo "=== $dtype ($frameworks; 1x1 convolutions as $conv1x1)"
+  kernels="${KERNELS:-auto}"
+  echo "=== $dtype ($frameworks; kpn-jax kernels $kernels)"
   timeout "$STEP_TIMEOUT" "$PY" benchmarks/train_step.py --depth=50 --image_size=320 \
-      --batch_size=96 --labeled=48 --dtype="$dtype" --pooling=keypoints --conv1x1="$conv1x1" \
+      --batch_size=96 --labeled=48 --dtype="$dtype" --pooling=keypoints --kernels="$kernels" \
       --frameworks="$frameworks" --mode=both --warmup=3 --steps=10 ${peak_arg[@]+"${peak_arg[@]}"} \
       --json="$OUT/paper_${dtype}.json" 2>&1 | tee "$OUT/paper_${dtype}.log" \
     || echo "=== $dtype: failed or timed out (exit ${PIPESTATUS[0]}); see $OUT/paper_${dtype}.log"

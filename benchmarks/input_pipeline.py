@@ -47,8 +47,8 @@ def make_stream(data_dir: str, name: str, batch_labeled: int, batch_unlabeled: i
 
     sources, info = tfds_util.data_sources(data_dir, name)
     train, unlabeled = sources["train"], sources["unlabeled"]
-    labeled_pool = input_pipeline._Pool([(train, np.arange(len(train)))])
-    unlabeled_pool = input_pipeline._Pool([(unlabeled, np.arange(len(unlabeled))),
+    labeled_pool = input_pipeline.Pool([(train, np.arange(len(train)))])
+    unlabeled_pool = input_pipeline.Pool([(unlabeled, np.arange(len(unlabeled))),
                                            (train, np.arange(len(train)))])
     stream = input_pipeline.MixedStream(labeled_pool, unlabeled_pool, batch_labeled,
                                         batch_unlabeled, num_steps, seed)

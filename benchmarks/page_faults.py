@@ -2,13 +2,13 @@
 
   python benchmarks/page_faults.py --framework=jax            # glibc's malloc as started
   GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python benchmarks/page_faults.py --framework=torch
-  python benchmarks/page_faults.py --framework=jax --run_py_defaults   # as run.py starts
+  GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776 \
+      python benchmarks/page_faults.py --framework=jax      # freed memory kept for reuse
 
 The ResNet-50 KPN + CL train step at 320 px, batch 8 (4 labelled), float32, of
 ``benchmarks/train_step.py``; one warm-up step, then ``--steps`` steps, each with its wall
 time and this process's minor page faults, user and system CPU (``getrusage``). Run one
-process per malloc setting (glibc reads ``GLIBC_TUNABLES`` only at start-up); section 9 of
-benchmarks/README.md. kpn-jax runs with ``run.py``'s XLA flag unless ``XLA_FLAGS`` is set.
+process per malloc setting (glibc reads ``GLIBC_TUNABLES`` only at start-up).
 """
 
 from __future__ import annotations
@@ -26,26 +26,20 @@ for path in (REPO_ROOT, REPO_ROOT / "benchmarks"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from kpn_jax import malloc_tunables, xla_flags  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--framework", choices=("jax", "torch"), default="jax")
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--run_py_defaults", action="store_true",
-                        help="restart with run.py's glibc malloc tunables first")
     args = parser.parse_args()
-    if args.run_py_defaults:
-        malloc_tunables.reexec_with_tunables()
-    xla_flags.apply_defaults()
 
     import train_step
 
     batch_size, image_size = 8, 320
     batch = train_step.synthetic_batch(batch_size, batch_size // 2, image_size)
     config = train_step.make_config(50, 64, image_size, batch_size, batch_size // 2, "float32",
-                                    "keypoints", "einsum")
+                                    "keypoints")
     class_weights, gmm = train_step.class_weights_and_gmm(config, seed=0)
     if args.framework == "jax":
         runner = train_step.jax_train_runner(config, batch, image_size, gmm, class_weights)

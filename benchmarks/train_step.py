@@ -21,7 +21,7 @@ measured by ``benchmarks/input_pipeline.py``).
 Examples::
 
     python benchmarks/train_step.py                              # ResNet-50 KPN+CL, 320 px, batch 8
-    python benchmarks/train_step.py --conv1x1=einsum,conv --frameworks=jax,torch
+    python benchmarks/train_step.py --kernels=auto,xla,cpu --frameworks=jax,torch
     python benchmarks/train_step.py --dtype=bfloat16 --mode=eval --json=/tmp/r.json
     python benchmarks/train_step.py --what=conv1x1                # 1x1-conv weight gradient alone
     python benchmarks/train_step.py --frameworks=jax \
@@ -151,8 +151,7 @@ def synthetic_batch(batch_size: int, labeled: int, image_size: int, seed: int = 
 
 
 def make_config(depth: int, width: int, image_size: int, batch_size: int, labeled: int,
-                dtype: str, pooling: str, conv1x1: str, coherence: bool = True,
-                conv3x3: str = "auto"):
+                dtype: str, pooling: str, coherence: bool = True, kernels: str = "auto"):
     """``configs/default.py`` (the paper) with the benchmark's sizes.
 
     The augmentation's translation keeps the paper's 10 px at 320 px in proportion.
@@ -160,8 +159,7 @@ def make_config(depth: int, width: int, image_size: int, batch_size: int, labele
     from configs import default
 
     config = default.get_config()
-    config.model.update(dict(depth=depth, width=width, pooling=pooling, conv1x1=conv1x1,
-                             conv3x3=conv3x3))
+    config.model.update(dict(depth=depth, width=width, pooling=pooling, kernels=kernels))
     config.dtype = dtype
     config.batch_size = labeled
     config.unlabeled_batch_size = batch_size - labeled
@@ -232,7 +230,7 @@ def jaxpr_flops(closed_jaxpr) -> float:
 
 
 def _onednn_conv_flops(target: str, in_shapes: list, out_shape) -> float:
-    """FLOPs of one of kpn_jax.native's oneDNN custom calls, counted as jaxpr_flops counts
+    """FLOPs of one of kpn_jax.cpu.onednn's custom calls, counted as jaxpr_flops counts
     the ``conv_general_dilated`` it replaces (the input gradient over the dilated map)."""
     if target.endswith("_forward"):  # (x, kernel) -> y
         kh, kw, cin, _ = in_shapes[1]
@@ -258,11 +256,10 @@ def _jaxpr_eqns(jaxpr):
                     yield from _jaxpr_eqns(sub)
 
 
-def _jax_runner_name(config) -> str:
-    """``jax[einsum]``, or ``jax[einsum,conv3x3=conv]`` when the 3x3 mode is not the default."""
-    conv3x3 = config.model.get("conv3x3", "auto")
-    suffix = "" if conv3x3 == "auto" else f",conv3x3={conv3x3}"
-    return f"jax[{config.model.conv1x1}{suffix}]"
+def _jax_runner_name(config, kernels) -> str:
+    """``jax[cpu]``; ``jax[auto=onednn]`` when ``model.kernels='auto'`` chose ``onednn``."""
+    requested = config.model.kernels
+    return f"jax[{kernels.name}]" if requested == kernels.name else f"jax[{requested}={kernels.name}]"
 
 
 def jax_train_runner(config, batch_np: dict, image_size: int, gmm, class_weights) -> Runner:
@@ -270,15 +267,18 @@ def jax_train_runner(config, batch_np: dict, image_size: int, gmm, class_weights
     import jax
     import jax.numpy as jnp
 
+    from kpn_jax import kernels as kernels_lib
     from kpn_jax import parallel, train
 
     start = time.perf_counter()
     mesh = parallel.make_mesh()
-    model = train.create_model(config)
+    kernels = kernels_lib.for_config(config)
+    model = train.create_model(config, kernels=kernels)
     tx = train.make_optimizer(config, steps_per_epoch=1000)
     state = train.create_state(config, model, tx, image_size, NUM_KEYPOINTS, mesh)
     weights = {k: jnp.asarray(v) for k, v in class_weights.items()}
-    step = train.make_train_step(config, model, weights, gmm if config.coherence.enabled else None)
+    step = train.make_train_step(config, model, weights, gmm if config.coherence.enabled else None,
+                                 kernels.compiler_options)
     batch = parallel.global_batch(batch_np, mesh)
     use_gmm = jnp.asarray(True)
     model_flops = jaxpr_flops(jax.make_jaxpr(step)(state, batch, use_gmm))
@@ -290,7 +290,7 @@ def jax_train_runner(config, batch_np: dict, image_size: int, gmm, class_weights
         jax.block_until_ready((holder["state"], metrics))
 
     run()
-    name = _jax_runner_name(config)
+    name = _jax_runner_name(config, kernels)
     return Runner(name, "jax", "train", run, time.perf_counter() - start, _xla_flops(compiled),
                   model_flops)
 
@@ -300,13 +300,16 @@ def jax_eval_runner(config, batch_np: dict, image_size: int) -> Runner:
     import jax
 
     from kpn_jax import evaluate, parallel, train
+    from kpn_jax import kernels as kernels_lib
 
     start = time.perf_counter()
     mesh = parallel.make_mesh()
-    model = train.create_model(config)
+    kernels = kernels_lib.for_config(config)
+    model = train.create_model(config, kernels=kernels)
     variables = parallel.replicate(
         train.init_variables(model, image_size, NUM_KEYPOINTS, config.seed), mesh)
-    step = evaluate.make_eval_step(model, tuple(config.tasks), train.DTYPES[config.dtype])
+    step = evaluate.make_eval_step(model, tuple(config.tasks), train.DTYPES[config.dtype],
+                                   kernels.compiler_options)
     batch = parallel.global_batch({k: batch_np[k] for k in ("image", "keypoints")}, mesh)
     model_flops = jaxpr_flops(jax.make_jaxpr(step)(variables, batch))
     compiled = step.lower(variables, batch).compile()
@@ -315,7 +318,7 @@ def jax_eval_runner(config, batch_np: dict, image_size: int) -> Runner:
         jax.block_until_ready(compiled(variables, batch))
 
     run()
-    name = _jax_runner_name(config)
+    name = _jax_runner_name(config, kernels)
     return Runner(name, "jax", "eval", run, time.perf_counter() - start, _xla_flops(compiled),
                   model_flops)
 
@@ -617,18 +620,18 @@ def _max_pool_reference(x):
 
 
 def _make_max_pool_masked():
-    """The model's stem pool since commit bccb7ac: ``kpn_jax.models.pooling.max_pool``, the
-    same forward with a custom gradient that routes each window's cotangent to its first
-    maximum through strided masks, instead of XLA:CPU's expansion of select-and-scatter
-    into a 5-output reduce-window over full-size iotas."""
-    from kpn_jax.models import pooling
+    """The CPU plug-in's stem pool, ``kpn_jax.cpu.pooling.max_pool``: the same forward with
+    a custom gradient that routes each window's cotangent to its first maximum through
+    strided masks, instead of XLA:CPU's expansion of select-and-scatter into a 5-output
+    reduce-window over full-size iotas."""
+    from kpn_jax.cpu import pooling
 
     return pooling.max_pool
 
 
 def layers_microbenchmark(batch: int, image_size: int, steps: int, warmup: int,
                           restricted_cpus: set[int] | None = None) -> list[dict]:
-    """The ResNet-50 layers that section 8 of the README finds slow on CPU: the 3x3 and
+    """The ResNet-50 layers XLA:CPU computes slowly: the 3x3 and
     stem 7x7 convolutions (forward; forward + input gradient; forward + weight gradient)
     and the stem max pool (forward + gradient), reduce_window vs the masked gradient."""
     import jax
@@ -704,14 +707,13 @@ def run_benchmark(args) -> dict[str, Any]:
     """Builds every requested runner, times them interleaved, returns the results."""
     labeled = args.labeled if args.labeled is not None else args.batch_size // 2
     frameworks = [f for f in args.frameworks.split(",") if f]
-    conv_modes = [(c1, c3) for c1 in args.conv1x1.split(",") if c1
-                  for c3 in args.conv3x3.split(",") if c3]
+    conv_modes = [k for k in args.kernels.split(",") if k]
     modes = list(MODES) if args.mode == "both" else [args.mode]
     torch_threads = [int(t) for t in args.torch_threads.split(",") if t] or [None]
     coherence = not args.no_coherence
     batch_np = synthetic_batch(args.batch_size, labeled, args.image_size, args.seed)
     configs = {c: make_config(args.depth, args.width, args.image_size, args.batch_size, labeled,
-                              args.dtype, args.pooling, c[0], coherence, c[1])
+                              args.dtype, args.pooling, coherence, c)
                for c in conv_modes}
     config = configs[conv_modes[0]]
     class_weights, gmm = class_weights_and_gmm(config, args.seed)
@@ -856,11 +858,9 @@ def parse_args(argv: Sequence[str]):
     parser.add_argument("--pooling", default="keypoints", choices=("keypoints", "global"))
     parser.add_argument("--no_coherence", action="store_true",
                         help="drop the GMM incoherence loss (labelled-only baseline training)")
-    parser.add_argument("--conv1x1", default="einsum",
-                        help="comma list of kpn-jax 1x1-conv modes: einsum, conv")
-    parser.add_argument("--conv3x3", default="auto",
-                        help="comma list of kpn-jax 3x3-conv modes: auto (onednn on one CPU "
-                             "device), onednn, matmul, conv (one runner per 1x1/3x3 pair)")
+    parser.add_argument("--kernels", default="auto",
+                        help="comma list of config.model.kernels values (one kpn-jax runner "
+                             "each): auto, xla, cpu, onednn (kpn_jax/kernels.py)")
     parser.add_argument("--frameworks", default="jax,torch,torch_compile",
                         help=f"comma list from {FRAMEWORKS}")
     parser.add_argument("--mode", default="train", choices=(*MODES, "both"))
@@ -875,9 +875,6 @@ def parse_args(argv: Sequence[str]):
                         help="the device's peak TFLOP/s for the MFU (default: known GPUs)")
     parser.add_argument("--xla_flag_set", action="append", default=None,
                         help="repeatable: run once per XLA_FLAGS value, each in a new process")
-    parser.add_argument("--run_py_defaults", action="store_true",
-                        help="start as run.py does: its glibc malloc settings (a restart, for "
-                             "every framework in this process) and its default XLA flags")
     parser.add_argument("--json", default="", help="also write the results to this JSON file")
     return parser.parse_args(argv)
 
@@ -885,12 +882,6 @@ def parse_args(argv: Sequence[str]):
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    if args.run_py_defaults:
-        from kpn_jax import malloc_tunables, xla_flags
-
-        malloc_tunables.reexec_with_tunables()  # returns once the settings are in place
-        if not args.xla_flag_set:  # a sweep's flag sets are exactly what they say
-            xla_flags.apply_defaults()
     args.restricted_cpus = None
     if args.jax_threads and not args.xla_flag_set:
         if "jax" in sys.modules:

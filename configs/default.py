@@ -39,8 +39,8 @@ def get_config():
         feature_layer="layer3",
         aux_regression=False,         # Antony et al.'s auxiliary regression head
         input_mode="repeat",          # 'repeat' grey -> 3 channels, or 'single' channel stem
-        conv1x1="einsum",             # 'einsum' or 'conv' (same parameters, same numbers)
-        conv3x3="auto",               # 'auto' (CPU: 'onednn', else 'matmul'; GPU: 'conv'), or one of those
+        kernels="auto",               # 'auto', 'xla', 'cpu' or 'onednn': how convolutions run
+                                      # (kpn_jax/kernels.py; same parameters, same numbers)
     ))
     config.dtype = "float32"          # compute dtype: 'float32' or 'bfloat16'
     config.init_from = ""             # torchvision ResNet weights (.pth/.safetensors) for the backbone

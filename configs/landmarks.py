@@ -46,7 +46,7 @@ def get_config():
         depth=18, width=24, stages=3,  # trunk up to layer3 (stride 16)
         head_channels=32,
         input_mode="single",
-        conv1x1="einsum",
+        kernels="auto",                # see configs/default.py
         input_size=160,                # images are resized to this on device (0 = as stored);
                                        # 160 keeps a 2-core CPU run near an hour
     ))

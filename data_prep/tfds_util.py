@@ -4,8 +4,9 @@ Builders subclass ``tfds.core.GeneratorBasedBuilder`` and yield the dicts of
 :func:`data_prep.features.make_example`; images arrive as PNG bytes, which is the
 form TFDS can store without TensorFlow.
 
-The OAI, kneeKL224 and manifest builders and their command lines share the helpers
-below :func:`data_sources`: config naming, argument parsing, building with a
+Opening a built dataset is the library's (:mod:`kpn_jax.datasets`, re-exported here). The
+OAI, kneeKL224 and manifest builders and their command lines share the helpers below:
+config naming, argument parsing, building with a
 ``build_summary.json`` beside the data, and the builders' ``_info`` /
 ``_split_generators``.
 """
@@ -21,46 +22,14 @@ import os
 import re
 from pathlib import Path
 
+from kpn_jax.datasets import data_sources, dataset_dir, open_builder  # noqa: F401  (builders' API)
+
 FILE_FORMAT = "array_record"
 
 
 def prepare(builder) -> None:
     """Writes ``builder``'s splits as array_record files (no-op when already built)."""
     builder.download_and_prepare(file_format=FILE_FORMAT)
-
-
-def dataset_dir(data_dir: str | os.PathLike, name: str) -> Path:
-    """The directory of a built dataset ``name`` = ``'builder/config'`` or ``'builder/config/version'``.
-
-    The newest version is taken when none is given.
-
-    Raises:
-      FileNotFoundError: naming the directory searched and what to run.
-    """
-    root = Path(data_dir).expanduser() / name
-    if (root / "dataset_info.json").exists():
-        return root
-    versions = sorted((p for p in root.glob("*") if (p / "dataset_info.json").exists()),
-                      key=lambda p: tuple(int(x) if x.isdigit() else 0 for x in p.name.split(".")))
-    if not versions:
-        raise FileNotFoundError(
-            f"dataset {name!r} not found under {Path(data_dir).expanduser()} (looked for "
-            f"{root}/<version>/dataset_info.json); build it first, e.g. "
-            f"`python -m data_prep.<builder> --data_dir={data_dir}`")
-    return versions[-1]
-
-
-def open_builder(data_dir: str | os.PathLike, name: str):
-    """A read-only builder for a built dataset; needs no builder code."""
-    import tensorflow_datasets as tfds
-
-    return tfds.builder_from_directory(str(dataset_dir(data_dir, name)))
-
-
-def data_sources(data_dir: str | os.PathLike, name: str) -> dict:
-    """``{split: random-access data source}`` of a built dataset, plus its builder's info."""
-    builder = open_builder(data_dir, name)
-    return builder.as_data_source(), builder.info
 
 
 SUMMARY_FILE = "build_summary.json"

@@ -32,15 +32,16 @@ def predicted_grades(outputs: dict, tasks) -> tuple[jax.Array, jax.Array]:
     return jnp.stack(grades, axis=-1), jnp.concatenate(blocks, axis=-1)
 
 
-def make_eval_step(model, tasks, dtype=jnp.float32) -> Callable:
-    """Jitted ``(variables, batch) -> (pred_grades [B,7], probabilities [B,29])``."""
+def make_eval_step(model, tasks, dtype=jnp.float32, compiler_options=None) -> Callable:
+    """Jitted ``(variables, batch) -> (pred_grades [B,7], probabilities [B,29])``
+    (``compiler_options``: the backend kernels', see :mod:`kpn_jax.kernels`)."""
 
     def step(variables, batch):
         images = batch["image"].astype(dtype) / 255.0
         outputs = model.apply(variables, images, batch["keypoints"].astype(jnp.float32), train=False)
         return predicted_grades(outputs, tasks)
 
-    return jax.jit(step)
+    return jax.jit(step, compiler_options=compiler_options or None)
 
 
 def _to_host(x) -> np.ndarray:

@@ -26,6 +26,7 @@ from typing import Iterator, Sequence
 import grain
 import numpy as np
 
+from kpn_jax import datasets
 from kpn_jax import grades as grades_lib
 
 ARRAY_KEYS = ("image", "keypoints", "keypoints_valid", "grades")
@@ -49,28 +50,19 @@ class DatasetHandle:
 
 
 def resolve_dataset_name(config) -> str:
-    """The ``builder/config`` name to open; builds the synthetic knees on first use."""
-    name = config.dataset
-    if name == "synthetic_knee":
-        from data_prep import synthetic_knee  # only needed for the embedded dataset
-
-        syn = config.synthetic
-        return synthetic_knee.build(
-            os.path.expanduser(config.data_dir), image_size=syn.image_size,
-            num_train=syn.num_train, num_validation=syn.num_validation, num_test=syn.num_test,
-            num_unlabeled=syn.num_unlabeled, seed=syn.seed, rater_noise=syn.rater_noise)
-    return name
+    """The ``builder/config`` name to open (the synthetic knees' name from ``config.synthetic``)."""
+    if config.dataset == datasets.SYNTHETIC_BUILDER:
+        return datasets.synthetic_dataset_name(config.synthetic)
+    return config.dataset
 
 
 def open_dataset(config) -> DatasetHandle:
-    """Opens ``config.dataset`` under ``config.data_dir`` (building synthetic data if needed)."""
-    from data_prep import tfds_util
-
+    """Opens ``config.dataset`` under ``config.data_dir``."""
     data_dir = os.path.expanduser(config.data_dir)
-    if config.dataset != "synthetic_knee" and not os.path.isdir(data_dir):
+    if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"config.data_dir {data_dir!r} does not exist")
     name = resolve_dataset_name(config)
-    builder = tfds_util.open_builder(data_dir, name)
+    builder = datasets.open_builder(data_dir, name)
     info = builder.info
     image_size = int(info.metadata.get("image_size", 0) or info.features["image"].shape[0])
     schema = info.metadata.get("keypoint_schema", "kneel16")
@@ -127,7 +119,7 @@ def _epoch_permutation(seed: int, stream: int, epoch: int, size: int) -> np.ndar
     return np.random.default_rng((seed, stream, epoch)).permutation(size)
 
 
-class _Pool:
+class Pool:
     """Several (source, indices) pairs seen as one random-access collection."""
 
     def __init__(self, parts: Sequence[tuple[object, np.ndarray]]):
@@ -151,7 +143,7 @@ class MixedStream(Sequence):
     the unlabelled one, at the process's slice of that step's global batch.
     """
 
-    def __init__(self, labeled: _Pool, unlabeled: _Pool | None, batch_labeled: int,
+    def __init__(self, labeled: Pool, unlabeled: Pool | None, batch_labeled: int,
                  batch_unlabeled: int, num_steps: int, seed: int, process_index: int = 0,
                  process_count: int = 1):
         for name, size in (("batch_size", batch_labeled), ("unlabeled_batch_size", batch_unlabeled)):
@@ -168,7 +160,7 @@ class MixedStream(Sequence):
     def __len__(self) -> int:
         return self.num_steps * self.local_batch
 
-    def _draw(self, pool: _Pool, stream: int, position: int) -> dict:
+    def _draw(self, pool: Pool, stream: int, position: int) -> dict:
         epoch, k = divmod(position, len(pool))
         return pool[int(_epoch_permutation(self.seed, stream, epoch, len(pool))[k])]
 

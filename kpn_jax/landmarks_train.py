@@ -44,6 +44,7 @@ from jax.experimental import multihost_utils
 
 from kpn_jax import augment as augment_lib
 from kpn_jax import checkpointing, input_pipeline, parallel
+from kpn_jax import kernels as kernels_lib
 from kpn_jax import keypoints as kp_lib
 from kpn_jax.models import landmarks as lm
 from kpn_jax.train import DTYPES, MetricLog, TrainState, config_to_dict
@@ -131,10 +132,10 @@ class Source:
     dev: np.ndarray
     eval: np.ndarray
 
-    def pool(self, role: str) -> input_pipeline._Pool:
+    def pool(self, role: str) -> input_pipeline.Pool:
         split = self.eval_split if role == "eval" else self.train_split
         indices = getattr(self, role)
-        return input_pipeline._Pool([(self.handle.split(split), indices)])
+        return input_pipeline.Pool([(self.handle.split(split), indices)])
 
 
 def usable_indices(source) -> np.ndarray:
@@ -316,10 +317,12 @@ def to_image_pixels(keypoints: jax.Array, size: int, height: int, width: int) ->
 
 
 def create_model(config, num_points: int) -> lm.LandmarkNet:
+    """The detector of ``config.model`` with the backend's kernels (:mod:`kpn_jax.kernels`)."""
     m = config.model
+    kernels = kernels_lib.for_config(config)
     return lm.LandmarkNet(num_points=num_points, depth=m.depth, width=m.width, stages=m.stages,
                           head_channels=m.head_channels, input_mode=m.input_mode,
-                          dtype=DTYPES[config.dtype], conv1x1=m.conv1x1)
+                          dtype=DTYPES[config.dtype], conv=kernels.conv, max_pool=kernels.max_pool)
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -398,7 +401,8 @@ def make_train_step(config, model, input_size: int):
         aux["finite"] = finite
         return new_state, aux
 
-    return jax.jit(step, donate_argnums=(0,))
+    return jax.jit(step, donate_argnums=(0,),
+                   compiler_options=kernels_lib.for_config(config).compiler_options or None)
 
 
 def make_predict_fn(model, input_size: int, dtype=jnp.float32):
@@ -856,12 +860,12 @@ def detect(workdir_or_detector, images, batch_size: int = 32) -> np.ndarray:
 
 
 def radiograph_to_uint8(radiograph) -> np.ndarray:
-    """A :class:`data_prep.image_io.Radiograph` -> uint8 ``[H, W]``.
+    """A :class:`kpn_jax.image_io.Radiograph` -> uint8 ``[H, W]``.
 
     An 8-bit file keeps its grey values; deeper ones go through the file's window (DICOM)
     or robust percentiles.
     """
-    from data_prep import image_io
+    from kpn_jax import image_io
 
     pixels = np.asarray(radiograph.pixels, np.float32)
     if radiograph.bit_depth <= 8 and pixels.min() >= 0 and pixels.max() <= 255:
@@ -883,7 +887,7 @@ def detect_in_roi(detector: Detector, image: np.ndarray, side: str = "R") -> np.
     Returns:
       float32 ``[N, 2]`` ``(x, y)`` pixels of ``image`` in kneel16 order (lateral first).
     """
-    from data_prep import image_io, roi as roi_lib
+    from kpn_jax import image_io, roi as roi_lib
 
     image = np.asarray(image)
     if image.ndim == 3 and image.shape[-1] == 1:
@@ -941,7 +945,7 @@ def predict_landmark_files(workdir, images: Sequence[str], sides: Sequence[str] 
     Raises:
       ValueError: when ``sides`` does not give one 'L'/'R' per image.
     """
-    from data_prep import image_io
+    from kpn_jax import image_io
 
     if not images:
         raise ValueError("--images: give at least one image file")

@@ -23,6 +23,7 @@ import numpy as np
 from kpn_jax import checkpointing
 from kpn_jax import gmm as gmm_lib
 from kpn_jax import grades as grades_lib
+from kpn_jax import kernels as kernels_lib
 from kpn_jax import keypoints as kp_lib
 from kpn_jax import parallel
 
@@ -39,7 +40,7 @@ def read_keypoint_file(path: str | Path, schema: kp_lib.KeypointSchema) -> np.nd
     if not path.exists():
         raise FileNotFoundError(f"keypoint file {path} does not exist")
     if path.suffix.lower() == ".pts":
-        from data_prep import pts
+        from kpn_jax import pts
 
         points = pts.read_knee_pts(path, flipped=False)
     else:
@@ -61,7 +62,7 @@ def read_keypoint_file(path: str | Path, schema: kp_lib.KeypointSchema) -> np.nd
 
 def load_image_uint8(path: str | Path) -> np.ndarray:
     """Any supported radiograph file -> uint8 ``[H, W]`` (8-bit files as stored, others windowed)."""
-    from data_prep import image_io
+    from kpn_jax import image_io
 
     radiograph = image_io.read_image(path)  # ImageReadError (a ValueError) names the file
     pixels = radiograph.pixels
@@ -72,14 +73,14 @@ def load_image_uint8(path: str | Path) -> np.ndarray:
 
 def prepare_image(image: np.ndarray, keypoints: np.ndarray | None, side: str, image_size: int):
     """Right orientation, square, ``image_size``; returns ``(uint8 [S,S], keypoints [N,2] or None)``."""
-    from data_prep import image_io, roi
+    from kpn_jax import image_io, roi
 
     image, keypoints = roi.to_right_orientation(image, keypoints, side)
     resized, keypoints = image_io.resize_whole(image, keypoints, image_size)
     return np.clip(np.round(resized), 0, 255).astype(np.uint8), keypoints
 
 
-def _restore_variables(config, workdir: Path, image_size: int, schema_name: str,
+def restore_variables(config, workdir: Path, image_size: int, schema_name: str,
                        which: str | None = None):
     """``(model, variables, {'which', 'step'})`` of ``which`` checkpoint ('best' or
     'latest'; ``None`` = best, else latest)."""
@@ -89,7 +90,7 @@ def _restore_variables(config, workdir: Path, image_size: int, schema_name: str,
     mesh = parallel.make_mesh(jax.devices()[:1])
     tx = train.make_optimizer(config, 1)
     schema = kp_lib.get_schema(schema_name)
-    state = train._abstract_state(config, model, tx, image_size, schema.num_points, mesh)
+    state = train.abstract_state(config, model, tx, image_size, schema.num_points, mesh)
     checkpoints = checkpointing.Checkpointer(workdir)
     if which is None:
         which = "best" if checkpoints.best_step() is not None else "latest"
@@ -178,9 +179,10 @@ def predict_files(config, workdir: str, images: Sequence[str], keypoint_files: S
         prepared = [(img, kps if kps is not None else detected[i]) for i, (img, kps) in enumerate(prepared)]
         sources = [s if s == "file" else "detected" for s in sources]
 
-    model, variables, checkpoint = _restore_variables(config, workdir, image_size, schema.name)
+    model, variables, checkpoint = restore_variables(config, workdir, image_size, schema.name)
     gmm = gmm_lib.load(workdir / "gmm.npz") if (workdir / "gmm.npz").exists() else None
-    eval_step = eval_lib.make_eval_step(model, tuple(config.tasks), train.DTYPES[config.dtype])
+    eval_step = eval_lib.make_eval_step(model, tuple(config.tasks), train.DTYPES[config.dtype],
+                                        kernels_lib.for_config(config).compiler_options)
     batch = {
         "image": np.stack([img[..., None] for img, _ in prepared]),
         "keypoints": np.stack([k if k is not None else np.zeros((schema.num_points, 2), np.float32)

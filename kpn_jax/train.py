@@ -29,7 +29,7 @@ from kpn_jax import augment as augment_lib
 from kpn_jax import checkpointing, evaluate as eval_lib
 from kpn_jax import gmm as gmm_lib
 from kpn_jax import grades as grades_lib
-from kpn_jax import input_pipeline, keypoints as kp_lib, losses, native, parallel
+from kpn_jax import input_pipeline, kernels as kernels_lib, keypoints as kp_lib, losses, parallel
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DATA_INFO = "data_info.json"  # image size and keypoint schema of the training data
@@ -88,62 +88,17 @@ def config_to_dict(config) -> dict:
 # ----------------------------------------------------------------------------- model + state
 
 
-CONV3X3_CHOICES = ("auto", "matmul", "conv", "onednn")
-
-
-def conv3x3_mode(configured: str, backend: str, num_devices: int = 1,
-                 onednn_availability=native.availability) -> str:
-    """``config.model.conv3x3`` for the model.
-
-    ``'auto'`` is ``'onednn'`` on a single CPU device where :mod:`kpn_jax.native` builds
-    and passes its check (the fastest there, benchmarks/README.md section 1), else
-    ``'matmul'`` on CPU (with a warning saying why oneDNN is not used), and ``'conv'`` on
-    GPU/TPU, whose convolution libraries are already fast. ``'onednn'`` asked for
-    explicitly must be usable: oneDNN runs on the CPU, and its custom calls have no
-    sharding rule, so with several devices XLA would gather every batch onto each one.
-
-    Args:
-      configured: ``config.model.conv3x3``.
-      backend: ``jax.default_backend()``.
-      num_devices: ``jax.device_count()`` (all processes).
-      onednn_availability: ``() -> (ok, why_not)``, :func:`kpn_jax.native.availability`.
-    """
-    if configured not in CONV3X3_CHOICES:
-        raise ValueError(f"model.conv3x3: expected one of {CONV3X3_CHOICES}, got {configured!r}")
-    if configured == "auto":
-        if backend != "cpu":
-            return "conv"
-        if num_devices > 1:
-            return "matmul"
-        ok, why_not = onednn_availability()
-        if not ok:
-            logging.warning("model.conv3x3='auto': oneDNN convolutions unavailable, using "
-                            "'matmul' (%s)", why_not)
-            return "matmul"
-        return "onednn"
-    if configured == "onednn":
-        if backend != "cpu":
-            raise ValueError(f"model.conv3x3='onednn' runs on the CPU backend, not {backend!r}; "
-                             f"use 'auto' or 'conv'")
-        if num_devices > 1:
-            raise ValueError(f"model.conv3x3='onednn' runs on a single device (its custom calls "
-                             f"cannot be sharded), not {num_devices}; use 'auto' or 'matmul'")
-        ok, why_not = onednn_availability()
-        if not ok:
-            raise native.OneDnnUnavailable(f"model.conv3x3='onednn': {why_not}")
-    return configured
-
-
-def create_model(config, keypoint_schema: str = "kneel16"):
-    """The flax module of ``config.model`` (KPN or the global-pooling baseline)."""
+def create_model(config, keypoint_schema: str = "kneel16",
+                 kernels: kernels_lib.Kernels | None = None):
+    """The flax module of ``config.model`` (KPN or the global-pooling baseline), with the
+    backend's kernels (``kernels``, default :func:`kpn_jax.kernels.for_config`)."""
     from kpn_jax.models import kpn
 
     m = config.model
-    # Configs saved before conv3x3 existed mean the default.
-    conv3x3 = conv3x3_mode(m.get("conv3x3", "auto"), jax.default_backend(), jax.device_count())
+    kernels = kernels or kernels_lib.for_config(config)
     kwargs = dict(depth=m.depth, width=m.width, tasks=tuple(config.tasks),
                   aux_regression=m.aux_regression, input_mode=m.input_mode,
-                  dtype=DTYPES[config.dtype], conv1x1=m.conv1x1, conv3x3=conv3x3)
+                  dtype=DTYPES[config.dtype], conv=kernels.conv, max_pool=kernels.max_pool)
     if m.pooling == "keypoints":
         kwargs.update(schema_name=keypoint_schema, densify_k=(m.densify_k or None),
                       aggregation=m.aggregation, feature_layer=m.feature_layer)
@@ -202,8 +157,9 @@ def create_state(config, model, tx, image_size: int, num_points: int, mesh) -> T
 # ----------------------------------------------------------------------------- steps
 
 
-def make_train_step(config, model, class_weights: dict, gmm):
-    """``(state, batch, use_gmm) -> (state, metrics)``, jitted with the state donated."""
+def make_train_step(config, model, class_weights: dict, gmm, compiler_options=None):
+    """``(state, batch, use_gmm) -> (state, metrics)``, jitted with the state donated
+    (and ``compiler_options``, the backend kernels' :attr:`Kernels.compiler_options`)."""
     dtype = DTYPES[config.dtype]
     aug = config.augment
     coherence = config.coherence
@@ -241,7 +197,7 @@ def make_train_step(config, model, class_weights: dict, gmm):
         aux["finite"] = finite
         return new_state, aux
 
-    return jax.jit(step, donate_argnums=(0,))
+    return jax.jit(step, donate_argnums=(0,), compiler_options=compiler_options or None)
 
 
 # ----------------------------------------------------------------------------- data prep
@@ -262,7 +218,7 @@ def load_training_data(config, mesh, handle=None):
         parts = [(train_source, np.arange(len(train_source)))]
         if "unlabeled" in handle.sources:
             parts.insert(0, (handle.sources["unlabeled"], np.arange(len(handle.sources["unlabeled"]))))
-        unlabeled_pool = input_pipeline._Pool(parts)
+        unlabeled_pool = input_pipeline.Pool(parts)
     return handle, labeled, labeled_grades, unlabeled_pool
 
 
@@ -389,7 +345,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         (workdir / DATA_INFO).write_text(json.dumps(
             {"dataset": handle.name, "image_size": handle.image_size,
              "keypoint_schema": handle.keypoint_schema}))
-    model = create_model(config, handle.keypoint_schema)
+    kernels = kernels_lib.for_config(config)
+    model = create_model(config, handle.keypoint_schema, kernels)
     tx = make_optimizer(config, steps_per_epoch)
     state = create_state(config, model, tx, handle.image_size, schema.num_points, mesh)
     checkpoints = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
@@ -404,12 +361,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checker = input_pipeline.make_example_checker(handle.image_size, schema.num_points, need_keypoints)
     batch_unlabeled = config.unlabeled_batch_size if config.coherence.enabled else 0
     stream = input_pipeline.MixedStream(
-        input_pipeline._Pool([(handle.split("train"), labeled)]), unlabeled_pool,
+        input_pipeline.Pool([(handle.split("train"), labeled)]), unlabeled_pool,
         config.batch_size, batch_unlabeled, total_steps, config.seed,
         jax.process_index(), jax.process_count())
     parallel.check_batch_size(stream.global_sizes[0] + stream.global_sizes[1], mesh)
-    train_step = make_train_step(config, model, class_weights, gmm)
-    eval_step = eval_lib.make_eval_step(model, tuple(config.tasks), DTYPES[config.dtype])
+    train_step = make_train_step(config, model, class_weights, gmm, kernels.compiler_options)
+    eval_step = eval_lib.make_eval_step(model, tuple(config.tasks), DTYPES[config.dtype],
+                                        kernels.compiler_options)
     validation = handle.sources.get("validation")
 
     _print(f"kpn-jax: {config.model.pooling} pooling, ResNet-{config.model.depth} "
@@ -508,7 +466,8 @@ def final_evaluation(config, workdir: Path, handle, model, state, checkpoints, c
     which = "best" if checkpoints.best_step() is not None else "latest"
     state = checkpoints.restore(state, which=which)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    eval_step = eval_lib.make_eval_step(model, tuple(config.tasks), DTYPES[config.dtype])
+    eval_step = eval_lib.make_eval_step(model, tuple(config.tasks), DTYPES[config.dtype],
+                                        kernels_lib.for_config(config).compiler_options)
     results = {}
     for split in ("validation", "test"):
         if split not in handle.sources or len(handle.sources[split]) == 0:
@@ -549,16 +508,18 @@ def evaluate_checkpoint(config, workdir: str, split: str | None = None) -> dict:
     mesh = parallel.make_mesh()
     handle = input_pipeline.open_dataset(config)
     schema = kp_lib.get_schema(handle.keypoint_schema)
-    model = create_model(config, handle.keypoint_schema)
+    kernels = kernels_lib.for_config(config)
+    model = create_model(config, handle.keypoint_schema, kernels)
     tx = make_optimizer(config, 1)
-    state = _abstract_state(config, model, tx, handle.image_size, schema.num_points, mesh)
+    state = abstract_state(config, model, tx, handle.image_size, schema.num_points, mesh)
     checkpoints = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
     which = "best" if checkpoints.best_step() is not None else "latest"
     state = checkpoints.restore(state, which=which)
     checker = input_pipeline.make_example_checker(handle.image_size, schema.num_points,
                                                   config.model.pooling == "keypoints")
     gmm = gmm_lib.load(workdir / "gmm.npz") if (workdir / "gmm.npz").exists() else None
-    eval_step = eval_lib.make_eval_step(model, tuple(config.tasks), DTYPES[config.dtype])
+    eval_step = eval_lib.make_eval_step(model, tuple(config.tasks), DTYPES[config.dtype],
+                                        kernels.compiler_options)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     predictions = eval_lib.predict_split(eval_step, variables, handle.split(split), checker, mesh,
                                          config.eval_batch_size, config.num_data_threads)
@@ -573,7 +534,7 @@ def evaluate_checkpoint(config, workdir: str, split: str | None = None) -> dict:
     return result
 
 
-def _abstract_state(config, model, tx, image_size, num_points, mesh):
+def abstract_state(config, model, tx, image_size, num_points, mesh):
     """A state template without reading ``config.init_from`` (restoring overwrites it anyway)."""
     stripped = ml_collections.ConfigDict(config.to_dict())
     stripped.init_from = ""

@@ -33,25 +33,26 @@ def test_an_option_that_only_starts_like_a_dropped_one_is_kept(train_step):
         "--jsonl=x", "--json_out", "y"]
 
 
-def test_make_config_sets_both_convolution_modes_and_runner_names_tell_them_apart(train_step):
-    """--conv3x3 reaches the config; runner names stay 'jax[einsum]' for the default mode
-    (older JSON and READMEs use that name) and say the 3x3 mode otherwise."""
-    default = train_step.make_config(18, 8, 64, 4, 2, "float32", "keypoints", "einsum")
-    assert default.model.conv3x3 == "auto"
-    assert train_step._jax_runner_name(default) == "jax[einsum]"
-    conv = train_step.make_config(18, 8, 64, 4, 2, "float32", "keypoints", "conv", True, "conv")
-    assert (conv.model.conv1x1, conv.model.conv3x3) == ("conv", "conv")
-    assert train_step._jax_runner_name(conv) == "jax[conv,conv3x3=conv]"
+def test_make_config_sets_the_kernels_and_runner_names_say_what_ran(train_step):
+    """--kernels reaches the config; the runner name says what 'auto' chose."""
+    from kpn_jax import kernels
+
+    default = train_step.make_config(18, 8, 64, 4, 2, "float32", "keypoints")
+    assert default.model.kernels == "auto"
+    cpu_kernels = kernels.choose("cpu", "cpu", onednn_availability=lambda: (False, ""))
+    assert train_step._jax_runner_name(default, cpu_kernels) == "jax[auto=cpu]"
+    xla = train_step.make_config(18, 8, 64, 4, 2, "float32", "keypoints", True, "xla")
+    assert train_step._jax_runner_name(xla, kernels.XLA_KERNELS) == "jax[xla]"
 
 
 def test_flop_count_treats_onednn_calls_as_the_convolutions_they_replace(train_step):
-    """jaxpr_flops counts kpn_jax.native's custom calls as XLA's convolutions (the strided
+    """jaxpr_flops counts kpn_jax.cpu.onednn's custom calls as XLA's convolutions (the strided
     input gradient over the dilated map), and not an input gradient nothing reads."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from kpn_jax import native
+    from kpn_jax.cpu import onednn as native
 
     if not native.availability()[0]:
         pytest.skip(native.availability()[1])

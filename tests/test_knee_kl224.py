@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep import image_io
+from kpn_jax import image_io
 from data_prep.knee_kl224 import builder as kl_builder
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "kneeKL224"

@@ -141,6 +141,9 @@ def _tiny_config(data_dir, num_steps: int):
     config.eval_batch_size = 16
     config.best_metric = "dev/synthetic/mean"
     config.montage_images = 4
+    from data_prep import synthetic_knee
+
+    synthetic_knee.build_for_config(config)  # as run.py does before training
     return config
 
 
@@ -220,7 +223,8 @@ def _synthetic_name(config) -> str:
 def test_predict_finds_keypoints_of_an_image_without_a_keypoint_file(trained, tmp_path):
     from PIL import Image
 
-    from data_prep import image_io, roi as roi_lib, tfds_util
+    from data_prep import tfds_util
+    from kpn_jax import image_io, roi as roi_lib
     from kpn_jax import landmarks_train
 
     config, workdir, _ = trained

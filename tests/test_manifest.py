@@ -1,4 +1,4 @@
-"""The CSV-manifest builder (data_prep.manifest) and the image readers (data_prep.image_io)."""
+"""The CSV-manifest builder (data_prep.manifest) and the image readers (kpn_jax.image_io)."""
 
 import csv
 import logging
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep import image_io, pts
+from kpn_jax import image_io, pts
 from data_prep.manifest import builder as mf
 
 IMAGE_SIZE = 48

@@ -11,7 +11,8 @@ import logging
 import numpy as np
 import pytest
 
-from data_prep import features, pts
+from data_prep import features
+from kpn_jax import pts
 from data_prep.oai import builder as oai_builder
 from data_prep.oai import readings as oai_readings
 from data_prep.oai import tree as oai_tree
@@ -367,7 +368,7 @@ def test_cli_builds_and_writes_the_summary(fake_oai, tmp_path, capsys):
 
 @pytest.mark.parametrize("window", ["dicom", "roi"])
 def test_other_windows_keep_bone_bright(fake_oai, window):
-    from data_prep import image_io
+    from kpn_jax import image_io
 
     root, info = fake_oai
     options = oai_builder.OaiOptions(image_size=IMAGE_SIZE, roi_mm=ROI_MM, window=window)

@@ -1,4 +1,4 @@
-"""kpn_jax.models.pooling.max_pool: nn.max_pool's forward, select-and-scatter's gradient."""
+"""kpn_jax.cpu.pooling.max_pool: nn.max_pool's forward, select-and-scatter's gradient."""
 
 import flax.linen as nn
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kpn_jax.models import pooling
+from kpn_jax.cpu import pooling
 
 CASES = [
     # (shape [B, H, W, C], window, strides, padding)

@@ -1,9 +1,9 @@
-"""BoneFinder .pts reading and the kneel16 conversion (data_prep.pts)."""
+"""BoneFinder .pts reading and the kneel16 conversion (kpn_jax.pts)."""
 
 import numpy as np
 import pytest
 
-from data_prep import pts
+from kpn_jax import pts
 from kpn_jax import keypoints as kp_lib
 
 

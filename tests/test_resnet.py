@@ -1,6 +1,8 @@
-"""kpn_jax.models.resnet: torchvision layout, padding, BatchNorm, 1x1 modes, dtypes."""
+"""kpn_jax.models.resnet: torchvision layout, padding, BatchNorm, injected kernels, dtypes."""
 
 from __future__ import annotations
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -8,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kpn_jax.models.layers import BatchNorm, Conv1x1
+from kpn_jax import cpu, kernels
+from kpn_jax.models.layers import BatchNorm
 from kpn_jax.models.resnet import BN_EPSILON, ResNet, stage_channels
 
 # torchvision.models.resnet{18,34,50}(num_classes=1000) parameter counts
@@ -169,8 +172,6 @@ def test_invalid_arguments_raise():
     x = jnp.zeros((1, 32, 32, 3))
     with pytest.raises(ValueError, match="depth"):
         jit_init(ResNet(101), x)
-    with pytest.raises(ValueError, match="conv1x1"):
-        jit_init(ResNet(18, conv1x1="fft"), x)
     with pytest.raises(ValueError, match="images"):
         jit_init(ResNet(18), jnp.zeros((32, 32, 3)))
 
@@ -268,11 +269,15 @@ def test_batch_norm_is_flax_batch_norm_but_for_the_unbiased_running_variance(dty
                                rtol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["einsum", "conv"])
-def test_conv1x1_matches_numpy(mode):
+CPU_CONV = functools.partial(nn.Conv, conv_general_dilated=cpu.conv_general_dilated)
+
+
+@pytest.mark.parametrize("conv", [nn.Conv, CPU_CONV], ids=["xla", "cpu"])
+def test_conv1x1_matches_numpy(conv):
+    """A strided 1x1 convolution (the CPU plug-in's slice + matrix product, or XLA's)."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 7, 9, 5)).astype(np.float32)
-    module = Conv1x1(6, stride=2, mode=mode)
+    module = conv(6, (1, 1), 2, padding=((0, 0), (0, 0)), use_bias=False)
     variables = jit_init(module, jnp.asarray(x))
     kernel = np.asarray(variables["params"]["kernel"])
     assert kernel.shape == (1, 1, 5, 6)
@@ -281,11 +286,13 @@ def test_conv1x1_matches_numpy(mode):
                                rtol=1e-5, atol=1e-5)
 
 
-def test_conv_and_einsum_modes_agree_in_outputs_and_gradients():
-    """Same variables, same function, same gradients (train mode), ResNet-50.
+def test_cpu_and_xla_kernels_agree_in_outputs_and_gradients():
+    """Same variables, same function, same gradients (train mode), ResNet-50 with the CPU
+    plug-in's kernels (1x1 convolutions as products, the masked max-pool gradient) and
+    with flax's.
 
     The bottleneck has every kind of 1x1 (stride 1, strided downsample); the
-    BasicBlock's downsample is the same Conv1x1, checked against numpy above.
+    BasicBlock's downsample is the same convolution, checked against numpy above.
 
     Run in float64: train-mode BatchNorm on tiny maps sums large terms that
     cancel, so float32 results of two summation orders differ by ~1e-4 relative,
@@ -295,11 +302,13 @@ def test_conv_and_einsum_modes_agree_in_outputs_and_gradients():
         # 36 px: odd map sizes (9 -> 5 -> 3 -> 2) exercise the ceil of strided 1x1 convs.
         x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 36, 36, 3)), jnp.float64)
         kwargs = dict(num_classes=3, width=8, dtype=jnp.float64, param_dtype=jnp.float64)
-        einsum_model = ResNet(50, conv1x1="einsum", **kwargs)
-        conv_model = ResNet(50, conv1x1="conv", **kwargs)
-        variables = jit_init(einsum_model, x)
+        cpu_kernels = kernels.choose("cpu", "cpu", onednn_availability=lambda: (False, ""))
+        assert cpu_kernels.name == "cpu"
+        cpu_model = ResNet(50, conv=cpu_kernels.conv, max_pool=cpu_kernels.max_pool, **kwargs)
+        xla_model = ResNet(50, **kwargs)
+        variables = jit_init(cpu_model, x)
         assert (jax.tree.structure(variables)
-                == jax.tree.structure(jax.eval_shape(conv_model.init, jax.random.key(0), x)))
+                == jax.tree.structure(jax.eval_shape(xla_model.init, jax.random.key(0), x)))
 
         def outputs_and_grads(variables, model):
             def loss(params):
@@ -309,7 +318,7 @@ def test_conv_and_einsum_modes_agree_in_outputs_and_gradients():
             return model.apply(variables, x), jax.grad(loss)(variables["params"])
 
         (outs, grads) = zip(*[jax.jit(outputs_and_grads, static_argnums=1)(variables, m)
-                              for m in (einsum_model, conv_model)])
+                              for m in (cpu_model, xla_model)])
     for name in ("layer1", "layer2", "layer3", "layer4", "logits"):
         assert outs[0][name].dtype == np.float64
         np.testing.assert_allclose(np.asarray(outs[0][name]), np.asarray(outs[1][name]),

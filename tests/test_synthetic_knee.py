@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from data_prep import features as features_lib
-from data_prep import roi as roi_lib
+from kpn_jax import roi as roi_lib
 from data_prep import tfds_util
 from data_prep.synthetic_knee import __main__ as cli
 from data_prep.synthetic_knee import builder as builder_lib

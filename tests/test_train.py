@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+from data_prep import synthetic_knee
 from kpn_jax import checkpointing, train
 
 
@@ -37,6 +38,7 @@ def tiny_config(data_dir, **overrides):
         for part in path:
             target = target[part]
         target[last] = value
+    synthetic_knee.build_for_config(config)  # as run.py does before training
     return config
 
 

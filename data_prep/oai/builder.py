@@ -21,9 +21,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_prep import features as features_lib
-from data_prep import image_io
-from data_prep import pts as pts_lib
-from data_prep import roi as roi_lib
+from kpn_jax import image_io
+from kpn_jax import pts as pts_lib
+from kpn_jax import roi as roi_lib
 from data_prep import tfds_util
 from data_prep.oai import readings as readings_lib
 from data_prep.oai import tree as tree_lib

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from data_prep import pts as pts_lib
+from kpn_jax import pts as pts_lib
 from data_prep.oai import readings as readings_lib
 
 logger = logging.getLogger(__name__)

@@ -9,8 +9,9 @@ See docs/SYNTHETIC.md.
 """
 
 from data_prep.synthetic_knee.builder import (BUILDER_NAME, DEFAULTS, SyntheticKneeParams, build,
-                                              split_indices)
+                                              build_for_config, split_indices)
 from data_prep.synthetic_knee.generator import generate_batch, generate_knee, sample_grades
 
-__all__ = ["BUILDER_NAME", "DEFAULTS", "SyntheticKneeParams", "build", "generate_batch",
+__all__ = ["BUILDER_NAME", "DEFAULTS", "SyntheticKneeParams", "build", "build_for_config",
+           "generate_batch",
            "generate_knee", "sample_grades", "split_indices"]

@@ -4,7 +4,7 @@ Splits are made per subject from contiguous runs of subjects (train, validation,
 then unlabeled), so the counts are exact and no subject is in two splits; a split with an
 odd count ends with a subject that has only its right knee. Stored images and keypoints
 are in right-knee orientation (left knees flipped back with
-``data_prep.roi.to_right_orientation``); ``side`` keeps the original side. ``unlabeled``
+``kpn_jax.roi.to_right_orientation``); ``side`` keeps the original side. ``unlabeled``
 stores grades as all -1 (the generator still knows them: ``generator.generate_knee``).
 
 Every parameter is part of the config name, so a build with the same parameters is found
@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from data_prep import features as features_lib
-from data_prep import roi as roi_lib
+from kpn_jax import roi as roi_lib
 from data_prep import tfds_util
 from data_prep.synthetic_knee import generator as generator_lib
+from kpn_jax import datasets
 from kpn_jax import grades as grades_lib
 from kpn_jax import keypoints as kp_lib
 
@@ -64,9 +65,9 @@ class SyntheticKneeParams:
     @property
     def config_name(self) -> str:
         """E.g. ``px320_tr2000_va500_te500_un2000_seed0_noise0.1``."""
-        return (f"px{self.image_size}_tr{self.num_train}_va{self.num_validation}"
-                f"_te{self.num_test}_un{self.num_unlabeled}_seed{self.seed}"
-                f"_noise{float(self.rater_noise):g}")
+        return datasets.synthetic_config_name(
+            self.image_size, self.num_train, self.num_validation, self.num_test,
+            self.num_unlabeled, self.seed, self.rater_noise)
 
     @property
     def split_counts(self) -> dict[str, int]:
@@ -236,3 +237,21 @@ def read_summary(data_dir: str | os.PathLike, name: str) -> dict:
     """The ``build_summary.json`` of a built dataset (``{}`` when there is none)."""
     path = tfds_util.dataset_dir(data_dir, name) / SUMMARY_FILE
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def build_for_config(config) -> list[str]:
+    """Builds every synthetic dataset a run's config reads (``config.dataset``, or any of
+    ``config.sources.*.dataset``) from ``config.synthetic``, unless already built.
+
+    ``run.py`` calls it before training, so ``make demo`` needs no separate build step.
+    Returns the names built or found.
+    """
+    datasets_read = [config.get("dataset")]
+    datasets_read += [spec.get("dataset") for spec in config.get("sources", {}).values()]
+    if BUILDER_NAME not in datasets_read:
+        return []
+    syn = config.synthetic
+    return [build(os.path.expanduser(config.data_dir), image_size=syn.image_size,
+                  num_train=syn.num_train, num_validation=syn.num_validation,
+                  num_test=syn.num_test, num_unlabeled=syn.num_unlabeled, seed=syn.seed,
+                  rater_noise=syn.rater_noise)]

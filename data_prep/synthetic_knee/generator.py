@@ -42,7 +42,7 @@ from statistics import NormalDist
 import numpy as np
 from PIL import Image
 
-from data_prep import roi as roi_lib
+from kpn_jax import roi as roi_lib
 from kpn_jax import grades as grades_lib
 from kpn_jax import keypoints as kp_lib
 

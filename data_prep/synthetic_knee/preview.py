@@ -7,7 +7,7 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data_prep import roi as roi_lib
+from kpn_jax import roi as roi_lib
 from data_prep.synthetic_knee import generator as generator_lib
 from kpn_jax import grades as grades_lib
 

@@ -14,7 +14,7 @@ Nothing here calls the Flax implementation's numerics. The parts are:
 
 It loads the same weights (:func:`load_flax_variables`, :func:`flax_variables_from_torch`)
 and the same :class:`kpn_jax.gmm.GMM`, so both frameworks run side by side
-(``benchmarks/compare_torch.py``), and :func:`make_torch_train_step` gives the
+(``kpn_jax.interop.compare_torch``), and :func:`make_torch_train_step` gives the
 PyTorch training step (forward, both losses, backward, Adam with weight decay,
 train-mode BatchNorm) for speed comparisons.
 

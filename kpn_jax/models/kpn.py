@@ -16,7 +16,7 @@ the KPN's ends at its ``feature_layer``, so the default has no ``layer4_*``),
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from kpn_jax import grades
 from kpn_jax.keypoints import bilinear_gather, densified_schema, densify, get_schema
 from kpn_jax.models.layers import torch_linear
-from kpn_jax.models.resnet import FEATURE_STRIDES, ResNet
+from kpn_jax.models.resnet import FEATURE_STRIDES, ModuleDef, ResNet
 
 Dtype = Any
 
@@ -113,7 +113,7 @@ class KPN(nn.Module):
     JSN heads read every point, each osteophyte head only its compartment's.
 
     Attributes:
-      depth, width, conv1x1, conv3x3, dtype, param_dtype: the backbone's (see ``ResNet``).
+      depth, width, dtype, param_dtype, conv, max_pool: the backbone's (see ``ResNet``).
       tasks: grade tasks to predict, a subset of ``grades.TASKS``.
       schema_name: keypoint schema of the ``keypoints`` argument (``kneel16``).
       densify_k: when set, each compartment's polyline is resampled to this many
@@ -137,8 +137,8 @@ class KPN(nn.Module):
     input_mode: str = "repeat"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    conv1x1: str = "einsum"
-    conv3x3: str = "conv"
+    conv: ModuleDef = nn.Conv
+    max_pool: Callable[..., jax.Array] = nn.max_pool
 
     @nn.compact
     def __call__(self, images: jax.Array, keypoints: jax.Array,
@@ -177,8 +177,8 @@ class KPN(nn.Module):
         # The backbone stops at the pooled stage: later stages would only cost compute
         # (and, through weight decay, shrink weights nothing reads).
         feature_maps = ResNet(self.depth, None, self.dtype, self.param_dtype, self.width,
-                              self.conv1x1, last_stage=self.feature_layer,
-                              conv3x3=self.conv3x3, name="backbone")(x, train)
+                              last_stage=self.feature_layer, conv=self.conv,
+                              max_pool=self.max_pool, name="backbone")(x, train)
         feature_map = feature_maps[self.feature_layer]
 
         # Coordinates and pooled averages stay in >= float32 for a bfloat16 backbone.
@@ -213,8 +213,8 @@ class GlobalPoolNet(nn.Module):
     input_mode: str = "repeat"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    conv1x1: str = "einsum"
-    conv3x3: str = "conv"
+    conv: ModuleDef = nn.Conv
+    max_pool: Callable[..., jax.Array] = nn.max_pool
 
     @nn.compact
     def __call__(self, images: jax.Array, keypoints: jax.Array | None = None,
@@ -224,8 +224,7 @@ class GlobalPoolNet(nn.Module):
         tasks = _validate_tasks(self.tasks)
         x = normalize_images(images, self.input_mode, self.dtype)
         feature_maps = ResNet(self.depth, None, self.dtype, self.param_dtype, self.width,
-                              self.conv1x1, conv3x3=self.conv3x3,
-                              name="backbone")(x, train)
+                              conv=self.conv, max_pool=self.max_pool, name="backbone")(x, train)
         pooled = jnp.mean(feature_maps["layer4"].astype(_real_dtype(self.dtype)), axis=(1, 2))
         return _heads({task: pooled for task in tasks}, tasks, self.aux_regression, self.dtype,
                       self.param_dtype)

@@ -1,6 +1,6 @@
 """A landmark detector for the ``kneel16`` keypoints: heatmaps decoded by soft-argmax.
 
-Design (issue 9): a ResNet trunk (torchvision layout, the first ``stages`` stages of
+Design: a ResNet trunk (torchvision layout, the first ``stages`` stages of
 :class:`~kpn_jax.models.resnet.ResNet`, same parameter names) feeds a small top-down
 (FPN-like) head that brings the stride-16 and stride-8 features up to stride 4 and
 outputs one heatmap per point. A spatial softmax turns each heatmap into a probability
@@ -27,18 +27,16 @@ converted torchvision backbone loads into it, minus the unused stages),
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kpn_jax.models import pooling
 from kpn_jax.models.kpn import INPUT_MODES, normalize_images
-from kpn_jax.models.layers import CONV1X1_MODES, BatchNorm, kaiming_normal_fan_out
-from kpn_jax.models.resnet import (BN_EPSILON, FEATURE_STRIDES, RESNET_CONFIGS, BasicBlock,
-                                   Bottleneck)
+from kpn_jax.models.layers import kaiming_normal_fan_out
+from kpn_jax.models.resnet import BN_EPSILON, FEATURE_STRIDES, ModuleDef, ResNet
 
 Dtype = Any
 
@@ -107,51 +105,6 @@ def gaussian_targets(keypoints: jax.Array, height: int, width: int, stride: int,
 # ----------------------------------------------------------------------------- model
 
 
-class ResNetTrunk(nn.Module):
-    """The stem and first ``stages`` stages of torchvision's ResNet, same parameter names.
-
-    Stopping early matters for training, not just for size: with BatchNorm in
-    training mode an unused ``layer4`` would still be computed for its batch statistics.
-
-    Returns ``{'stem', 'layer1', ..., 'layer{stages}'}`` like ``ResNet``.
-    """
-
-    depth: int = 18
-    width: int = 64
-    stages: int = 3
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    conv1x1: str = "einsum"
-    bn_momentum: float = 0.9
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
-        """``x [B, H, W, Cin]`` normalised -> feature maps (see ``ResNet``)."""
-        if self.depth not in RESNET_CONFIGS:
-            raise ValueError(f"depth: expected one of {sorted(RESNET_CONFIGS)}, got {self.depth}")
-        if not 1 <= self.stages <= 4:
-            raise ValueError(f"stages: expected 1..4, got {self.stages}")
-        if self.conv1x1 not in CONV1X1_MODES:
-            raise ValueError(f"conv1x1: expected one of {CONV1X1_MODES}, got {self.conv1x1!r}")
-        kind, blocks_per_stage = RESNET_CONFIGS[self.depth]
-        block_cls = Bottleneck if kind == "bottleneck" else BasicBlock
-        dt, pdt = self.dtype, self.param_dtype
-        x = nn.Conv(self.width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=False,
-                    dtype=dt, param_dtype=pdt, kernel_init=kaiming_normal_fan_out,
-                    name="conv1")(x)
-        x = BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                      epsilon=BN_EPSILON, dtype=dt, param_dtype=pdt, name="bn1")(x)
-        x = pooling.max_pool(nn.relu(x), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        features = {"stem": x}
-        for k, num_blocks in enumerate(blocks_per_stage[: self.stages]):
-            for i in range(num_blocks):
-                stride = 2 if (k > 0 and i == 0) else 1
-                x = block_cls(self.width * 2 ** k, stride, dt, pdt, self.conv1x1,
-                              self.bn_momentum, name=f"layer{k + 1}_{i}")(x, train)
-            features[f"layer{k + 1}"] = x
-        return features
-
-
 class HeatmapHead(nn.Module):
     """Top-down head: stride-16/8/4 features -> ``num_points`` stride-4 heatmap logits."""
 
@@ -160,6 +113,7 @@ class HeatmapHead(nn.Module):
     num_smooth: int = 2
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conv: ModuleDef = nn.Conv
 
     @nn.compact
     def __call__(self, features: list[jax.Array], train: bool) -> jax.Array:
@@ -167,7 +121,7 @@ class HeatmapHead(nn.Module):
         dt, pdt = self.dtype, self.param_dtype
         x = None
         for k in reversed(range(len(features))):
-            lateral = nn.Conv(self.channels, (1, 1), dtype=dt, param_dtype=pdt,
+            lateral = self.conv(self.channels, (1, 1), dtype=dt, param_dtype=pdt,
                               kernel_init=kaiming_normal_fan_out, name=f"lateral{k}")(features[k])
             if x is not None:
                 # Bilinear, half-pixel centres: the same geometry as the strides' cell centres.
@@ -175,13 +129,13 @@ class HeatmapHead(nn.Module):
                 lateral = lateral + x.astype(lateral.dtype)
             x = lateral
         for i in range(self.num_smooth):
-            x = nn.Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=dt,
+            x = self.conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=dt,
                         param_dtype=pdt, kernel_init=kaiming_normal_fan_out, name=f"smooth{i}")(x)
             x = nn.relu(nn.BatchNorm(use_running_average=not train, epsilon=BN_EPSILON, dtype=dt,
                                      param_dtype=pdt, name=f"smooth_bn{i}")(x))
         # Zero init: every map starts uniform (soft-argmax at the image centre), so early
         # gradients are not dominated by a random initial peak.
-        logits = nn.Conv(self.num_points, (1, 1), dtype=jnp.float32, param_dtype=pdt,
+        logits = self.conv(self.num_points, (1, 1), dtype=jnp.float32, param_dtype=pdt,
                          kernel_init=nn.initializers.zeros, name="heatmaps")(x.astype(jnp.float32))
         return logits
 
@@ -191,7 +145,7 @@ class LandmarkNet(nn.Module):
 
     Attributes:
       num_points: keypoints of the schema (16 for ``kneel16``).
-      depth, width, conv1x1, dtype, param_dtype: the trunk's (see ``ResNet``).
+      depth, width, dtype, param_dtype, conv, max_pool: the trunk's (see ``ResNet``).
       stages: trunk stages used (3: up to ``layer3``, stride 16); must be >= 2.
       head_channels: channels of the top-down head.
       input_mode: ``'single'`` (1-channel stem) or ``'repeat'`` (3-channel, ImageNet-normalised).
@@ -205,7 +159,8 @@ class LandmarkNet(nn.Module):
     input_mode: str = "single"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    conv1x1: str = "einsum"
+    conv: ModuleDef = nn.Conv
+    max_pool: Callable[..., jax.Array] = nn.max_pool
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
@@ -219,16 +174,19 @@ class LandmarkNet(nn.Module):
           ``keypoints [B, N, 2]`` (x, y) input pixels, ``heatmaps [B, H/4, W/4, N]``
           logits and ``probabilities`` (their spatial softmax), all float32.
         """
-        if self.stages < 2:
-            raise ValueError(f"stages: the head needs at least 2 trunk stages, got {self.stages}")
+        if not 2 <= self.stages <= 4:
+            raise ValueError(f"stages: the head needs 2 to 4 trunk stages, got {self.stages}")
         if self.input_mode not in INPUT_MODES:
             raise ValueError(f"input_mode: expected one of {INPUT_MODES}, got {self.input_mode!r}")
         x = normalize_images(images, self.input_mode, self.dtype)
-        maps = ResNetTrunk(self.depth, self.width, self.stages, self.dtype, self.param_dtype,
-                           self.conv1x1, name="trunk")(x, train)
+        # The trunk stops at the last stage the head reads: in training, an unused stage
+        # would still run for its BatchNorm statistics.
+        maps = ResNet(self.depth, None, self.dtype, self.param_dtype, self.width,
+                      last_stage=f"layer{self.stages}", conv=self.conv, max_pool=self.max_pool,
+                      name="trunk")(x, train)
         used = [maps[f"layer{k}"] for k in range(1, self.stages + 1)]
         logits = HeatmapHead(self.num_points, self.head_channels, dtype=self.dtype,
-                             param_dtype=self.param_dtype, name="head")(used, train)
+                             param_dtype=self.param_dtype, conv=self.conv, name="head")(used, train)
         keypoints, probabilities = soft_argmax(logits, FEATURE_STRIDES["layer1"])
         return {"keypoints": keypoints, "heatmaps": logits, "probabilities": probabilities}
 

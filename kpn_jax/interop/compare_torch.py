@@ -8,11 +8,11 @@ and the max relative difference, relative = max|flax - torch| / max|torch|.
 A last column, torch float32 vs torch float64, shows the float32 floor.
 
     python run.py --mode=compare_torch --config=configs/default.py [--config.model.depth=18]
-    python benchmarks/compare_torch.py --depth=50 --batch_size=5 [--init_from=resnet50.pth]
+    python -m kpn_jax.interop.compare_torch --depth=50 --batch_size=5 [--init_from=resnet50.pth]
 
 The batch: real kneeKL224 radiographs with their KNEEL landmarks (left knees
-flipped) when the data is found (``--data_dir``, ``$KPN_KNEEKL224_DIR``, or
-``shared/data/kneeKL224`` beside the repository), else random images.
+flipped) when the data is found (``--data_dir`` or ``$KPN_KNEEKL224_DIR``, a folder
+holding ``landmarks16.csv``), else random images.
 kneeKL224 has KL grades only: the OARSI grades are missing (-1).
 Weights: ``--init_from`` (a torchvision checkpoint) or random, with BatchNorm
 statistics of the batch itself (random statistics blow ResNet-50 logits up to
@@ -26,16 +26,11 @@ import argparse
 import csv
 import os
 import pathlib
-import sys
 import time
 from typing import Any, Sequence
 
 import numpy as np
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-KNEEKL224_CANDIDATES = (os.environ.get("KPN_KNEEKL224_DIR", ""),
-                        str(REPO_ROOT / "shared" / "data" / "kneeKL224"),
-                        str(REPO_ROOT.parent / "shared" / "data" / "kneeKL224"))
 DTYPES = ("float32", "bfloat16")
 MODES = ("eval", "train")
 
@@ -45,7 +40,7 @@ MODES = ("eval", "train")
 
 def find_kneekl224(data_dir: str | None = None) -> pathlib.Path | None:
     """The kneeKL224 folder holding ``landmarks16.csv``, or None."""
-    for candidate in ([data_dir] if data_dir else KNEEKL224_CANDIDATES):
+    for candidate in ([data_dir] if data_dir else [os.environ.get("KPN_KNEEKL224_DIR", "")]):
         if candidate and (pathlib.Path(candidate) / "landmarks16.csv").is_file():
             return pathlib.Path(candidate)
     if data_dir:
@@ -339,5 +334,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO_ROOT))
     main()

@@ -1,15 +1,15 @@
 """oneDNN convolutions for XLA:CPU, built on first use.
 
-XLA:CPU computes 3x3 and 7x7 convolutions and their gradients with Eigen, up to 1.7x
-slower than oneDNN, the library PyTorch uses on CPU (benchmarks/README.md, section 1,
-session 6). :func:`convolution` runs them through oneDNN instead, as XLA FFI custom
+On CPUs with AVX-512, XLA:CPU computes 3x3 and 7x7 convolutions and their gradients up
+to 1.7x slower than oneDNN, the library PyTorch uses on CPU. :func:`convolution` runs
+them through oneDNN instead, as XLA FFI custom
 calls (``onednn_conv.cc``), with the same ``[B, H, W, C]`` / ``[kh, kw, in, out]``
 arrays as ``lax.conv_general_dilated``.
 
 The shared library is compiled once per source / jaxlib / oneDNN combination with the
 system's C++ compiler (about 5 s) into ``$KPN_JAX_CACHE_DIR`` (default
 ``~/.cache/kpn_jax``), against jaxlib's FFI headers and the ``libdnnl`` of the
-``onednn-cpu-gomp`` wheel, then checked against ``lax.conv_general_dilated`` on a small
+``onednn-cpu-gomp`` wheel (the ``cpu`` extra: ``pip install "kpn-jax[cpu]"``), then checked against ``lax.conv_general_dilated`` on a small
 convolution (forward and both gradients) before it is used. :func:`availability` says
 whether that worked and, if not, why.
 """
@@ -68,9 +68,8 @@ def find_libdnnl() -> Path:
         if (directory / _LIBDNNL).is_file():
             return directory
     raise OneDnnUnavailable(
-        f"{_LIBDNNL} not found in {', '.join(map(str, candidates))}: install the "
-        f"onednn-cpu-gomp wheel (a kpn-jax dependency on x86-64 Linux) or set "
-        f"KPN_JAX_ONEDNN_LIBDIR")
+        f"{_LIBDNNL} not found in {', '.join(map(str, candidates))}: install the cpu "
+        f"extra (pip install 'kpn-jax[cpu]', x86-64 Linux) or set KPN_JAX_ONEDNN_LIBDIR")
 
 
 def _compiler() -> str:
@@ -228,7 +227,9 @@ def _load() -> ctypes.CDLL | OneDnnUnavailable:
                                         platform="cpu")
         library.KpnOneDnnConvImplementation.restype = ctypes.c_char_p
         library.KpnOneDnnConvImplementation.argtypes = [ctypes.c_int] + [ctypes.c_int64] * 11
-        with jax.default_device(jax.local_devices(backend="cpu")[0]):
+        # Concrete arrays even when the first call comes from inside a jit trace.
+        with jax.ensure_compile_time_eval(), \
+                jax.default_device(jax.local_devices(backend="cpu")[0]):
             _self_check()
         return library
     except OneDnnUnavailable as error:

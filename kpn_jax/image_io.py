@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_prep import roi as roi_lib
+from kpn_jax import roi as roi_lib
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")

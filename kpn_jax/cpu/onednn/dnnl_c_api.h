@@ -3,7 +3,7 @@
 //
 // Declared here because the PyPI wheel of the CPU library (onednn-cpu-gomp) ships no
 // headers, and the one that does (onednn-devel) depends on Intel's SYCL runtimes. Every
-// value below is part of oneDNN 3.x's stable ABI; kpn_jax.native checks the built library
+// value below is part of oneDNN 3.x's stable ABI; kpn_jax.cpu.onednn checks the built library
 // against lax.conv before using it, so a mismatch shows up as an error, not as wrong numbers.
 #ifndef KPN_JAX_NATIVE_DNNL_C_API_H_
 #define KPN_JAX_NATIVE_DNNL_C_API_H_

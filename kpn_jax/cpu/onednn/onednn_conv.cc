@@ -1,8 +1,8 @@
 // 2-D convolutions (float32, NHWC input, HWIO kernel) through oneDNN, as XLA FFI handlers.
 //
-// XLA:CPU runs 3x3 and 7x7 convolutions and their gradients through Eigen and is up to
-// 1.7x slower there than oneDNN, the library PyTorch uses on CPU (benchmarks/README.md,
-// section 1, session 6). kpn_jax/native/__init__.py builds this file on first use and
+// On AVX-512 CPUs XLA:CPU runs 3x3 and 7x7 convolutions and their gradients up to 1.7x
+// slower than oneDNN, the library PyTorch uses on CPU. kpn_jax/cpu/onednn/__init__.py
+// builds this file on first use and
 // registers three targets:
 //
 //   kpn_onednn_conv_forward        (x [N,H,W,C], w [KH,KW,C,O])   -> y [N,OH,OW,O]

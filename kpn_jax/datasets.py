@@ -1,0 +1,63 @@
+"""Finding and opening built TFDS datasets (array_record, no TensorFlow, no builder code).
+
+Datasets are built by the builders in ``data_prep`` (``python -m data_prep.<builder>``);
+the library only reads them. ``name`` is ``'builder/config'`` or ``'builder/config/version'``
+under a ``data_dir``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+SYNTHETIC_BUILDER = "synthetic_knee"
+
+
+def dataset_dir(data_dir: str | os.PathLike, name: str) -> Path:
+    """The directory of the built dataset ``name``; the newest version when none is given.
+
+    Raises:
+      FileNotFoundError: naming the directory searched and what to run.
+    """
+    root = Path(data_dir).expanduser() / name
+    if (root / "dataset_info.json").exists():
+        return root
+    versions = sorted((p for p in root.glob("*") if (p / "dataset_info.json").exists()),
+                      key=lambda p: tuple(int(x) if x.isdigit() else 0 for x in p.name.split(".")))
+    if not versions:
+        builder = name.split("/")[0]
+        raise FileNotFoundError(
+            f"dataset {name!r} not found under {Path(data_dir).expanduser()} (looked for "
+            f"{root}/<version>/dataset_info.json); build it first, e.g. "
+            f"`python -m data_prep.{builder} --data_dir={data_dir}`"
+            + (" (run.py builds the synthetic knees itself)" if builder == SYNTHETIC_BUILDER
+               else ""))
+    return versions[-1]
+
+
+def open_builder(data_dir: str | os.PathLike, name: str):
+    """A read-only TFDS builder of the built dataset ``name``."""
+    import tensorflow_datasets as tfds
+
+    return tfds.builder_from_directory(str(dataset_dir(data_dir, name)))
+
+
+def data_sources(data_dir: str | os.PathLike, name: str) -> tuple[dict, object]:
+    """``({split: random-access data source}, info)`` of the built dataset ``name``."""
+    builder = open_builder(data_dir, name)
+    return builder.as_data_source(), builder.info
+
+
+def synthetic_config_name(image_size: int, num_train: int, num_validation: int, num_test: int,
+                          num_unlabeled: int, seed: int, rater_noise: float) -> str:
+    """The config name of a ``synthetic_knee`` build, e.g.
+    ``px320_tr2000_va500_te500_un2000_seed0_noise0.1`` (equal parameters, equal data)."""
+    return (f"px{image_size}_tr{num_train}_va{num_validation}_te{num_test}"
+            f"_un{num_unlabeled}_seed{seed}_noise{float(rater_noise):g}")
+
+
+def synthetic_dataset_name(synthetic) -> str:
+    """``'synthetic_knee/<config>'`` of a config's ``synthetic`` section."""
+    return f"{SYNTHETIC_BUILDER}/" + synthetic_config_name(
+        synthetic.image_size, synthetic.num_train, synthetic.num_validation, synthetic.num_test,
+        synthetic.num_unlabeled, synthetic.seed, synthetic.rater_noise)
