@@ -50,11 +50,11 @@ def _run(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.mode == "report":
-        from kpn_jax import report
+        from kpn_jax import reporting
 
         if not FLAGS.workdirs or not FLAGS.output:
             raise app.UsageError("--mode=report needs --workdirs=... and --output=DIR")
-        report.write_experiment_report(FLAGS.workdirs, FLAGS.output, FLAGS.split)
+        reporting.write_experiment_report(FLAGS.workdirs, FLAGS.output, FLAGS.split)
         return
     if FLAGS.config is None:
         raise app.UsageError("--config is required (e.g. --config=configs/demo.py)")

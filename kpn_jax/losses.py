@@ -174,23 +174,13 @@ def total_loss(outputs: Mapping[str, jax.Array | Mapping[str, jax.Array]], grade
       ``(loss, metrics)``; metrics hold scalars ``'loss'``, ``'cls'``,
       ``'cls/{task}'`` and, with a GMM, ``'gmm'`` (the unweighted incoherence
       loss, reported even while switched off), ``'gmm_on'`` and
-      ``'log_prob_mean'``; with a regression head ``'regression'``.
+      ``'log_prob'``; with a regression head ``'regression'``.
     """
     grades = jnp.asarray(grades)
-    if grades.ndim != 2 or grades.shape[1] != len(grades_lib.TASKS):
-        raise ValueError(f"total_loss: grades must be [B, {len(grades_lib.TASKS)}], "
-                         f"got {grades.shape}")
     batch = grades.shape[0]
-    _check_logits(outputs, tasks, "total_loss")
-    for task in tasks:
-        if jnp.shape(outputs[task])[0] != batch:
-            raise ValueError(f"total_loss: logits[{task!r}] has batch {jnp.shape(outputs[task])[0]}, "
-                             f"grades has {batch}")
-    if labeled_mask is None:
-        labeled_mask = jnp.ones((batch,), bool)
-    labeled_mask = jnp.asarray(labeled_mask, bool)
-    if labeled_mask.shape != (batch,):
-        raise ValueError(f"total_loss: labeled_mask must be [{batch}], got {labeled_mask.shape}")
+    labeled_mask = jnp.ones((batch,), bool) if labeled_mask is None else jnp.asarray(labeled_mask,
+                                                                                     bool)
+    _check_loss_inputs(outputs, grades, labeled_mask, tasks, gmm)
 
     metrics: dict[str, jax.Array] = {}
     cls = jnp.zeros((), jnp.float32)
@@ -206,23 +196,15 @@ def total_loss(outputs: Mapping[str, jax.Array | Mapping[str, jax.Array]], grade
     if "regression" in outputs:
         regression = jnp.zeros((), jnp.float32)
         for task, predicted in outputs["regression"].items():
-            if task not in grades_lib.TASKS:
-                raise ValueError(f"total_loss: regression output for unknown task {task!r}")
-            predicted = jnp.asarray(predicted)
-            if predicted.shape != (batch,):
-                raise ValueError(f"total_loss: regression[{task!r}] must be [{batch}], "
-                                 f"got {predicted.shape}")
             target = grades[:, grades_lib.TASKS.index(task)]
             present = labeled_mask & (target >= 0)
-            regression = regression + _masked_mse(predicted, target.astype(jnp.float32), present)
+            regression = regression + _masked_mse(jnp.asarray(predicted),
+                                                  target.astype(jnp.float32), present)
         metrics["regression"] = regression
         loss = loss + aux_regression_weight * regression
 
     if gmm is not None:
         probabilities = probabilities_vector(outputs)                                 # [B, 29]
-        if probabilities.shape[-1] != gmm.means.shape[-1]:
-            raise ValueError(f"total_loss: P has dimension {probabilities.shape[-1]}, the GMM "
-                             f"{gmm.means.shape[-1]}")
         log_prob = gmm_lib.log_prob(gmm, probabilities)                               # [B]
         incoherence = jnp.mean(incoherence_loss(log_prob, tau))
         gmm_on = jnp.asarray(use_gmm, bool)
@@ -231,7 +213,34 @@ def total_loss(outputs: Mapping[str, jax.Array | Mapping[str, jax.Array]], grade
         loss = loss + jnp.where(gmm_on, lambda_gmm * incoherence, 0.0)
         metrics["gmm"] = incoherence
         metrics["gmm_on"] = gmm_on.astype(jnp.float32)
-        metrics["log_prob_mean"] = jnp.mean(log_prob)
+        metrics["log_prob"] = jnp.mean(log_prob)
 
     metrics["loss"] = loss
     return loss, metrics
+
+
+def _check_loss_inputs(outputs: dict, grades: jax.Array, labeled_mask: jax.Array,
+                       tasks: Sequence[str], gmm) -> None:
+    """The shapes :func:`total_loss` relies on; raises ValueError naming the argument."""
+    if grades.ndim != 2 or grades.shape[1] != len(grades_lib.TASKS):
+        raise ValueError(f"total_loss: grades must be [B, {len(grades_lib.TASKS)}], "
+                         f"got {grades.shape}")
+    batch = grades.shape[0]
+    _check_logits(outputs, tasks, "total_loss")
+    for task in tasks:
+        if jnp.shape(outputs[task])[0] != batch:
+            raise ValueError(f"total_loss: logits[{task!r}] has batch {jnp.shape(outputs[task])[0]}, "
+                             f"grades has {batch}")
+    if labeled_mask.shape != (batch,):
+        raise ValueError(f"total_loss: labeled_mask must be [{batch}], got {labeled_mask.shape}")
+    for task, predicted in outputs.get("regression", {}).items():
+        if task not in grades_lib.TASKS:
+            raise ValueError(f"total_loss: regression output for unknown task {task!r}")
+        if jnp.shape(predicted) != (batch,):
+            raise ValueError(f"total_loss: regression[{task!r}] must be [{batch}], "
+                             f"got {jnp.shape(predicted)}")
+    if gmm is not None:
+        dimension = sum(grades_lib.NUM_CLASSES[t] for t in grades_lib.TASKS)
+        if gmm.means.shape[-1] != dimension:
+            raise ValueError(f"total_loss: P has dimension {dimension}, the GMM "
+                             f"{gmm.means.shape[-1]}")

@@ -33,8 +33,6 @@ from kpn_jax import input_pipeline, kernels as kernels_lib, keypoints as kp_lib,
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DATA_INFO = "data_info.json"  # image size and keypoint schema of the training data
-# Loss-metric names as kpn_jax.reporting documents them for metrics.jsonl.
-TRAIN_KEY_NAMES = {"log_prob_mean": "log_prob"}
 
 
 class TrainState(train_state.TrainState):
@@ -427,7 +425,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 elapsed = time.time() - window_start
                 images_per_sec = ((done - window_step) * (stream.global_sizes[0] + stream.global_sizes[1])
                                   / max(elapsed, 1e-9))
-                means = {f"train/{TRAIN_KEY_NAMES.get(k, k)}": float(np.mean([v[k] for v in values]))
+                means = {f"train/{k}": float(np.mean([v[k] for v in values]))
                          for k in values[0] if k != "finite"}
                 means.update({"epoch": done / steps_per_epoch, "train/images_per_sec": images_per_sec,
                               "train/lr": learning_rate_at(config, steps_per_epoch, step),

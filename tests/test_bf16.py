@@ -25,7 +25,7 @@ NUM_POINTS = 16
 # values (2026-11-26, this model and batch, x86-64 CPU) in brackets.
 # bfloat16 keeps 8 mantissa bits (a rounding is off by up to 2^-9 = 0.2 %). The losses are
 # smooth functions of the logits and stay within a per cent [0.56 %]:
-LOSS_RTOL = 0.02        # relative error of loss, cls, gmm and log_prob_mean
+LOSS_RTOL = 0.02        # relative error of loss, cls, gmm and log_prob
 # The backbone's gradients are not that close, and cannot be: at initialisation, on a
 # 4-image batch, a convolution's weight gradient behind a batch-statistics BatchNorm is
 # a small residual of large cancelling sums, and bf16 rounding of the activations and
@@ -121,7 +121,7 @@ def test_bf16_step_keeps_float32_parameters_and_losses(setup):
     new_state, metrics = results["bfloat16"]
     for leaf in jax.tree.leaves((new_state.params, new_state.batch_stats, _adam_mu(new_state))):
         assert leaf.dtype == np.float32
-    for key in ("loss", "cls", "gmm", "log_prob_mean"):
+    for key in ("loss", "cls", "gmm", "log_prob"):
         assert metrics[key].dtype == np.float32, key
         assert np.isfinite(metrics[key]), key
     assert bool(metrics["finite"])
@@ -147,7 +147,7 @@ def test_bf16_step_computes_convolutions_in_bf16_and_the_gmm_in_float32(setup):
 def test_bf16_step_is_close_to_the_float32_step(setup):
     state, results, config = setup
     (s32, m32), (s16, m16) = results["float32"], results["bfloat16"]
-    for key in ("loss", "cls", "gmm", "log_prob_mean"):
+    for key in ("loss", "cls", "gmm", "log_prob"):
         np.testing.assert_allclose(m16[key], m32[key], rtol=LOSS_RTOL, err_msg=key)
 
     g32 = jax.tree.leaves(_adam_mu(s32))

@@ -213,7 +213,7 @@ def test_total_loss_matches_reference_and_warm_up():
     np.testing.assert_allclose(float(metrics["loss"]), float(loss))
     np.testing.assert_allclose(sum(float(metrics[f"cls/{t}"]) for t in TASKS),
                                float(metrics["cls"]), rtol=1e-6)
-    assert "log_prob_mean" in metrics and "regression" not in metrics
+    assert "log_prob" in metrics and "regression" not in metrics
 
     warm_up, warm_metrics = losses.total_loss(logits, grades, weights, gmm, lambda_cls=1.3,
                                               use_gmm=False, labeled_mask=labeled)

@@ -444,7 +444,7 @@ def torch_total_loss(outputs: Mapping[str, Any], grades: torch.Tensor,
             loss = loss + lambda_gmm * incoherence
         metrics["gmm"] = incoherence
         metrics["gmm_on"] = torch.full_like(cls, float(bool(use_gmm)))
-        metrics["log_prob_mean"] = log_prob.mean()
+        metrics["log_prob"] = log_prob.mean()
     metrics["loss"] = loss
     return loss, metrics
 
@@ -577,8 +577,8 @@ def flax_outputs(flax_model, variables: Mapping[str, Any], gmm, images, keypoint
         if key in metrics:
             result[f"loss/{key}"] = metrics[key]
     result["loss/total"] = metrics["loss"]
-    if "log_prob_mean" in metrics:
-        result["log_prob_mean"] = metrics["log_prob_mean"]
+    if "log_prob" in metrics:
+        result["log_prob"] = metrics["log_prob"]
     for name in sorted(grads):
         if name != "backbone":
             result[f"grad/{name}/kernel"] = grads[name]["kernel"]
@@ -637,8 +637,8 @@ def torch_outputs(torch_model: TorchKPN, gmm, images, keypoints, grades, labeled
         if key in metrics:
             result[f"loss/{key}"] = cpu(metrics[key])
     result["loss/total"] = cpu(metrics["loss"])
-    if "log_prob_mean" in metrics:
-        result["log_prob_mean"] = cpu(metrics["log_prob_mean"])
+    if "log_prob" in metrics:
+        result["log_prob"] = cpu(metrics["log_prob"])
     for name in sorted(_head_names(model)):
         linear: nn.Linear = getattr(model, name)
         result[f"grad/{name}/kernel"] = cpu(linear.weight.grad).T
@@ -670,7 +670,7 @@ def side_by_side(flax_model, variables: Mapping[str, Any], torch_model: TorchKPN
     Returns:
       name -> ``(flax value, torch value)`` numpy, same layout (NHWC maps):
       ``features/{stem,layer1..<last stage>,pooled}``, ``logits/{task}``, ``regression/{task}``,
-      ``loss/{cls/<task>,cls,regression,gmm,total}``, ``log_prob_mean``,
+      ``loss/{cls/<task>,cls,regression,gmm,total}``, ``log_prob``,
       ``grad/{head}/{kernel,bias}`` (of the total loss), and in train mode
       ``batch_stats/{mean,var}`` (every BatchNorm's new running statistics).
     """

@@ -154,25 +154,8 @@ class KPN(nn.Module):
           ``{task: [B, C_task] float32}`` and, with ``aux_regression``,
           ``'regression': {task: [B] float32}``.
         """
-        tasks = _validate_tasks(self.tasks)
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation: expected one of {AGGREGATIONS}, "
-                             f"got {self.aggregation!r}")
-        if self.feature_layer not in KEYPOINT_FEATURE_LAYERS:
-            raise ValueError(f"feature_layer: expected one of {KEYPOINT_FEATURE_LAYERS}, "
-                             f"got {self.feature_layer!r}")
-        if self.densify_k is not None and (not isinstance(self.densify_k, int)
-                                           or self.densify_k < 2):
-            raise ValueError(f"densify_k: expected None or an int >= 2, got {self.densify_k!r}")
         schema = get_schema(self.schema_name)
-        shape = None if keypoints is None else keypoints.shape
-        if shape is None or len(shape) != 3 or shape[1:] != (schema.num_points, 2):
-            raise ValueError(f"keypoints: expected [B, {schema.num_points}, 2] for schema "
-                             f"{schema.name}, got {shape}")
-        if keypoints.shape[0] != images.shape[0]:
-            raise ValueError(f"keypoints: batch size {keypoints.shape[0]} differs from images' "
-                             f"{images.shape[0]}")
-
+        _check_keypoints(keypoints, images, schema)
         x = normalize_images(images, self.input_mode, self.dtype)
         # The backbone stops at the pooled stage: later stages would only cost compute
         # (and, through weight decay, shrink weights nothing reads).
@@ -191,13 +174,39 @@ class KPN(nn.Module):
         pooled = bilinear_gather(feature_map, keypoints, FEATURE_STRIDES[self.feature_layer])
 
         head_inputs = {}
-        for task in tasks:
+        for task in self.tasks:
             points = pooled[:, jnp.asarray(schema.indices_for_task(task)), :]
             if self.aggregation == "concat":
                 head_inputs[task] = points.reshape(points.shape[0], -1)
             else:
                 head_inputs[task] = jnp.mean(points.astype(real_dtype), axis=1)
-        return _heads(head_inputs, tasks, self.aux_regression, self.dtype, self.param_dtype)
+        return _heads(head_inputs, tuple(self.tasks), self.aux_regression, self.dtype,
+                      self.param_dtype)
+
+    def __post_init__(self):
+        # The attributes are checked once, when the module is built, not in every call.
+        _validate_tasks(self.tasks)
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation: expected one of {AGGREGATIONS}, "
+                             f"got {self.aggregation!r}")
+        if self.feature_layer not in KEYPOINT_FEATURE_LAYERS:
+            raise ValueError(f"feature_layer: expected one of {KEYPOINT_FEATURE_LAYERS}, "
+                             f"got {self.feature_layer!r}")
+        if self.densify_k is not None and (not isinstance(self.densify_k, int)
+                                           or self.densify_k < 2):
+            raise ValueError(f"densify_k: expected None or an int >= 2, got {self.densify_k!r}")
+        super().__post_init__()
+
+
+def _check_keypoints(keypoints: jax.Array | None, images: jax.Array, schema) -> None:
+    """``keypoints`` must be ``[B, N, 2]`` for ``schema``, with the images' ``B``."""
+    shape = None if keypoints is None else keypoints.shape
+    if shape is None or len(shape) != 3 or shape[1:] != (schema.num_points, 2):
+        raise ValueError(f"keypoints: expected [B, {schema.num_points}, 2] for schema "
+                         f"{schema.name}, got {shape}")
+    if keypoints.shape[0] != images.shape[0]:
+        raise ValueError(f"keypoints: batch size {keypoints.shape[0]} differs from images' "
+                         f"{images.shape[0]}")
 
 
 class GlobalPoolNet(nn.Module):
@@ -221,13 +230,16 @@ class GlobalPoolNet(nn.Module):
                  train: bool = False) -> dict[str, Any]:
         """``images [B, H, W, 1]`` in [0, 1] -> ``{task: [B, C_task]}`` (see :class:`KPN`)."""
         del keypoints  # The baseline sees the whole image.
-        tasks = _validate_tasks(self.tasks)
         x = normalize_images(images, self.input_mode, self.dtype)
         feature_maps = ResNet(self.depth, None, self.dtype, self.param_dtype, self.width,
                               conv=self.conv, max_pool=self.max_pool, name="backbone")(x, train)
         pooled = jnp.mean(feature_maps["layer4"].astype(_real_dtype(self.dtype)), axis=(1, 2))
-        return _heads({task: pooled for task in tasks}, tasks, self.aux_regression, self.dtype,
-                      self.param_dtype)
+        return _heads({task: pooled for task in self.tasks}, tuple(self.tasks),
+                      self.aux_regression, self.dtype, self.param_dtype)
+
+    def __post_init__(self):
+        _validate_tasks(self.tasks)
+        super().__post_init__()
 
 
 # Arguments only the keypoint model has; create_model drops them for 'global'
