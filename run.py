@@ -33,6 +33,8 @@ flags.DEFINE_string("output", "", "predict: output folder (default WORKDIR/predi
                     "report: folder for the tables and charts.")
 flags.DEFINE_string("landmark_workdir", "", "predict: workdir of a trained landmark detector, "
                     "used for images without --keypoints.")
+flags.DEFINE_bool("allow_config_change", False, "train: resume a workdir with a config that "
+                  "differs from the one it was trained with (the old one is kept beside it).")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes (None = auto/1).")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
@@ -79,7 +81,7 @@ def _run(argv) -> None:
     elif FLAGS.mode == "train":
         from kpn_jax import train
 
-        train.train_and_evaluate(config, FLAGS.workdir)
+        train.train_and_evaluate(config, FLAGS.workdir, FLAGS.allow_config_change)
     elif FLAGS.mode == "evaluate":
         from kpn_jax import train
 
@@ -110,7 +112,8 @@ def _run_landmarks(config) -> None:
     from kpn_jax import landmarks_train
 
     if FLAGS.mode == "train":
-        landmarks_train.train_and_evaluate_landmarks(config, FLAGS.workdir)
+        landmarks_train.train_and_evaluate_landmarks(config, FLAGS.workdir,
+                                                     FLAGS.allow_config_change)
     elif FLAGS.mode == "evaluate":
         landmarks_train.evaluate_landmarks(config, FLAGS.workdir)
     elif FLAGS.mode == "predict":
@@ -122,6 +125,12 @@ def _run_landmarks(config) -> None:
 
 def parse_flags(argv):
     """absl flag parsing with a config typo reported in one line, not a traceback."""
+    for arg in argv[1:]:
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1].split(":")[0]
+            if not os.path.isfile(path):
+                print(f"error: --config file {path} does not exist", file=sys.stderr)
+                sys.exit(2)
     try:
         return FLAGS(argv)
     except flags.Error as error:
@@ -134,14 +143,26 @@ def parse_flags(argv):
     sys.exit(2)
 
 
+def _exit_now(code: int) -> None:
+    """Flushes and leaves at once: background threads (data loading, checkpoint writers) may
+    print tracebacks or crash while the interpreter shuts down, after the line that matters."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv) -> None:
     try:
         _run(argv)
+    except KeyboardInterrupt:
+        # The trainers saved a checkpoint and said so; no traceback.
+        print("stopped by Ctrl-C", file=sys.stderr)
+        _exit_now(130)
     except USER_ERRORS as error:
         logging.debug("error", exc_info=True)
         message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         print(f"error: {type(error).__name__}: {message}", file=sys.stderr)
-        sys.exit(1)
+        _exit_now(1)
 
 
 if __name__ == "__main__":

@@ -268,7 +268,7 @@ def jax_train_runner(config, batch_np: dict, image_size: int, gmm, class_weights
     import jax.numpy as jnp
 
     from kpn_jax import kernels as kernels_lib
-    from kpn_jax import parallel, train
+    from kpn_jax import parallel, train, trainer
 
     start = time.perf_counter()
     mesh = parallel.make_mesh()
@@ -280,13 +280,14 @@ def jax_train_runner(config, batch_np: dict, image_size: int, gmm, class_weights
     step = train.make_train_step(config, model, weights, gmm if config.coherence.enabled else None,
                                  kernels.compiler_options)
     batch = parallel.global_batch(batch_np, mesh)
-    use_gmm = jnp.asarray(True)
-    model_flops = jaxpr_flops(jax.make_jaxpr(step)(state, batch, use_gmm))
-    compiled = step.lower(state, batch, use_gmm).compile()
+    health = parallel.replicate(trainer.initial_health(), mesh)
+    step_index = jnp.asarray(0, jnp.int32)  # past the (zero) warm-up: the GMM term is on
+    model_flops = jaxpr_flops(jax.make_jaxpr(step)(state, batch, health, step_index))
+    compiled = step.lower(state, batch, health, step_index).compile()
     holder = {"state": state}
 
     def run() -> None:
-        holder["state"], metrics = compiled(holder["state"], batch, use_gmm)
+        holder["state"], metrics, _ = compiled(holder["state"], batch, health, step_index)
         jax.block_until_ready((holder["state"], metrics))
 
     run()

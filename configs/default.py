@@ -27,7 +27,7 @@ def get_config():
     # 'labeled' examples, or over the whole 'train' split, so that runs with fewer labels
     # take as many steps as runs with all of them (configs/paper.py uses 'train').
     config.epoch_basis = "labeled"
-    config.num_data_threads = 4
+    config.num_data_threads = 0        # decoding threads; 0 = one per available CPU (at most 32)
 
     # Model.
     config.model = ml_collections.ConfigDict(dict(
@@ -77,7 +77,9 @@ def get_config():
     config.eval_every_epochs = 1.0
     config.checkpoint_every_steps = 500
     config.keep_checkpoints = 2
-    config.best_metric = "validation/oarsi_average/accuracy"  # or e.g. validation/kl/accuracy
+    config.best_metric = "auto"       # 'auto': OARSI average accuracy, or the first task's
+                                      # accuracy when not all OARSI tasks are trained
+    config.divergence_factor = 100.0  # stop when a step's loss exceeds this x the lowest (0: off)
     config.eval_split = "test"        # split for --mode=evaluate
     config.max_steps = 0              # >0 stops early (tests, smoke runs)
     config.method_name = "kpn-jax"   # row label in reports (configs/paper.py sets it)

@@ -1,6 +1,6 @@
 """Orbax checkpoints of a training workdir: the latest N and the best on validation.
 
-Layout (DESIGN.md section 4): ``workdir/checkpoints/latest/<step>/``,
+Layout: ``workdir/checkpoints/latest/<step>/``,
 ``workdir/checkpoints/best/<step>/`` and ``workdir/checkpoints/best.json`` (the
 best metric so far), beside ``workdir/config.json`` and ``workdir/gmm.npz``.
 The data position is the step (the input pipeline is a pure function of the
@@ -42,6 +42,10 @@ class Checkpointer:
         return self.best.latest_step()
 
     def save(self, step: int, state) -> None:
+        """Saves ``latest/<step>`` (asynchronously); a step already saved is kept as it is:
+        the state of a step is a pure function of the run, so it holds the same arrays."""
+        if step in self.latest.all_steps():
+            return
         self.latest.save(step, args=ocp.args.StandardSave(state))
 
     def best_record(self) -> dict | None:
@@ -49,6 +53,10 @@ class Checkpointer:
         return json.loads(path.read_text()) if path.exists() else None
 
     def save_best(self, step: int, state, metric_name: str, value: float) -> None:
+        """Saves ``best/<step>`` and then ``best.json``; a replayed step (a run killed between
+        the two) is saved again."""
+        if step in self.best.all_steps():
+            self.best.delete(step)
         self.best.save(step, args=ocp.args.StandardSave(state), force=True)
         self.best.wait_until_finished()
         if jax.process_index() == 0:
@@ -58,22 +66,58 @@ class Checkpointer:
     def restore(self, state_template, step: int | None = None, which: str = "latest"):
         """Restores into the structure of ``state_template`` (arrays or ShapeDtypeStructs).
 
+        Without ``step``, the newest intact checkpoint: a damaged one (a file missing or cut
+        short) is moved to ``checkpoints/damaged/`` with a one-line warning and the next
+        older one is tried.
+
         Raises:
           FileNotFoundError: no checkpoint there.
-          CheckpointMismatchError: the stored arrays do not fit the template.
+          CheckpointMismatchError: no checkpoint fits the template (another model), or every
+            one is damaged.
         """
         manager = self.latest if which == "latest" else self.best
-        step = manager.latest_step() if step is None else step
-        if step is None:
+        steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
+        if not steps or steps == [None]:
             raise FileNotFoundError(f"no {which} checkpoint under {self.root / which}")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_template)
-        try:
-            return manager.restore(step, args=ocp.args.StandardRestore(abstract))
-        except (ValueError, KeyError, TypeError) as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-            raise CheckpointMismatchError(
-                f"checkpoint {self.root / which / str(step)} does not fit the model of this "
-                f"config (another architecture?): {first_line}") from None
+        errors = []
+        for candidate in steps:
+            try:
+                intact = _readable_metadata(manager, candidate)
+                if not intact:
+                    raise FileNotFoundError("its metadata is missing or unreadable")
+                return manager.restore(candidate, args=ocp.args.StandardRestore(abstract))
+            except (ValueError, KeyError, TypeError) as error:
+                # With readable metadata, a refused template means another model.
+                if _is_structure_mismatch(error):
+                    raise CheckpointMismatchError(
+                        f"checkpoint {self.root / which / str(candidate)} does not fit the model "
+                        f"of this config (another architecture?): {_first_line(error)}") from None
+                errors.append((candidate, error))
+            except Exception as error:  # noqa: BLE001  (orbax/tensorstore: unreadable files)
+                errors.append((candidate, error))
+            if step is not None:
+                break
+            self._set_aside(manager, which, candidate, errors[-1][1])
+        candidate, error = errors[-1]
+        raise CheckpointMismatchError(
+            f"no intact {which} checkpoint under {self.root / which} (the last tried, step "
+            f"{candidate}: {_first_line(error)}); damaged ones are in {self.root / 'damaged'}. "
+            f"Delete {self.root} to start afresh, or restore the folder from a backup")
+
+    def _set_aside(self, manager, which: str, step: int, error: Exception) -> None:
+        """Moves a damaged checkpoint out of the manager's way, so that the steps replayed
+        after the fallback can be saved again; nothing is deleted."""
+        source = self.root / which / str(step)
+        target = self.root / "damaged" / f"{which}_{step}"
+        if jax.process_index() == 0 and source.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                target = target.with_name(f"{target.name}_{os.getpid()}")
+            source.rename(target)
+        manager.reload()
+        print(f"WARNING: checkpoint {source} is damaged ({_first_line(error)}); moved to "
+              f"{target}, trying the previous one", flush=True)
 
     def wait(self) -> None:
         self.latest.wait_until_finished()
@@ -82,6 +126,30 @@ class Checkpointer:
     def close(self) -> None:
         self.latest.close()
         self.best.close()
+
+
+def _readable_metadata(manager, step: int) -> bool:
+    """Whether the checkpoint's metadata files (orbax's step and item ``_METADATA``) exist
+    and parse: without them orbax cannot tell the saved tree, and would blame the model."""
+    folder = Path(manager.directory) / str(step)
+    try:
+        for path in (folder / "_CHECKPOINT_METADATA", folder / "default" / "_METADATA"):
+            json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+def _is_structure_mismatch(error: Exception) -> bool:
+    """Whether orbax refused the template (another model), not the files (damage)."""
+    text = str(error).lower()
+    return any(hint in text for hint in ("tree structure", "user-provided restore item",
+                                         "structure", "shape", "mismatch"))
 
 
 def check_config_compatible(saved: dict, config) -> None:

@@ -49,6 +49,16 @@ class DatasetHandle:
         return self.sources[split]
 
 
+def default_num_threads() -> int:
+    """Decoding threads when ``config.num_data_threads`` is 0: one per CPU this process may
+    run on, at most 32 (PNG decoding releases the GIL, so threads scale with cores)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(32, cpus))
+
+
 def resolve_dataset_name(config) -> str:
     """The ``builder/config`` name to open (the synthetic knees' name from ``config.synthetic``)."""
     if config.dataset == datasets.SYNTHETIC_BUILDER:
@@ -211,18 +221,19 @@ def make_example_checker(image_size: int, num_points: int, need_keypoints: bool)
 
 
 def train_iterator(stream: MixedStream, checker, start_step: int = 0,
-                   num_threads: int = 4, prefetch: int = 4) -> Iterator[dict]:
+                   num_threads: int = 0, prefetch: int = 4) -> Iterator[dict]:
     """Local batches of ``stream`` from global step ``start_step`` on, decoded by ``num_threads`` threads."""
     dataset = (grain.MapDataset.source(stream).map(checker)
                .batch(stream.local_batch, drop_remainder=True))
     dataset = dataset.slice(slice(start_step, None))
-    read = grain.ReadOptions(num_threads=max(1, num_threads),
+    num_threads = num_threads or default_num_threads()
+    read = grain.ReadOptions(num_threads=num_threads,
                              prefetch_buffer_size=max(1, prefetch, num_threads))
     return iter(dataset.to_iter_dataset(read))
 
 
 def eval_batches(source, global_batch_size: int, checker, process_index: int = 0,
-                 process_count: int = 1, num_threads: int = 4) -> Iterator[dict]:
+                 process_count: int = 1, num_threads: int = 0) -> Iterator[dict]:
     """Padded local batches covering ``source`` once, in order, with ``mask`` [B].
 
     Every process yields the same number of batches (multi-host collectives need
@@ -247,5 +258,6 @@ def eval_batches(source, global_batch_size: int, checker, process_index: int = 0
             return checked
 
     dataset = grain.MapDataset.source(_Padded()).batch(local, drop_remainder=True)
-    read = grain.ReadOptions(num_threads=max(1, num_threads), prefetch_buffer_size=max(1, num_threads))
+    num_threads = num_threads or default_num_threads()
+    read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=num_threads)
     return iter(dataset.to_iter_dataset(read))

@@ -1,4 +1,4 @@
-"""Training, evaluation and inference of the kneel16 landmark detector (issue 9).
+"""Training, evaluation and inference of the kneel16 landmark detector.
 
 ``train_and_evaluate_landmarks(config, workdir)`` is the ``--mode=train`` program of a
 config with ``config.task == 'landmarks'`` (``configs/landmarks.py``). It uses the
@@ -7,7 +7,7 @@ grain batches whose content is a pure function of ``(seed, step)`` (so a resumed
 sees the batches it would have seen), one jitted step over the ``('data',)`` mesh with
 on-device augmentation (:mod:`kpn_jax.augment` plus an intensity jitter), orbax
 checkpoints (:class:`kpn_jax.checkpointing.Checkpointer`: ``latest`` and ``best``) and
-``metrics.jsonl`` / TensorBoard logs (:class:`kpn_jax.train.MetricLog`).
+``metrics.jsonl`` / TensorBoard logs (:class:`kpn_jax.trainer.MetricLog`).
 
 Data: every training source (``config.sources``) contributes a fixed number of
 examples to each global batch. Only examples whose keypoints are all valid, finite and
@@ -31,7 +31,6 @@ import hashlib
 import json
 import math
 import os
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -47,7 +46,9 @@ from kpn_jax import checkpointing, input_pipeline, parallel
 from kpn_jax import kernels as kernels_lib
 from kpn_jax import keypoints as kp_lib
 from kpn_jax.models import landmarks as lm
-from kpn_jax.train import DTYPES, MetricLog, TrainState, config_to_dict
+from kpn_jax import trainer
+from kpn_jax.train import DTYPES, config_to_dict
+from kpn_jax.trainer import MetricLog, TrainState
 
 TASK = "landmarks"
 DATA_INFO = "data_info.json"
@@ -354,7 +355,8 @@ def model_input_size(config, image_size: int) -> int:
 
 
 def make_train_step(config, model, input_size: int):
-    """``(state, batch) -> (state, metrics)``, jitted with the state donated.
+    """``(state, batch, health, step) -> (state, metrics, health)``, jitted with the state
+    donated; the update is guarded (:func:`kpn_jax.trainer.guarded_update`).
 
     ``batch``: ``image`` uint8 ``[B, S, S, 1]``, ``keypoints`` ``[B, N, 2]`` (pixels of
     the stored image), ``keypoints_valid`` bool ``[B, N]``. Errors in the metrics are
@@ -364,7 +366,8 @@ def make_train_step(config, model, input_size: int):
     dtype = DTYPES[config.dtype]
     loss_cfg = config.loss
 
-    def step(state: TrainState, batch: dict):
+    def step(state: TrainState, batch: dict, health: dict, step_index: jax.Array):
+        del step_index  # the schedule lives in the optimizer
         rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), state.step)
         rng_geometry, rng_intensity = jax.random.split(rng)
         images = batch["image"].astype(jnp.float32) / 255.0
@@ -389,17 +392,13 @@ def make_train_step(config, model, input_size: int):
             return loss, (aux, updates["batch_stats"])
 
         (loss, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
-            [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
         new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-        # A non-finite step leaves the state as it was (train.py's guard).
-        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-        new_state = new_state.replace(step=state.step + 1)
+        new_state, health = trainer.guarded_update(state, new_state, loss, grads, health,
+                                                   config.get("divergence_factor", 100.0))
         aux = dict(aux)
         # Back to stored-image pixels, the unit every report uses.
         aux["radial_error_px"] = aux["radial_error_px"] * (stored_size / input_size)
-        aux["finite"] = finite
-        return new_state, aux
+        return new_state, aux, health
 
     return jax.jit(step, donate_argnums=(0,),
                    compiler_options=kernels_lib.for_config(config).compiler_options or None)
@@ -561,37 +560,34 @@ def write_report(workdir: Path, results: dict, schema, checkpoint: dict,
 # ----------------------------------------------------------------------------- main loop
 
 
-def _print(message: str) -> None:
-    if jax.process_index() == 0:
-        print(message, flush=True)
+_print = trainer.print_once
 
 
-def _prepare_workdir(config, workdir) -> Path:
-    workdir = Path(workdir).expanduser().resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    config_path = workdir / "config.json"
-    if config_path.exists():
-        check_config_compatible(json.loads(config_path.read_text()), config)
-    if jax.process_index() == 0:
-        config_path.write_text(json.dumps(config_to_dict(config), indent=2, sort_keys=True))
-    return workdir
-
-
-def train_and_evaluate_landmarks(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate_landmarks(config: ml_collections.ConfigDict, workdir: str,
+                                 allow_config_change: bool = False) -> dict:
     """Trains the detector, keeps the best checkpoint on ``dev``, reports every evaluation set.
 
-    Resumes from ``workdir/checkpoints/latest`` when present. Returns
-    ``{'{set}/{source}': summary}`` (see :func:`kpn_jax.models.landmarks.summarize_errors`)
+    Resumes from ``workdir/checkpoints/latest`` when present (see :mod:`kpn_jax.trainer`).
+    Returns ``{'{set}/{source}': summary}`` (see :func:`kpn_jax.models.landmarks.summarize_errors`)
     of the final checkpoint (best on dev, else latest).
     """
     validate_config(config)
-    workdir = _prepare_workdir(config, workdir)
     mesh = parallel.make_mesh()
     schema = kp_lib.get_schema(config.keypoint_schema)
     sources = open_sources(config)
     training = [s for s in sources.values() if s.batch_size > 0]
     image_size = training[0].handle.image_size
     input_size = model_input_size(config, image_size)
+    stream = SourceMixStream([s.pool("train") for s in training], [s.batch_size for s in training],
+                             config.num_steps, config.seed, jax.process_index(),
+                             jax.process_count())
+    parallel.check_batch_size(stream.global_batch, mesh, "the sources' batch sizes")
+    workdir = Path(workdir).expanduser().resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpoints = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
+    trainer.write_config(workdir, config_to_dict(config),
+                         lambda saved: check_config_compatible(saved, config),
+                         allow_config_change, checkpoints.latest_step())
     if jax.process_index() == 0:
         (workdir / DATA_INFO).write_text(json.dumps(
             {"task": TASK, "image_size": image_size, "input_size": input_size,
@@ -603,7 +599,6 @@ def train_and_evaluate_landmarks(config: ml_collections.ConfigDict, workdir: str
     model = create_model(config, schema.num_points)
     tx = make_optimizer(config)
     state = create_state(config, model, tx, input_size, mesh)
-    checkpoints = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
     start_step = 0
     if checkpoints.latest_step() is not None:
         state = checkpoints.restore(state)
@@ -611,10 +606,6 @@ def train_and_evaluate_landmarks(config: ml_collections.ConfigDict, workdir: str
         _print(f"Resuming from {workdir}/checkpoints/latest at step {start_step}")
     log = MetricLog(workdir, start_step)
 
-    stream = SourceMixStream([s.pool("train") for s in training], [s.batch_size for s in training],
-                             config.num_steps, config.seed, jax.process_index(),
-                             jax.process_count())
-    parallel.check_batch_size(stream.global_batch, mesh)
     checker = input_pipeline.make_example_checker(image_size, schema.num_points, True)
     train_step = make_train_step(config, model, input_size)
     predict_fn = make_predict_fn(model, input_size, DTYPES[config.dtype])
@@ -626,7 +617,7 @@ def train_and_evaluate_landmarks(config: ml_collections.ConfigDict, workdir: str
                        for s in sources.values())
            + f"; {config.num_steps} steps, {jax.device_count()} device(s)")
 
-    def run_dev_evaluation(step: int) -> None:
+    def run_dev_evaluation(step: int, state) -> None:
         if not dev_sets:
             return
         variables = {"params": state.params, "batch_stats": state.batch_stats}
@@ -641,56 +632,49 @@ def train_and_evaluate_landmarks(config: ml_collections.ConfigDict, workdir: str
         if config.best_metric not in flat:
             raise ValueError(f"config.best_metric {config.best_metric!r} is not among the dev "
                              f"metrics {sorted(flat)}")
-        best = checkpoints.best_record()
         value = flat[config.best_metric]
+        if not math.isfinite(value):
+            raise ValueError(f"config.best_metric {config.best_metric!r} is {value} at step {step}")
+        best = checkpoints.best_record()
         if best is None or value < best["value"]:
             checkpoints.save_best(step, state, config.best_metric, value)
 
-    data = input_pipeline.train_iterator(stream, checker, start_step, config.num_data_threads)
-    pending, window_start, window_step = [], time.time(), start_step
-    try:
-        for step in range(start_step, config.num_steps):
-            local = next(data)
-            batch = parallel.global_batch(
+    def window_record(done: int, values: list[dict], elapsed: float) -> tuple[dict, str]:
+        record = {f"train/{k}": float(np.mean([v[k] for v in values])) for k in values[0]}
+        record["train/images_per_sec"] = len(values) * stream.global_batch / max(elapsed, 1e-9)
+        record["train/lr"] = float(tx_learning_rate(config, done - 1))
+        eta = (config.num_steps - done) * elapsed / max(1, len(values))
+        return record, (
+            f"step {done}/{config.num_steps} | {record['train/images_per_sec']:.1f} img/s"
+            f" | ETA {trainer.format_duration(eta)} | loss {record['train/loss']:.3f} "
+            f"coord {record['train/coord']:.3f} heatmap {record['train/heatmap']:.3f} | "
+            f"train radial error {record['train/radial_error_px']:.2f} px")
+
+    def refusal_message(step: int, loss: float) -> str:
+        latest = checkpoints.latest_step()
+        where = (f"resume from {workdir}/checkpoints/latest (step {latest})" if latest is not None
+                 else "no checkpoint was written")
+        return (f"training stopped at step {step}: loss {loss:.4g} (non-finite or diverging); "
+                f"the update was not applied. Lower config.learning_rate or check the data; "
+                f"{where}")
+
+    def device_batches():
+        data = input_pipeline.train_iterator(stream, checker, start_step, config.num_data_threads)
+        for local in data:
+            yield parallel.global_batch(
                 {k: local[k] for k in ("image", "keypoints", "keypoints_valid")}, mesh)
-            state, aux = train_step(state, batch)
-            pending.append(aux)
-            done = step + 1
-            if done % config.log_every_steps == 0 or done == config.num_steps:
-                values = jax.device_get(pending)
-                if not all(bool(v["finite"]) for v in values):
-                    raise FloatingPointError(
-                        f"non-finite loss or gradient between steps {window_step} and {done}; the "
-                        "update was skipped and training stopped. Lower config.learning_rate or "
-                        f"check the data; resume from {workdir}/checkpoints/latest")
-                elapsed = time.time() - window_start
-                means = {f"train/{k}": float(np.mean([v[k] for v in values]))
-                         for k in values[0] if k != "finite"}
-                means["train/images_per_sec"] = (done - window_step) * stream.global_batch / max(
-                    elapsed, 1e-9)
-                means["train/lr"] = float(tx_learning_rate(config, step))
-                log.write(done, means)
-                eta = (config.num_steps - done) * elapsed / max(1, done - window_step)
-                _print(f"step {done}/{config.num_steps} | {means['train/images_per_sec']:.1f} img/s"
-                       f" | ETA {_format_duration(eta)} | loss {means['train/loss']:.3f} "
-                       f"coord {means['train/coord']:.3f} heatmap {means['train/heatmap']:.3f} | "
-                       f"train radial error {means['train/radial_error_px']:.2f} px")
-                pending, window_start, window_step = [], time.time(), done
-            if done % config.checkpoint_every_steps == 0:
-                checkpoints.save(done, state)
-            if done % config.eval_every_steps == 0 or done == config.num_steps:
-                run_dev_evaluation(done)
-    except KeyboardInterrupt:
-        checkpoints.save(int(jax.device_get(state.step)), state)
-        checkpoints.wait()
-        _print(f"Interrupted: saved a checkpoint at step {int(jax.device_get(state.step))}; "
-               "run the same command to resume")
-        raise
-    if config.num_steps > start_step:
-        checkpoints.save(config.num_steps, state)
-    checkpoints.wait()
+
+    state = trainer.fit(
+        state=state, health=parallel.replicate(trainer.initial_health(), mesh),
+        train_step=lambda st, batch, health, step: train_step(st, batch, health,
+                                                               jnp.asarray(step, jnp.int32)),
+        batches=device_batches(), start_step=start_step, total_steps=config.num_steps,
+        checkpoints=checkpoints, log=log, log_every=config.log_every_steps,
+        checkpoint_every=config.checkpoint_every_steps, evaluate_every=config.eval_every_steps,
+        evaluate=run_dev_evaluation, window_record=window_record,
+        refusal_message=refusal_message)
     if dev_sets and config.best_metric and checkpoints.best_step() is None:
-        run_dev_evaluation(int(jax.device_get(state.step)))
+        run_dev_evaluation(int(jax.device_get(state.step)), state)
         checkpoints.wait()
 
     results = final_evaluation(config, workdir, sources, model, state, checkpoints, input_size,
@@ -705,13 +689,6 @@ def tx_learning_rate(config, step: int) -> float:
     warmup = min(config.warmup_steps, config.num_steps - 1)
     return float(optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup,
                                                     config.num_steps, end_value=0.0)(step))
-
-
-def _format_duration(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 def final_evaluation(config, workdir: Path, sources, model, state, checkpoints, input_size: int,

@@ -12,31 +12,25 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from pathlib import Path
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from flax.training import train_state
 
 from kpn_jax import augment as augment_lib
 from kpn_jax import checkpointing, evaluate as eval_lib
 from kpn_jax import gmm as gmm_lib
 from kpn_jax import grades as grades_lib
 from kpn_jax import input_pipeline, kernels as kernels_lib, keypoints as kp_lib, losses, parallel
+from kpn_jax import trainer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DATA_INFO = "data_info.json"  # image size and keypoint schema of the training data
-
-
-class TrainState(train_state.TrainState):
-    batch_stats: Any = None
 
 
 # ----------------------------------------------------------------------------- config
@@ -68,6 +62,20 @@ def validate_config(config) -> None:
     for name in ("batch_size", "eval_batch_size", "num_epochs"):
         if int(config[name]) <= 0:
             raise ValueError(f"config.{name} must be positive, got {config[name]}")
+    if not config.learning_rate > 0 or not math.isfinite(config.learning_rate):
+        raise ValueError(f"config.learning_rate must be a positive number, got "
+                         f"{config.learning_rate!r}")
+    if not 0 < config.lr_decay_factor <= 1:
+        raise ValueError(f"config.lr_decay_factor must be in (0, 1], got {config.lr_decay_factor!r}")
+    if not config.weight_decay >= 0:
+        raise ValueError(f"config.weight_decay must be >= 0, got {config.weight_decay!r}")
+    for name in ("log_every_steps", "checkpoint_every_steps"):
+        if int(config[name]) <= 0:
+            raise ValueError(f"config.{name} must be positive, got {config[name]}")
+    if not config.eval_every_epochs > 0:
+        raise ValueError(f"config.eval_every_epochs must be positive, got "
+                         f"{config.eval_every_epochs!r}")
+    best_metric(config)  # a best metric that no evaluation reports is an error now
     coherence = config.coherence
     if int(coherence.gmm_repeats) < 0 or int(coherence.gmm_repeats) != coherence.gmm_repeats:
         raise ValueError(f"config.coherence.gmm_repeats must be an integer >= 0 (0 = automatic), "
@@ -81,6 +89,43 @@ def validate_config(config) -> None:
 
 def config_to_dict(config) -> dict:
     return json.loads(config.to_json_best_effort())
+
+
+def best_metric(config, validation_grades: np.ndarray | None = None) -> str:
+    """The validation metric that picks the best checkpoint (higher is better).
+
+    ``config.best_metric='auto'`` follows the trained tasks and, given the validation
+    split's ``grades [M, 7]``, the grades it holds: the OARSI average accuracy when all six
+    OARSI tasks are trained and graded there, else the accuracy of the first trained task
+    that is (``validation/kl/accuracy`` for KL-only training or KL-only data).
+
+    Raises:
+      ValueError: a metric of an untrained task, or of one the validation split never grades.
+    """
+    def graded(task: str) -> bool:
+        return (validation_grades is None
+                or bool((validation_grades[:, grades_lib.TASKS.index(task)] >= 0).any()))
+
+    tasks = tuple(config.tasks)
+    if config.best_metric != "auto":
+        split, _, rest = config.best_metric.partition("/")
+        task = rest.partition("/")[0]
+        needed = grades_lib.OARSI_TASKS if task == "oarsi_average" else (task,)
+        if split != "validation" or not set(needed) <= set(tasks):
+            raise ValueError(f"config.best_metric {config.best_metric!r} is not a validation "
+                             f"metric of the trained tasks {tasks} (e.g. "
+                             f"'validation/{tasks[0]}/accuracy', or 'auto')")
+        if not all(graded(t) for t in needed):
+            raise ValueError(f"config.best_metric {config.best_metric!r}: the validation split "
+                             f"has no {task} grades; use 'auto' or another task's metric")
+        return config.best_metric
+    if set(grades_lib.OARSI_TASKS) <= set(tasks) and all(graded(t) for t in grades_lib.OARSI_TASKS):
+        return "validation/oarsi_average/accuracy"
+    for task in tasks:
+        if graded(task):
+            return f"validation/{task}/accuracy"
+    raise ValueError(f"the validation split grades none of the trained tasks {tasks}: there is "
+                     f"nothing to pick the best checkpoint by")
 
 
 # ----------------------------------------------------------------------------- model + state
@@ -155,15 +200,20 @@ def create_state(config, model, tx, image_size: int, num_points: int, mesh) -> T
 # ----------------------------------------------------------------------------- steps
 
 
-def make_train_step(config, model, class_weights: dict, gmm, compiler_options=None):
-    """``(state, batch, use_gmm) -> (state, metrics)``, jitted with the state donated
-    (and ``compiler_options``, the backend kernels' :attr:`Kernels.compiler_options`)."""
+def make_train_step(config, model, class_weights: dict, gmm, warmup_steps: int = 0,
+                    compiler_options=None):
+    """Jitted ``(state, batch, health, step) -> (state, metrics, health)``, state donated.
+
+    The incoherence loss is on from step ``warmup_steps``; the update is guarded
+    (:func:`kpn_jax.trainer.guarded_update`); ``compiler_options`` are the backend
+    kernels' (:mod:`kpn_jax.kernels`).
+    """
     dtype = DTYPES[config.dtype]
     aug = config.augment
     coherence = config.coherence
     tasks = tuple(config.tasks)
 
-    def step(state: TrainState, batch: dict, use_gmm: jax.Array):
+    def step(state: TrainState, batch: dict, health: dict, step_index: jax.Array):
         rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), state.step)
         images = batch["image"].astype(jnp.float32) / 255.0
         images, keypoints = augment_lib.augment(
@@ -178,22 +228,16 @@ def make_train_step(config, model, class_weights: dict, gmm, compiler_options=No
                 train=True, mutable=["batch_stats"])
             loss, aux = losses.total_loss(
                 outputs, batch["grades"], class_weights, gmm=gmm, tau=coherence.tau,
-                lambda_cls=config.lambda_cls, lambda_gmm=coherence.lambda_gmm, use_gmm=use_gmm,
-                labeled_mask=batch["labeled"], tasks=tasks,
+                lambda_cls=config.lambda_cls, lambda_gmm=coherence.lambda_gmm,
+                use_gmm=step_index >= warmup_steps, labeled_mask=batch["labeled"], tasks=tasks,
                 aux_regression_weight=config.aux_regression_weight)
             return loss, (aux, updates["batch_stats"])
 
         (loss, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
-            [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
         new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-        # A non-finite step leaves the state as it was; the host stops the run at
-        # the next log line with a message, so the last checkpoint stays clean.
-        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-        new_state = new_state.replace(step=state.step + 1)
-        aux = dict(aux)
-        aux["finite"] = finite
-        return new_state, aux
+        new_state, health = trainer.guarded_update(state, new_state, loss, grads, health,
+                                                   config.divergence_factor)
+        return new_state, dict(aux), health
 
     return jax.jit(step, donate_argnums=(0,), compiler_options=compiler_options or None)
 
@@ -249,82 +293,40 @@ def fit_or_load_gmm(config, workdir: Path, labeled_grades: np.ndarray):
 # ----------------------------------------------------------------------------- logging
 
 
-class MetricLog:
-    """JSON lines (``metrics.jsonl``) + TensorBoard events, written by process 0 only."""
-
-    def __init__(self, workdir: Path, resume_step: int):
-        self.path = workdir / "metrics.jsonl"
-        self.enabled = jax.process_index() == 0
-        self.writer = None
-        if not self.enabled:
-            return
-        if self.path.exists():
-            # Drop records past the checkpoint we resume from: they will be logged again.
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        try:
-            from tensorboardX import SummaryWriter
-
-            self.writer = SummaryWriter(str(workdir / "tensorboard"))
-        except ImportError:  # TensorBoard files are a convenience, metrics.jsonl is the record
-            self.writer = None
-
-    def write(self, step: int, values: dict) -> None:
-        if not self.enabled:
-            return
-        record = {"step": int(step), **{k: (float(v) if isinstance(v, (int, float, np.floating,
-                                                                          np.integer)) else v)
-                                        for k, v in values.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, float) and math.isfinite(value):
-                    self.writer.add_scalar(key, value, step)
-            self.writer.flush()
-
-    def records(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def _format_duration(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
-
-
-def _print(message: str) -> None:
-    if jax.process_index() == 0:
-        print(message, flush=True)
+TrainState = trainer.TrainState
+MetricLog = trainer.MetricLog
+_print = trainer.print_once
 
 
 # ----------------------------------------------------------------------------- main loop
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       allow_config_change: bool = False) -> dict:
     """Trains, evaluates on validation, keeps the best checkpoint, tests it, writes the report.
+
+    Resumes from ``workdir/checkpoints/latest``; a run killed at any moment and started
+    again ends as an uninterrupted one would (see :mod:`kpn_jax.trainer`). A resume with a
+    config that differs from the workdir's is refused unless ``allow_config_change``.
 
     Returns the final ``{split: evaluate()-dict}`` of the best checkpoint.
     """
     validate_config(config)
+    mesh = parallel.make_mesh()
+    batch_unlabeled = config.unlabeled_batch_size if config.coherence.enabled else 0
+    parallel.check_batch_size(config.batch_size, mesh, "config.batch_size")
+    if batch_unlabeled:
+        parallel.check_batch_size(batch_unlabeled, mesh, "config.unlabeled_batch_size")
+    handle, labeled, labeled_grades, unlabeled_pool = load_training_data(config, mesh)
+    validation = handle.sources.get("validation")
+    metric = best_metric(config, None if validation is None or len(validation) == 0 else
+                         input_pipeline.read_field(validation, "grades"))
     workdir = Path(workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    config_path = workdir / "config.json"
-    if config_path.exists():
-        checkpointing.check_config_compatible(json.loads(config_path.read_text()), config)
-    if jax.process_index() == 0:
-        config_path.write_text(json.dumps(config_to_dict(config), indent=2, sort_keys=True))
-
-    mesh = parallel.make_mesh()
-    handle, labeled, labeled_grades, unlabeled_pool = load_training_data(config, mesh)
+    checkpoints = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
+    trainer.write_config(workdir, config_to_dict(config),
+                         lambda saved: checkpointing.check_config_compatible(saved, config),
+                         allow_config_change, checkpoints.latest_step())
     schema = kp_lib.get_schema(handle.keypoint_schema)
     epoch_examples = len(labeled) if config.epoch_basis == "labeled" else len(handle.split("train"))
     steps_per_epoch = max(1, math.ceil(epoch_examples / config.batch_size))
@@ -347,7 +349,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     model = create_model(config, handle.keypoint_schema, kernels)
     tx = make_optimizer(config, steps_per_epoch)
     state = create_state(config, model, tx, handle.image_size, schema.num_points, mesh)
-    checkpoints = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
     start_step = 0
     if checkpoints.latest_step() is not None:
         state = checkpoints.restore(state)
@@ -357,13 +358,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     need_keypoints = config.model.pooling == "keypoints"
     checker = input_pipeline.make_example_checker(handle.image_size, schema.num_points, need_keypoints)
-    batch_unlabeled = config.unlabeled_batch_size if config.coherence.enabled else 0
     stream = input_pipeline.MixedStream(
         input_pipeline.Pool([(handle.split("train"), labeled)]), unlabeled_pool,
         config.batch_size, batch_unlabeled, total_steps, config.seed,
         jax.process_index(), jax.process_count())
-    parallel.check_batch_size(stream.global_sizes[0] + stream.global_sizes[1], mesh)
-    train_step = make_train_step(config, model, class_weights, gmm, kernels.compiler_options)
+    images_per_step = stream.global_sizes[0] + stream.global_sizes[1]
+    train_step = make_train_step(config, model, class_weights, gmm, warmup_steps,
+                                 kernels.compiler_options)
     eval_step = eval_lib.make_eval_step(model, tuple(config.tasks), DTYPES[config.dtype],
                                         kernels.compiler_options)
     validation = handle.sources.get("validation")
@@ -375,7 +376,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
               if gmm is not None else "")
            + f"; {steps_per_epoch} steps/epoch, {total_steps} steps, {jax.device_count()} device(s)")
 
-    def run_validation(step: int) -> None:
+    def run_validation(step: int, state) -> None:
         if validation is None or len(validation) == 0:
             return
         variables = {"params": state.params, "batch_stats": state.batch_stats}
@@ -387,69 +388,57 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         log.write(step, flat)
         summary = " ".join(f"{grades_lib.PAPER_NAMES[t]} {result[t]['accuracy']:.3f}"
                            for t in config.tasks)
-        avg = result["oarsi_average"].get("accuracy", float("nan"))
-        _print(f"  validation @ step {step}: acc {summary} | OARSI avg {avg:.3f}")
-        value = flat.get(config.best_metric)
-        if value is None:
-            raise ValueError(f"config.best_metric {config.best_metric!r} is not among the "
-                             f"validation metrics (e.g. validation/kl/accuracy)")
+        oarsi = ("" if metric != "validation/oarsi_average/accuracy" else
+                 f" | OARSI avg {result['oarsi_average']['accuracy']:.3f}")
+        _print(f"  validation @ step {step}: acc {summary}{oarsi}")
+        value = flat.get(metric)
+        if value is None or not math.isfinite(value):
+            raise ValueError(f"the best-checkpoint metric {metric} is {value} at step {step} "
+                             f"(no validation example graded for it?); set config.best_metric "
+                             f"to a metric the validation split has")
         best = checkpoints.best_record()
         if best is None or value > best["value"]:
-            checkpoints.save_best(step, state, config.best_metric, value)
+            checkpoints.save_best(step, state, metric, value)
 
-    data = input_pipeline.train_iterator(stream, checker, start_step, config.num_data_threads)
-    eval_every = max(1, int(config.eval_every_epochs * steps_per_epoch))
-    pending, window_start, window_step = [], time.time(), start_step
-    step = start_step
-    try:
-        for step in range(start_step, total_steps):
-            local = next(data)
-            batch = parallel.global_batch(
+    def window_record(done: int, values: list[dict], elapsed: float) -> tuple[dict, str]:
+        steps = len(values)
+        images_per_sec = steps * images_per_step / max(elapsed, 1e-9)
+        record = {f"train/{k}": float(np.mean([v[k] for v in values])) for k in values[0]}
+        record.update({"epoch": done / steps_per_epoch, "train/images_per_sec": images_per_sec,
+                       "train/lr": learning_rate_at(config, steps_per_epoch, done - 1),
+                       "train/gmm_on": float(done - 1 >= warmup_steps) if gmm is not None else 0.0})
+        eta = (total_steps - done) * elapsed / max(1, steps)
+        loss_text = " ".join(f"{k.split('/')[1]} {record[k]:.3f}" for k in
+                             ("train/loss", "train/cls", "train/gmm") if k in record)
+        return record, (f"step {done}/{total_steps} | epoch {done / steps_per_epoch:.2f} | "
+                        f"{images_per_sec:.1f} img/s | ETA {trainer.format_duration(eta)} | "
+                        f"{loss_text}")
+
+    def refusal_message(step: int, loss: float) -> str:
+        latest = checkpoints.latest_step()
+        where = (f"resume from {workdir}/checkpoints/latest (step {latest}) after the change"
+                 if latest is not None else "no checkpoint was written; start again after the "
+                 "change")
+        why = ("a non-finite loss or gradient" if not math.isfinite(loss) else
+               f"a loss of {loss:.4g}, over {config.divergence_factor:g} times the lowest so far")
+        return (f"training stopped at step {step}: {why}; the update was not applied. Lower "
+                f"config.learning_rate, use dtype float32, or check the data; {where}")
+
+    def device_batches():
+        data = input_pipeline.train_iterator(stream, checker, start_step, config.num_data_threads)
+        for local in data:
+            yield parallel.global_batch(
                 {k: local[k] for k in ("image", "keypoints", "grades", "labeled")}, mesh)
-            state, aux = train_step(state, batch, jnp.asarray(step >= warmup_steps))
-            pending.append(aux)
-            done = step + 1
-            if step == start_step:
-                # The first step compiles; start the throughput clock after it.
-                jax.block_until_ready(aux["loss"])
-                window_start, window_step = time.time(), done
-            if done % config.log_every_steps == 0 or done == total_steps:
-                values = jax.device_get(pending)
-                if not all(bool(v["finite"]) for v in values):
-                    bad = start_step + [bool(v["finite"]) for v in values].index(False)
-                    raise FloatingPointError(
-                        f"non-finite loss or gradient near step {bad} (loss values "
-                        f"{[float(v['loss']) for v in values][-3:]}); the update was skipped and "
-                        f"training stopped. Lower config.learning_rate, use dtype float32, or "
-                        f"check the data; resume from {workdir}/checkpoints/latest")
-                elapsed = time.time() - window_start
-                images_per_sec = ((done - window_step) * (stream.global_sizes[0] + stream.global_sizes[1])
-                                  / max(elapsed, 1e-9))
-                means = {f"train/{k}": float(np.mean([v[k] for v in values]))
-                         for k in values[0] if k != "finite"}
-                means.update({"epoch": done / steps_per_epoch, "train/images_per_sec": images_per_sec,
-                              "train/lr": learning_rate_at(config, steps_per_epoch, step),
-                              "train/gmm_on": float(step >= warmup_steps) if gmm is not None else 0.0})
-                log.write(done, means)
-                eta = (total_steps - done) * elapsed / max(1, done - window_step)
-                loss_text = " ".join(f"{k.split('/')[1]} {means[k]:.3f}" for k in
-                                     ("train/loss", "train/cls", "train/gmm") if k in means)
-                _print(f"step {done}/{total_steps} | epoch {done / steps_per_epoch:.2f} | "
-                       f"{images_per_sec:.1f} img/s | ETA {_format_duration(eta)} | {loss_text}")
-                pending, window_start, window_step = [], time.time(), done
-            if done % config.checkpoint_every_steps == 0:
-                checkpoints.save(done, state)
-            if done % eval_every == 0 or done == total_steps:
-                run_validation(done)
-    except KeyboardInterrupt:
-        checkpoints.save(int(jax.device_get(state.step)), state)
-        checkpoints.wait()
-        _print(f"Interrupted: saved a checkpoint at step {int(jax.device_get(state.step))}; "
-               "run the same command to resume")
-        raise
-    if total_steps > start_step:
-        checkpoints.save(total_steps, state)
-    checkpoints.wait()
+
+    state = trainer.fit(
+        state=state, health=parallel.replicate(trainer.initial_health(), mesh),
+        train_step=lambda st, batch, health, step: train_step(st, batch, health,
+                                                               jnp.asarray(step, jnp.int32)),
+        batches=device_batches(), start_step=start_step, total_steps=total_steps,
+        checkpoints=checkpoints, log=log, log_every=config.log_every_steps,
+        checkpoint_every=config.checkpoint_every_steps,
+        evaluate_every=max(1, int(config.eval_every_epochs * steps_per_epoch)),
+        evaluate=run_validation, window_record=window_record, refusal_message=refusal_message)
 
     results = final_evaluation(config, workdir, handle, model, state, checkpoints, checker, mesh,
                                gmm, log.records())

@@ -39,6 +39,7 @@ def _scipy_warp(image, matrix):
     return out, ambiguous.reshape(height, width)
 
 
+@pytest.mark.slow
 def test_warp_matches_scipy_map_coordinates():
     size = (17, 23)
     images = _random_images(0, (3, *size, 2))
@@ -53,6 +54,7 @@ def test_warp_matches_scipy_map_coordinates():
         assert np.mean(expected[~ambiguous] != 0) > 0.5
 
 
+@pytest.mark.slow
 def test_fill_value_outside():
     images = np.ones((1, 8, 8, 1), np.float32)
     matrices = _matrices_from([[3.0, 0.0]], [0.0], [1.0], (8, 8))  # content moves 3 px right
@@ -61,6 +63,7 @@ def test_fill_value_outside():
     np.testing.assert_array_equal(warped[0, :, 3:, 0], 1.0)
 
 
+@pytest.mark.slow
 def test_identity_params_return_input_exactly():
     images = _random_images(1, (2, 12, 9, 3))
     keypoints = np.random.default_rng(2).uniform(-3, 12, size=(2, 5, 2)).astype(np.float32)
@@ -87,6 +90,7 @@ def _centroid(image):
     return np.array([(image * x).sum() / total, (image * y).sum() / total])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hflip", [False, True])
 def test_keypoints_follow_the_image(hflip):
     size = (48, 56)
@@ -163,6 +167,7 @@ def test_deterministic_for_fixed_rng_and_differs_across_keys():
     assert not np.allclose(shifts[0], shifts[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_jit_and_dtypes(dtype):
     images = jnp.asarray(_random_images(6, (2, 20, 24, 1)), dtype)

@@ -74,3 +74,25 @@ def test_flop_count_treats_onednn_calls_as_the_convolutions_they_replace(train_s
         counts = [train_step.jaxpr_flops(
             jax.make_jaxpr(jax.value_and_grad(f, argnums))(x, kernel)) for f in (xla, onednn)]
         np.testing.assert_array_equal(counts, [want, want])
+
+
+@pytest.mark.slow
+def test_gpu_end_to_end_script_runs_on_the_cpu_with_tiny_settings(tmp_path):
+    """benchmarks/gpu_end_to_end.sh cannot rot: its whole path, at toy sizes on the CPU."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_end_to_end.sh"
+    env = dict(os.environ, PYTHON=sys.executable, JAX_PLATFORMS="cpu", STEPS="4",
+               DTYPES="float32", IMAGE_SIZE="64", LABELED="4", UNLABELED="4", DEPTH="18",
+               WIDTH="8", NUM_TRAIN="32", NUM_EVAL="8", LOG_EVERY="2", PURE_STEPS="1",
+               DATA_THREADS="2")
+    result = subprocess.run(["bash", str(script), str(tmp_path)], capture_output=True, text=True,
+                            env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    header, row = result.stdout.strip().splitlines()[-2:]
+    assert header.startswith("dtype") and "input wait" in header
+    cells = row.split()
+    assert cells[0] == "float32" and float(cells[1]) > 0 and float(cells[2]) > 0

@@ -18,6 +18,7 @@ from kpn_jax import checkpointing, evaluate, kernels, parallel, train
 FIXTURE = Path(__file__).parent / "data" / "checkpoint_r18w4"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernel_choice", ["xla", "cpu"])
 def test_a_checkpoint_of_the_string_mode_model_restores_and_predicts_the_same(kernel_choice,
                                                                             tmp_path):

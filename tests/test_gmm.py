@@ -97,6 +97,7 @@ def test_gradient_matches_float64_finite_differences(sklearn_gm):
         np.testing.assert_allclose(got, numeric, rtol=1e-3, atol=1e-4 * scale)
 
 
+@pytest.mark.slow
 def test_log_prob_batch_shapes_jit_and_vmap(sklearn_gm):
     gmm = gmm_lib.GMM.from_sklearn(sklearn_gm)
     x = jnp.asarray(np.random.default_rng(4).uniform(0, 1, (2, 3, D)), jnp.float32)
@@ -218,6 +219,7 @@ def test_covariance_floor_is_the_smallest_covariance_eigenvalue(sklearn_gm):
     np.testing.assert_allclose(got, expected, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_small_labelled_set_needs_noisy_copies():
     """200 knees fitted once each leave K=10 components with too few points in 29 dims: the
     covariances collapse to reg_covar and held-out expert grades look 'incoherent'. The

@@ -54,6 +54,7 @@ def test_compiler_options_are_accepted_by_this_jaxlib():
     assert float(f(jnp.ones((3,)))) == 6.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernel_size,stride,padding,use_bias", [
     (1, 1, ((0, 0), (0, 0)), False),
     (1, 2, ((0, 0), (0, 0)), False),   # strided 1x1: the slice keeps the pixels it reads

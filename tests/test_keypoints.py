@@ -39,6 +39,7 @@ def random_case(seed, batch=2, height=5, width=6, channels=3, n=9, stride=4.0):
     return features, points, stride
 
 
+@pytest.mark.slow
 def test_bilinear_gather_matches_float64_reference_inside_and_outside():
     features, points, stride = random_case(0)
     batch, height, width, channels = features.shape
@@ -145,6 +146,7 @@ def kneel16_points(rng) -> np.ndarray:
     return np.concatenate([femur, tibia]).astype(np.float32)
 
 
+@pytest.mark.slow
 def test_densify_matches_interp_reference_and_keeps_ends():
     rng = np.random.default_rng(8)
     points = np.stack([kneel16_points(rng) for _ in range(3)])      # [3, 16, 2]
@@ -160,6 +162,7 @@ def test_densify_matches_interp_reference_and_keeps_ends():
             np.testing.assert_allclose(block[-1], polyline[-1], atol=1e-3)
 
 
+@pytest.mark.slow
 def test_densify_spacing_on_a_straight_line_and_a_curve():
     line = np.stack([np.linspace(0, 90, 16) ** 1.5 / 10, np.full(16, 7.0)], -1)  # uneven input
     dense = np.asarray(kp.densify(jnp.asarray(line, jnp.float32), kp.KNEEL16, 8))
@@ -225,6 +228,7 @@ def test_validate_keypoints():
     kp.validate_keypoints(points, image_shape=(256, 256))
 
 
+@pytest.mark.slow
 def test_densify_gradient_finite_with_coinciding_points():
     import jax
     import jax.numpy as jnp

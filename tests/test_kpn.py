@@ -70,6 +70,7 @@ def backbone_maps(variables, images, input_mode="repeat"):
 # shapes and parameters
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("aggregation", ["concat", "mean"])
 def test_output_and_head_shapes(aggregation):
     images, keypoints = random_inputs()
@@ -91,6 +92,7 @@ def test_output_and_head_shapes(aggregation):
     assert "fc" not in variables["params"]["backbone"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("feature_layer", ["layer2", "layer3", "layer4"])
 def test_backbone_stops_at_the_feature_layer(feature_layer):
     images, keypoints = random_inputs()
@@ -125,6 +127,7 @@ def test_backbone_stops_at_the_feature_layer(feature_layer):
     assert backbone_stages(gvars) == ["layer1", "layer2", "layer3", "layer4"]
 
 
+@pytest.mark.slow
 def test_task_subset_and_aux_regression():
     images, keypoints = random_inputs()
     tasks = ("kl", "ost_tibia_medial")
@@ -150,6 +153,7 @@ def test_task_subset_and_aux_regression():
 # numerics against float64 numpy
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("feature_layer,stride,channels", [("layer3", 16, 32), ("layer2", 8, 16)])
 def test_concat_heads_match_numpy_reference(feature_layer, stride, channels):
     """Logits = Dense(flatten(bilinear(f, c_i) for the task's points)), point-major."""
@@ -225,6 +229,7 @@ def test_normalize_images_matches_numpy():
         normalize_images(jnp.zeros((2, 3, 4, 1)), "rgb")
 
 
+@pytest.mark.slow
 def test_single_input_mode_uses_one_channel_stem():
     images, keypoints = random_inputs()
     model = KPN(**SMALL, input_mode="single")
@@ -238,6 +243,7 @@ def test_single_input_mode_uses_one_channel_stem():
 # which points feed which head
 
 
+@pytest.mark.slow
 def test_osteophyte_head_depends_only_on_its_compartment():
     images, keypoints = random_inputs(seed=4)
     model = KPN(**SMALL)
@@ -262,6 +268,7 @@ def test_osteophyte_head_depends_only_on_its_compartment():
     assert np.all(np.abs(grad_wrt_points("kl")).sum(axis=-1) > 0)
 
 
+@pytest.mark.slow
 def test_densify_path_equals_densified_schema():
     images, keypoints = random_inputs(seed=5)
     k = 5
@@ -320,6 +327,7 @@ def test_create_model():
         create_model(dtype="float13")
 
 
+@pytest.mark.slow
 def test_train_mode_under_jit_updates_batch_stats():
     images, keypoints = random_inputs()
     model = KPN(**SMALL, dtype=jnp.bfloat16)
@@ -333,6 +341,7 @@ def test_train_mode_under_jit_updates_batch_stats():
                            np.asarray(old))
 
 
+@pytest.mark.slow
 def test_resnet50_kpn_jit_grad_at_320px_is_finite():
     """Acceptance: jit(grad) of the paper's model (ResNet-50, layer3, 16 points) at 320 px."""
     rng = np.random.default_rng(0)

@@ -11,6 +11,8 @@ import pytest
 
 from kpn_jax.models import landmarks as lm
 
+pytestmark = pytest.mark.slow  # trains a landmark detector end to end
+
 
 def _gaussian_logits(centers_px: np.ndarray, height: int, width: int, stride: int,
                      sigma_px: float) -> jnp.ndarray:
@@ -156,8 +158,12 @@ def trained(tmp_path_factory):
     workdir = root / "workdir"
     config = _tiny_config(root / "data", num_steps=40)
     landmarks_train.train_and_evaluate_landmarks(config, str(workdir))
-    config.num_steps = 50
-    results = landmarks_train.train_and_evaluate_landmarks(config, str(workdir))
+    config.num_steps = 50  # a longer schedule: a config change the user must allow
+    with pytest.raises(ValueError, match="allow_config_change"):
+        landmarks_train.train_and_evaluate_landmarks(config, str(workdir))
+    results = landmarks_train.train_and_evaluate_landmarks(config, str(workdir),
+                                                           allow_config_change=True)
+    assert (workdir / "config.before_step40.json").exists()
     return config, workdir, results
 
 

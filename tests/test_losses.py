@@ -116,6 +116,7 @@ def test_weighted_cross_entropy_matches_torch():
     np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_missing_labels_contribute_nothing():
     rng = np.random.default_rng(3)
     logits = jnp.asarray(rng.normal(0, 1, (8, 4)), jnp.float32)
@@ -194,6 +195,7 @@ def reference_total(logits, grades, weights, gmm, tau, lambda_cls, lambda_gmm, l
     return lambda_cls * cls + lambda_gmm * incoherence, cls, incoherence
 
 
+@pytest.mark.slow
 def test_total_loss_matches_reference_and_warm_up():
     rng = np.random.default_rng(6)
     batch = 10
@@ -224,6 +226,7 @@ def test_total_loss_matches_reference_and_warm_up():
     assert "gmm" not in cls_metrics and float(warm_metrics["gmm_on"]) == 0.0
 
 
+@pytest.mark.slow
 def test_labeled_mask_limits_cls_but_not_gmm():
     rng = np.random.default_rng(7)
     batch = 8
@@ -242,6 +245,7 @@ def test_labeled_mask_limits_cls_but_not_gmm():
     assert any(np.any(np.asarray(grad_all[t])[4:] != 0) for t in TASKS)
 
 
+@pytest.mark.slow
 def test_total_loss_jit_with_traced_warm_up_switch():
     rng = np.random.default_rng(8)
     logits = random_logits(rng, 6)

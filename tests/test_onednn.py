@@ -154,6 +154,7 @@ def test_the_custom_call_checks_shapes_itself():
                                    stride=np.int64(1), padding=np.int64(1)))
 
 
+@pytest.mark.slow
 def test_missing_library_and_cached_build(tmp_path, monkeypatch):
     monkeypatch.setenv("KPN_JAX_ONEDNN_LIBDIR", str(tmp_path))
     with pytest.raises(native.OneDnnUnavailable, match=r"libdnnl\.so\.3 not found"):
@@ -165,6 +166,7 @@ def test_missing_library_and_cached_build(tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.name]  # no leftovers
 
 
+@pytest.mark.slow
 def test_injected_convolution_matches_xla_and_keeps_the_parameter_tree():
     """nn.Conv with the oneDNN convolution equals nn.Conv: the stem (7x7, stride 2), a
     strided 3x3, and a biased 3x3 (bias added by nn.Conv); same variables."""
@@ -199,6 +201,7 @@ def _max_normalised_difference(got, want) -> float:
                for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
 
 
+@pytest.mark.slow
 def test_resnet_with_onednn_equals_xla_in_training():
     """ResNet-18 (width 8) in train mode with oneDNN convolutions: the same outputs,
     BatchNorm statistics and parameter gradients as with XLA's, and no XLA convolution
@@ -245,6 +248,7 @@ def test_resnet_with_onednn_equals_xla_in_training():
     assert "convolution(" not in hlo and "kpn_onednn_conv_forward" in hlo
 
 
+@pytest.mark.slow
 def test_first_use_inside_jit(tmp_path):
     """A fresh process whose first oneDNN convolution is traced inside jax.jit: the build
     and self-check run on concrete arrays, not on the tracer."""

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # multi-device and multi-process runs
+
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "workers" / "one_train_step.py"
 

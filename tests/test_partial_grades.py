@@ -8,6 +8,8 @@ from PIL import Image
 
 from kpn_jax import train
 
+pytestmark = pytest.mark.slow  # end-to-end training on a built dataset
+
 
 @pytest.fixture(scope="module")
 def kl_only_dataset(tmp_path_factory):

@@ -30,6 +30,7 @@ def _reference(x, window, strides, padding):
     return nn.max_pool(x, window, strides=strides, padding=padding)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("kind", ["random", "relu", "coarse"])
 def test_forward_and_gradient_match_select_and_scatter(case, kind):
@@ -47,6 +48,7 @@ def test_forward_and_gradient_match_select_and_scatter(case, kind):
     np.testing.assert_array_equal(np.asarray(g_got) != 0, np.asarray(g_ref) != 0)
 
 
+@pytest.mark.slow
 def test_gradient_matches_torch_max_pool_tie_rule():
     torch = pytest.importorskip("torch")
     x = _inputs((2, 15, 14, 3), "coarse", seed=5)

@@ -154,6 +154,7 @@ def _records():
     return records
 
 
+@pytest.mark.slow
 def test_plots_write_png(tmp_path):
     _check_png(reporting.plot_confusion_matrices(_result(0), tmp_path / "cm.png", title="test"))
     rows = {"ResNet-50": _result(1), "KPN+CL": reporting.aggregate_seeds([_result(2), _result(3)]),
@@ -188,6 +189,7 @@ def test_metric_series_sorts_and_keeps_last_per_step():
     np.testing.assert_array_equal(values, [5.0, 2.0])
 
 
+@pytest.mark.slow
 def test_write_report_writes_all_files_and_merges_splits(tmp_path):
     report_dir = tmp_path / "report"
     validation, test = _result(20), _result(21)

@@ -96,6 +96,7 @@ def test_parameter_count_up_to_layer3_is_torchvision_minus_layer4_and_fc(depth):
         assert "layer3_0" in variables[collection]
 
 
+@pytest.mark.slow
 def test_last_stage_stops_the_network_and_keeps_the_names():
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
     full = ResNet(18, width=4)
@@ -154,6 +155,7 @@ def test_resnet18_blocks_are_basic():
     assert params["layer3_0"]["downsample_conv"]["kernel"].shape == (1, 1, 128, 256)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth,channels", [(50, (64, 256, 512, 1024, 2048)),
                                             (18, (64, 64, 128, 256, 512))])
 def test_output_shapes_at_320(depth, channels):
@@ -180,6 +182,7 @@ def test_invalid_arguments_raise():
 # numerics against float64 numpy
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("height,width", [(12, 14), (11, 9)])
 def test_stem_matches_numpy_reference(height, width):
     """Explicit torchvision padding (conv pad 3, pool pad 1 with -inf), even and odd sizes.
@@ -207,6 +210,7 @@ def test_stem_matches_numpy_reference(height, width):
     np.testing.assert_allclose(np.asarray(stem), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_train_mode_updates_batch_stats_with_momentum_0_9():
     model = ResNet(18, width=4)
     rng = np.random.default_rng(0)
@@ -286,6 +290,7 @@ def test_conv1x1_matches_numpy(conv):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_cpu_and_xla_kernels_agree_in_outputs_and_gradients():
     """Same variables, same function, same gradients (train mode), ResNet-50 with the CPU
     plug-in's kernels (1x1 convolutions as products, the masked max-pool gradient) and
@@ -337,6 +342,7 @@ def test_cpu_and_xla_kernels_agree_in_outputs_and_gradients():
 # initialisation and dtypes
 
 
+@pytest.mark.slow
 def test_initialisation_follows_torchvision():
     params = jit_init(ResNet(18, num_classes=10), jnp.zeros((1, 32, 32, 3)))["params"]
     # kaiming_normal_(mode='fan_out', nonlinearity='relu'): std sqrt(2 / (9 * 512)), not truncated.
@@ -359,6 +365,7 @@ def test_initialisation_follows_torchvision():
     assert np.asarray(params["fc"]["kernel"]).std() == pytest.approx(bound / np.sqrt(3), rel=0.05)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_parameters():
     x = jnp.asarray(np.random.default_rng(1).uniform(size=(2, 64, 64, 3)), jnp.float32)
     model16 = ResNet(18, num_classes=4, width=8, dtype=jnp.bfloat16)

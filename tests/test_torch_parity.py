@@ -26,6 +26,8 @@ from kpn_jax.interop import torch_weights  # noqa: E402
 from kpn_jax.models.kpn import KPN, GlobalPoolNet  # noqa: E402
 from kpn_jax.models.resnet import ResNet  # noqa: E402
 
+pytestmark = pytest.mark.slow  # PyTorch parity
+
 REL_TOL = 1e-4
 
 

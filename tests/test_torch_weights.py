@@ -77,6 +77,7 @@ def test_resnet50_key_count_matches_torchvision_layout():
     assert "layer4.2.bn3.running_var" in keys and "layer4.0.downsample.1.weight" in keys
 
 
+@pytest.mark.slow
 def test_numpy_round_trip_is_exact_and_keeps_counters():
     _, variables = small_flax_resnet(depth=50)
     state = torch_weights.resnet_to_torch(variables, 50, as_numpy=True)
@@ -127,6 +128,7 @@ def test_unreadable_file_names_the_file(tmp_path):
         torch_weights.load_state_dict(tmp_path / "nothere.pth")
 
 
+@pytest.mark.slow
 def test_load_backbone_single_sums_stem_and_drops_fc():
     _, variables = small_flax_resnet(depth=18)
     state = torch_weights.resnet_to_torch(variables, 18, as_numpy=True)
@@ -147,6 +149,7 @@ def test_load_backbone_single_sums_stem_and_drops_fc():
         torch_weights.load_backbone(state, 18, input_mode="rgb")
 
 
+@pytest.mark.slow
 def test_merge_backbone_replaces_only_the_backbone_and_checks_shapes():
     _, variables = small_flax_resnet(depth=18, num_classes=None)
     head = {"kernel": jnp.ones((4, 5), jnp.bfloat16), "bias": jnp.zeros((5,), jnp.bfloat16)}
@@ -226,6 +229,7 @@ def test_merge_backbone_leaves_out_stages_the_model_does_not_have():
 # ----------------------------------------------------------------------------- torch files
 
 
+@pytest.mark.slow
 def test_torchvision_resnet50_loads_into_a_layer3_kpn_backbone():
     torch = pytest.importorskip("torch")
     torchvision = pytest.importorskip("torchvision")

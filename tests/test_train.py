@@ -9,6 +9,8 @@ import pytest
 from data_prep import synthetic_knee
 from kpn_jax import checkpointing, train
 
+pytestmark = pytest.mark.slow  # end-to-end training runs
+
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):

@@ -47,7 +47,7 @@ def main():
     import jax
     import jax.numpy as jnp
 
-    from kpn_jax import gmm as gmm_lib, losses, parallel, train
+    from kpn_jax import gmm as gmm_lib, losses, parallel, train, trainer
 
     if args.num_processes > 1:
         parallel.initialize_distributed(f"127.0.0.1:{args.port}", args.num_processes,
@@ -65,8 +65,10 @@ def main():
     tx = train.make_optimizer(config, steps_per_epoch=10)
     state = train.create_state(config, model, tx, 32, 16, mesh)
     step = train.make_train_step(config, model, weights, gmm)
-    global_batch, use_gmm = parallel.global_batch(local, mesh), jnp.asarray(True)
-    compiled = step.lower(state, global_batch, use_gmm).compile()
+    global_batch = parallel.global_batch(local, mesh)
+    health = parallel.replicate(trainer.initial_health(), mesh)
+    step_index = jnp.asarray(0, jnp.int32)  # past the (zero) warm-up: the GMM term is on
+    compiled = step.lower(state, global_batch, health, step_index).compile()
     if args.num_processes > 1:
         # Compile first, then meet: on a loaded CPU one process can finish compiling more
         # than gloo's 30 s key-exchange timeout after the other, and the first collective
@@ -74,7 +76,7 @@ def main():
         from jax._src import distributed
 
         distributed.global_state.client.wait_at_barrier("one_train_step_compiled", 600_000)
-    state, aux = compiled(state, global_batch, use_gmm)
+    state, aux, _ = compiled(state, global_batch, health, step_index)
     params = jax.tree_util.tree_flatten_with_path(
         {"params": state.params, "batch_stats": state.batch_stats})[0]
     if jax.process_index() == 0:

@@ -1,0 +1,333 @@
+"""The training loop both trainers share: guarded steps, logging, evaluation, checkpoints.
+
+:func:`fit` runs the steps of a program (``kpn_jax.train``, ``kpn_jax.landmarks_train``) from
+a resumed step to the end, and promises that a run killed at any moment (SIGKILL, Ctrl-C,
+a full disk) and started again with the same command ends with the same ``metrics.jsonl``
+(timings aside), best checkpoint and report as a run never interrupted:
+
+* At a step ``s`` that ends a log window, needs an evaluation or a checkpoint, the order
+  is fixed: log the window, evaluate (and save the best checkpoint), then save
+  ``latest/s``. A checkpoint therefore exists only after everything due at its step is
+  recorded; killed earlier, the rerun resumes from the previous checkpoint and replays
+  the same steps, and :class:`MetricLog` drops the records it is about to write again.
+* Ctrl-C saves ``latest/s`` with a sidecar (``checkpoints/resume.json``) holding what the
+  next boundary still needs: the log window's per-step values and whether step ``s``'s
+  evaluation is still due.
+* Every step is guarded on the device (:func:`guarded_update`): an update whose loss or
+  gradient is not finite, or whose loss is ``divergence_factor`` times above the lowest
+  seen, is not applied, and every later one neither; the host reads the guard at each
+  boundary (no per-step sync), stops with the true step, and never saves a checkpoint
+  after a refused update.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.training import train_state
+
+RESUME_FILE = "resume.json"  # in checkpoints/: what a Ctrl-C left for the next boundary
+
+
+class TrainState(train_state.TrainState):
+    """flax's TrainState plus BatchNorm statistics."""
+
+    batch_stats: Any = None
+
+
+class TrainingStopped(FloatingPointError):
+    """The guard refused an update (non-finite or diverging loss); the message says which."""
+
+
+# ----------------------------------------------------------------------------- guard
+
+
+def initial_health() -> dict[str, jax.Array]:
+    """The guard's device state: the first refused step (0 = none) and the lowest loss."""
+    return {"refused_at": jnp.zeros((), jnp.int32), "lowest_loss": jnp.full((), jnp.inf),
+            "refused_loss": jnp.zeros((), jnp.float32)}
+
+
+def guarded_update(state, new_state, loss: jax.Array, grads, health: dict,
+                   divergence_factor: float):
+    """``new_state`` where the step is healthy, else ``state``; the updated guard.
+
+    Healthy: loss and every gradient finite, the loss at most ``divergence_factor`` times
+    the lowest loss of the run's healthy steps (0 disables that test), and no step refused
+    before. Both trainers' steps call this last; the step counter always advances.
+    """
+    finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
+        [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    healthy = finite & (health["refused_at"] == 0)
+    if divergence_factor:
+        healthy &= loss <= divergence_factor * jnp.maximum(health["lowest_loss"], 1e-3)
+    chosen = jax.tree.map(lambda new, old: jnp.where(healthy, new, old), new_state, state)
+    done = (state.step + 1).astype(jnp.int32)
+    first_refusal = (health["refused_at"] == 0) & ~healthy
+    health = {"refused_at": jnp.where(first_refusal, done, health["refused_at"]),
+              "lowest_loss": jnp.where(healthy, jnp.minimum(health["lowest_loss"], loss),
+                                       health["lowest_loss"]),
+              "refused_loss": jnp.where(first_refusal, loss.astype(jnp.float32),
+                                        health["refused_loss"])}
+    return chosen.replace(step=state.step + 1), health
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class MetricLog:
+    """JSON lines (``metrics.jsonl``) + TensorBoard events, written by process 0 only."""
+
+    def __init__(self, workdir: Path, resume_step: int):
+        self.path = workdir / "metrics.jsonl"
+        self.enabled = jax.process_index() == 0
+        self.writer = None
+        self.resume_step = resume_step
+        # Record layouts already logged at the resumed step: a run interrupted at that step
+        # may log them again (the same values), which then replace the old lines.
+        self._at_resume: set[frozenset] = set()
+        if not self.enabled:
+            return
+        if self.path.exists():
+            # Drop records past the checkpoint we resume from (they will be logged again)
+            # and a last line cut short by a kill.
+            kept = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if record.get("step", 0) <= resume_step:
+                    kept.append(line)
+                if record.get("step", 0) == resume_step:
+                    self._at_resume.add(frozenset(record))
+            self.path.write_text("".join(line + "\n" for line in kept))
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(str(workdir / "tensorboard"))
+        except ImportError:  # TensorBoard files are a convenience, metrics.jsonl is the record
+            self.writer = None
+
+    def write(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: (float(v) if isinstance(v, (int, float, np.floating,
+                                                                          np.integer)) else v)
+                                        for k, v in values.items()}}
+        if step == self.resume_step and frozenset(record) in self._at_resume:
+            self._at_resume.discard(frozenset(record))
+            lines = [line for line in self.path.read_text().splitlines()
+                     if not _same_layout(line, record)]
+            self.path.write_text("".join(line + "\n" for line in lines))
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, float) and math.isfinite(value):
+                    self.writer.add_scalar(key, value, step)
+            self.writer.flush()
+
+    def records(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        records = []
+        for line in self.path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _same_layout(line: str, record: dict) -> bool:
+    try:
+        logged = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return logged.get("step") == record["step"] and set(logged) == set(record)
+
+
+def format_duration(seconds: float) -> str:
+    """``'3m07s'``, or ``'1h02m'`` from an hour on."""
+    seconds = int(max(0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def print_once(message: str) -> None:
+    """Prints on process 0 only (every process runs the same program)."""
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+# ----------------------------------------------------------------------------- workdir
+
+
+def write_config(workdir: Path, config_dict: dict, saved_check: Callable[[dict], None],
+                 allow_change: bool, resume_step: int | None) -> None:
+    """Records the run's config in ``workdir/config.json``, keeping every earlier one.
+
+    ``saved_check(saved)`` raises when the saved config describes another model. Any other
+    difference on a resume is refused unless ``allow_change``; then the earlier config is
+    kept as ``config.before_step<N>.json``.
+    """
+    path = workdir / "config.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        saved_check(saved)
+        changed = config_differences(saved, config_dict)
+        if changed:
+            if not allow_change:
+                raise ValueError(
+                    f"the workdir {workdir} was trained with another config ({'; '.join(changed[:3])}"
+                    f"{' ...' if len(changed) > 3 else ''}): rerun with the same config, use a "
+                    f"new --workdir, or pass --allow_config_change to continue with this one")
+            if jax.process_index() == 0:
+                kept = workdir / f"config.before_step{resume_step or 0}.json"
+                kept.write_text(path.read_text())
+    if jax.process_index() == 0:
+        path.write_text(json.dumps(config_dict, indent=2, sort_keys=True))
+
+
+# Settings that change how a run goes, not what it computes (max_steps only stops the same
+# sequence of steps earlier or later).
+NEUTRAL_CONFIG_KEYS = ("num_data_threads", "keep_checkpoints", "data_dir", "eval_batch_size",
+                       "max_steps")
+
+
+def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """``'key: saved -> current'`` for every value that differs (neutral keys aside)."""
+    found = []
+    for key in sorted(set(saved) | set(current)):
+        name = prefix + key
+        if not prefix and key in NEUTRAL_CONFIG_KEYS:
+            continue
+        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += config_differences(a, b, name + ".")
+        elif a != b and not (isinstance(a, list) and isinstance(b, list) and tuple(a) == tuple(b)):
+            found.append(f"{name}: {a!r} -> {b!r}")
+    return found
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def _read_resume(checkpoints, step: int) -> dict:
+    path = checkpoints.root / RESUME_FILE
+    if not path.exists():
+        return {}
+    record = json.loads(path.read_text())
+    return record if record.get("step") == step else {}
+
+
+def _write_resume(checkpoints, step: int, window: list[dict], log_due: bool,
+                  evaluation_due: bool) -> None:
+    if jax.process_index() == 0:
+        path = checkpoints.root / RESUME_FILE
+        path.write_text(json.dumps({"step": step, "window": window, "log_due": log_due,
+                                    "evaluation_due": evaluation_due}))
+
+
+def fit(*, state, health: dict, train_step: Callable, batches: Iterator[Any], start_step: int,
+        total_steps: int, checkpoints, log: MetricLog, log_every: int, checkpoint_every: int,
+        evaluate_every: int, evaluate: Callable[[int, Any], None],
+        window_record: Callable[[int, list[dict], float], tuple[dict, str]],
+        refusal_message: Callable[[int, float], str]):
+    """Runs steps ``start_step .. total_steps - 1``; returns the final state.
+
+    Args:
+      state, health: the restored train state and :func:`initial_health`.
+      train_step: jitted ``(state, batch, health, step) -> (state, aux, health)``.
+      batches: device batches from ``start_step`` on.
+      evaluate: ``(step, state) -> None``; logs, prints and saves the best checkpoint.
+      window_record: ``(done, per-step aux values, seconds) -> (metrics record, progress
+        line)`` for a log window.
+      refusal_message: ``(step, loss) -> str``, why the guard stopped the run.
+
+    Raises:
+      TrainingStopped: the guard refused an update; nothing after it was saved.
+      KeyboardInterrupt: after saving ``latest`` and the resume sidecar.
+    """
+    resume = _read_resume(checkpoints, start_step) if start_step else {}
+    window = list(resume.get("window", []))  # host floats restored; device arrays appended
+    log_due = bool(resume.get("log_due", False))
+    evaluation_due = bool(resume.get("evaluation_due", False))
+    window_start, input_wait = time.time(), 0.0
+
+    def check_health() -> None:
+        refused_at, refused_loss = jax.device_get((health["refused_at"], health["refused_loss"]))
+        if int(refused_at):
+            raise TrainingStopped(refusal_message(int(refused_at), float(refused_loss)))
+
+    def write_window(done: int) -> None:
+        values = [{k: float(x) for k, x in jax.device_get(v).items()} for v in window]
+        elapsed = time.time() - window_start
+        record, line = window_record(done, values, elapsed)
+        record["train/input_wait_fraction"] = input_wait / max(elapsed, 1e-9)
+        log.write(done, record)
+        print_once(f"{line} | input wait {100 * record['train/input_wait_fraction']:.0f}%")
+
+    done = start_step
+    try:
+        # What an interruption at this step left undone, in the boundary's order.
+        if log_due and window:
+            write_window(done)
+        window, log_due = ([], False) if log_due else (window, False)
+        if evaluation_due:
+            evaluate(done, state)
+            evaluation_due = False
+        for step in range(start_step, total_steps):
+            # The device is idle while the host fetches a batch only if the previous step has
+            # already finished; a fetch that overlaps a running step costs nothing.
+            last = window[-1]["loss"] if window else None
+            device_idle = not hasattr(last, "is_ready") or last.is_ready()
+            fetch_start = time.time()
+            batch = next(batches)
+            if device_idle:
+                input_wait += time.time() - fetch_start
+            state, aux, health = train_step(state, batch, health, step)
+            window.append(aux)
+            done = step + 1
+            log_due = done % log_every == 0 or done == total_steps
+            evaluation_due = done % evaluate_every == 0 or done == total_steps
+            save_due = done % checkpoint_every == 0
+            if not (log_due or evaluation_due or save_due):
+                continue
+            check_health()
+            if log_due:
+                write_window(done)
+                window, window_start, input_wait, log_due = [], time.time(), 0.0, False
+            if evaluation_due:
+                evaluate(done, state)
+                evaluation_due = False
+            if save_due:
+                checkpoints.save(done, state)
+    except KeyboardInterrupt:
+        check_health()
+        now = int(jax.device_get(state.step))
+        values = [{k: float(x) for k, x in jax.device_get(v).items()} for v in window]
+        checkpoints.save(now, state)
+        checkpoints.wait()
+        _write_resume(checkpoints, now, values, log_due, evaluation_due)
+        print_once(f"Interrupted: saved a checkpoint at step {now}; run the same command to "
+                   f"resume")
+        raise
+    check_health()
+    if total_steps > start_step:
+        checkpoints.save(total_steps, state)
+    checkpoints.wait()
+    return state

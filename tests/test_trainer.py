@@ -1,0 +1,145 @@
+"""kpn_jax.trainer's pieces: the step guard, config records, metric logs; checkpoint fallback;
+the best metric following the tasks."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from kpn_jax import checkpointing, train, trainer
+
+
+def tiny_state():
+    params = {"w": jnp.ones((3,))}
+    return trainer.TrainState.create(apply_fn=None, params=params, tx=optax.sgd(0.1),
+                                     batch_stats={})
+
+
+@jax.jit
+def guarded_step(state, loss, health):
+    grads = {"w": jnp.full((3,), loss)}
+    new_state = state.apply_gradients(grads=grads)
+    return trainer.guarded_update(state, new_state, loss, grads, health, 100.0)
+
+
+def test_guard_refuses_the_first_bad_step_and_every_later_one():
+    state, health = tiny_state(), trainer.initial_health()
+    losses = [1.0, 2.0, float("nan"), 1.0, 1.0]
+    for loss in losses:
+        state, health = guarded_step(state, jnp.float32(loss), health)
+    assert int(state.step) == 5                       # the counter always advances
+    assert int(health["refused_at"]) == 3             # the true (1-based) step
+    np.testing.assert_allclose(state.params["w"], 1.0 - 0.1 * (1.0 + 2.0))  # steps 1-2 only
+
+
+def test_guard_stops_a_finite_divergence():
+    state, health = tiny_state(), trainer.initial_health()
+    for loss in (2.0, 1.0, 50.0, 150.0):
+        state, health = guarded_step(state, jnp.float32(loss), health)
+    assert int(health["refused_at"]) == 4 and float(health["refused_loss"]) == 150.0
+    assert float(health["lowest_loss"]) == 1.0
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
+    state = tiny_state()
+    checkpoints = checkpointing.Checkpointer(tmp_path, keep=3)
+    for step in (2, 4):
+        checkpoints.save(step, state.replace(step=step, params={"w": jnp.full((3,), step)}))
+    checkpoints.wait()
+    damaged = tmp_path / "checkpoints" / "latest" / "4"
+    for path in damaged.rglob("*"):
+        if path.is_file() and path.stat().st_size > 0 and "METADATA" not in path.name:
+            path.write_bytes(path.read_bytes()[:3])  # cut short
+    restored = checkpoints.restore(state)
+    assert int(restored.step) == 2 and float(restored.params["w"][0]) == 2.0
+    assert "damaged" in capsys.readouterr().out
+    assert (tmp_path / "checkpoints" / "damaged" / "latest_4").exists()
+    checkpoints.save(4, state.replace(step=4))  # the replayed step can be saved again
+    checkpoints.wait()
+    assert checkpoints.latest_step() == 4
+    checkpoints.close()
+
+
+def test_no_intact_checkpoint_and_another_model_are_named(tmp_path):
+    state = tiny_state()
+    checkpoints = checkpointing.Checkpointer(tmp_path)
+    checkpoints.save(2, state)
+    checkpoints.wait()
+    other = trainer.TrainState.create(apply_fn=None, params={"v": jnp.ones((5,))},
+                                      tx=optax.sgd(0.1), batch_stats={})
+    with pytest.raises(checkpointing.CheckpointMismatchError, match="another architecture"):
+        checkpoints.restore(other)
+    for path in (tmp_path / "checkpoints" / "latest" / "2").rglob("*"):
+        if path.is_file():
+            path.unlink()
+    with pytest.raises(checkpointing.CheckpointMismatchError, match="no intact latest"):
+        checkpoints.restore(state)
+    checkpoints.close()
+
+
+def test_a_changed_config_is_refused_unless_allowed_and_the_old_one_is_kept(tmp_path):
+    def never(saved):
+        return None
+
+    trainer.write_config(tmp_path, {"learning_rate": 1e-3, "num_data_threads": 2}, never,
+                         False, None)
+    # A setting that does not change what is computed passes.
+    trainer.write_config(tmp_path, {"learning_rate": 1e-3, "num_data_threads": 8}, never,
+                         False, 10)
+    with pytest.raises(ValueError, match=r"learning_rate: 0.001 -> 0.01.*--allow_config_change"):
+        trainer.write_config(tmp_path, {"learning_rate": 1e-2, "num_data_threads": 8}, never,
+                             False, 10)
+    trainer.write_config(tmp_path, {"learning_rate": 1e-2, "num_data_threads": 8}, never,
+                         True, 10)
+    assert json.loads((tmp_path / "config.json").read_text())["learning_rate"] == 1e-2
+    assert json.loads((tmp_path / "config.before_step10.json").read_text())["learning_rate"] == 1e-3
+
+
+def test_metric_log_drops_a_torn_line_and_replaces_a_record_logged_again(tmp_path):
+    log = trainer.MetricLog(tmp_path, 0)
+    log.write(2, {"train/loss": 1.0})
+    log.write(4, {"train/loss": 0.5})
+    log.write(4, {"validation/kl/accuracy": 0.25})
+    log.close()
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 6, "train/lo')  # killed mid-write
+    log = trainer.MetricLog(tmp_path, 4)    # resumed at step 4
+    log.write(4, {"validation/kl/accuracy": 0.25})  # the interrupted validation, again
+    records = log.records()
+    log.close()
+    assert [(r["step"], sorted(r)) for r in records] == [
+        (2, ["step", "train/loss"]), (4, ["step", "train/loss"]),
+        (4, ["step", "validation/kl/accuracy"])]
+
+
+def test_best_metric_follows_the_trained_tasks_and_the_graded_data():
+    from configs import default
+
+    config = default.get_config()
+    assert train.best_metric(config) == "validation/oarsi_average/accuracy"
+    config.tasks = ("kl",)
+    assert train.best_metric(config) == "validation/kl/accuracy"
+    config.tasks = default.get_config().tasks
+    kl_only = np.full((5, 7), -1)
+    kl_only[:, 0] = 2
+    assert train.best_metric(config, kl_only) == "validation/kl/accuracy"
+    config.best_metric = "validation/oarsi_average/accuracy"
+    with pytest.raises(ValueError, match="no oarsi_average grades"):
+        train.best_metric(config, kl_only)
+    config.tasks = ("kl",)
+    with pytest.raises(ValueError, match="not a validation metric of the trained tasks"):
+        train.best_metric(config)
+
+
+def test_bad_optimiser_values_are_refused_before_anything_is_written():
+    from configs import default
+
+    for field, value in (("learning_rate", -0.001), ("lr_decay_factor", 1e20),
+                         ("weight_decay", -1.0)):
+        config = default.get_config()
+        config[field] = value
+        with pytest.raises(ValueError, match=f"config.{field}"):
+            train.validate_config(config)
