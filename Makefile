@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(PY) run.py --config=configs/demo.py --workdir=workdirs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) workdirs

@@ -278,11 +278,14 @@ def jax_train_runner(config, batch_np: dict, image_size: int, gmm, class_weights
     state = train.create_state(config, model, tx, image_size, NUM_KEYPOINTS, mesh)
     weights = {k: jnp.asarray(v) for k, v in class_weights.items()}
     step = train.make_train_step(config, model, weights, gmm if config.coherence.enabled else None,
-                                 kernels.compiler_options)
+                                 compiler_options=kernels.compiler_options)
     batch = parallel.global_batch(batch_np, mesh)
     health = parallel.replicate(trainer.initial_health(), mesh)
     step_index = jnp.asarray(0, jnp.int32)  # past the (zero) warm-up: the GMM term is on
-    model_flops = jaxpr_flops(jax.make_jaxpr(step)(state, batch, health, step_index))
+    # Counted on the same step without compiler options (a jit with them cannot be nested).
+    plain_step = train.make_train_step(config, model, weights,
+                                       gmm if config.coherence.enabled else None)
+    model_flops = jaxpr_flops(jax.make_jaxpr(plain_step)(state, batch, health, step_index))
     compiled = step.lower(state, batch, health, step_index).compile()
     holder = {"state": state}
 
@@ -312,7 +315,8 @@ def jax_eval_runner(config, batch_np: dict, image_size: int) -> Runner:
     step = evaluate.make_eval_step(model, tuple(config.tasks), train.DTYPES[config.dtype],
                                    kernels.compiler_options)
     batch = parallel.global_batch({k: batch_np[k] for k in ("image", "keypoints")}, mesh)
-    model_flops = jaxpr_flops(jax.make_jaxpr(step)(variables, batch))
+    plain_step = evaluate.make_eval_step(model, tuple(config.tasks), train.DTYPES[config.dtype])
+    model_flops = jaxpr_flops(jax.make_jaxpr(plain_step)(variables, batch))
     compiled = step.lower(variables, batch).compile()
 
     def run() -> None:

@@ -1,4 +1,4 @@
-"""The kneel16 landmark detector (issue 9): synthetic knees + real kneeKL224 keypoints.
+"""The kneel16 landmark detector: synthetic knees + real kneeKL224 keypoints.
 
   python run.py --config=configs/landmarks.py --workdir=workdirs/landmarks
 
@@ -6,7 +6,7 @@ Trains :class:`kpn_jax.models.landmarks.LandmarkNet` (narrow ResNet-18 trunk to
 ``layer3`` + top-down heatmap head + soft-argmax) on batches mixing the synthetic
 knees (exact keypoints) and the kneeKL224 training images whose ``landmarks16.csv``
 row has ``ok = 1`` (build it first: ``python -m data_prep.knee_kl224
---manual_dir=../shared/data/kneeKL224 --data_dir=workdirs/data``). A tenth of the
+--manual_dir=DIR --data_dir=workdirs/data``). A tenth of the
 real training subjects is held out as ``dev`` to pick the best checkpoint, so the
 kneeKL224 ``validation`` rows are only ever evaluated, never selected on.
 

@@ -14,7 +14,7 @@ Keys (all optional):
            loss starts (the paper: 1)                                       (1)
   lgmm     lambda_gmm, the weight of the incoherence loss in eq. 5          (1)
   seed     training seed (the labelled subset's seed stays fixed)            (0)
-  setting  paper = DESIGN.md section 1 on config.dataset (default: synthetic
+  setting  paper = docs/DESIGN.md section 1 on config.dataset (default: synthetic
            knees at 320 px); cpu = the CPU-sized synthetic setting of
            docs/RESULTS.md                                                    (paper)
 

@@ -1,1 +1,1 @@
-"""Dataset builders and the tools that feed them (see DESIGN.md section 3)."""
+"""Dataset builders and the tools that feed them (docs/DESIGN.md, section 3)."""

@@ -1,4 +1,4 @@
-"""The one example format that every builder writes (DESIGN.md section 3).
+"""The one example format that every builder writes (docs/DESIGN.md, section 3).
 
 - ``image``: uint8 ``[H, W, 1]`` PNG-encoded, right-knee orientation.
 - ``keypoints``: float32 ``[N, 2]`` ``(x, y)`` pixels; ``keypoints_valid`` bool ``[N]``;

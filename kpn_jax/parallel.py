@@ -1,4 +1,4 @@
-"""Device mesh and shardings for data parallelism (DESIGN.md section 4).
+"""Device mesh and shardings for data parallelism (docs/DESIGN.md, section 7).
 
 One ``jax.jit`` over a 1-D ``Mesh(devices, ('data',))``: batches are sharded
 ``P('data')``, parameters and optimizer state replicated. Multi-host runs call

@@ -145,7 +145,8 @@ def predict_files(config, workdir: str, images: Sequence[str], keypoint_files: S
     train.validate_config(config)
     workdir = Path(workdir).expanduser().resolve()
     if not images:
-        raise ValueError("--images is empty: give one or more image files")
+        raise ValueError("--images is empty: give image files, folders or glob patterns")
+    images = expand_image_paths(images)
     info_path = workdir / DATA_INFO
     if not info_path.exists():
         raise FileNotFoundError(f"{info_path} not found: is {workdir} a trained workdir?")
@@ -161,18 +162,32 @@ def predict_files(config, workdir: str, images: Sequence[str], keypoint_files: S
         raise ValueError(f"--sides has {len(sides)} values for {len(images)} images")
     needs_keypoints = config.model.pooling == "keypoints"
 
-    prepared, sources = [], []
+    prepared, sources, readable, skipped = [], [], [], []
     for i, path in enumerate(images):
-        image = load_image_uint8(path)
-        keypoints, source = None, "none"
-        if keypoint_files:
-            keypoints = read_keypoint_file(keypoint_files[i], schema)
-            kp_lib.validate_keypoints(keypoints, schema, name=f"keypoints of {path}",
-                                      image_shape=image.shape)
-            source = "file"
-        roi_image, roi_keypoints = prepare_image(image, keypoints, sides[i], image_size)
+        try:
+            image = load_image_uint8(path)
+            keypoints, source = None, "none"
+            if keypoint_files:
+                keypoints = read_keypoint_file(keypoint_files[i], schema)
+                kp_lib.validate_keypoints(keypoints, schema, name=f"keypoints of {path}",
+                                          image_shape=image.shape)
+                source = "file"
+            roi_image, roi_keypoints = prepare_image(image, keypoints, sides[i], image_size)
+        except (ValueError, OSError) as error:
+            # One unreadable image is reported and skipped; the others are still graded.
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            skipped.append((str(path), reason))
+            print(f"skipped {path}: {reason}", flush=True)
+            continue
         prepared.append((roi_image, roi_keypoints))
         sources.append(source)
+        readable.append(i)
+    if not readable:
+        raise ValueError(skipped[0][1] if len(skipped) == 1 else
+                         f"none of the {len(images)} images could be read; the first: "
+                         f"{skipped[0][0]}: {skipped[0][1]}")
+    images = [images[i] for i in readable]
+    sides = [sides[i] for i in readable]
 
     if needs_keypoints and any(k is None for _, k in prepared):
         detected = _detect_keypoints([img for img, _ in prepared], landmark_workdir, image_size)
@@ -219,7 +234,55 @@ def predict_files(config, workdir: str, images: Sequence[str], keypoint_files: S
         results.append(result)
         summary = " ".join(f"{grades_lib.PAPER_NAMES[t]} {g['grade']}" for t, g in grades.items())
         print(f"{path}: {summary}  -> {out_dir / (stem + '.json')}", flush=True)
+    write_summary_csv(out_dir / "predictions.csv", results, skipped)
+    if skipped:
+        print(f"{len(skipped)} of {len(images) + len(skipped)} images skipped; listed in "
+              f"{out_dir / 'predictions.csv'}", flush=True)
     return results
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom", "")
+
+
+def expand_image_paths(entries: Sequence[str]) -> list[str]:
+    """Files as given; every image file of a folder (sorted; DICOMs may have no suffix);
+    the matches of a glob pattern (sorted).
+
+    Raises:
+      FileNotFoundError: an entry that names nothing, or a folder or pattern without images.
+    """
+    import glob
+
+    paths = []
+    for entry in entries:
+        expanded = Path(entry).expanduser()
+        if expanded.is_dir():
+            found = sorted(str(p) for p in expanded.iterdir()
+                           if p.is_file() and not p.name.startswith(".")
+                           and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif any(c in entry for c in "*?["):
+            found = sorted(p for p in glob.glob(str(expanded)) if Path(p).is_file())
+        else:
+            found = [str(expanded)] if expanded.exists() else []
+            if not found:
+                raise FileNotFoundError(f"--images: {entry} does not exist")
+        if not found:
+            raise FileNotFoundError(f"--images: no image files in {entry}")
+        paths += found
+    return paths
+
+
+def write_summary_csv(path: Path, results: list[dict], skipped: list[tuple[str, str]]) -> None:
+    """One row per image: its grades, or why it was skipped."""
+    tasks = [t for t in grades_lib.TASKS if any(t in r["grades"] for r in results)]
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "side", *tasks, "keypoints", "error"])
+        for r in results:
+            writer.writerow([r["image"], r["side"], *(r["grades"][t]["grade"] for t in tasks),
+                             r["keypoints"]["source"], ""])
+        for image, reason in skipped:
+            writer.writerow([image, "", *([""] * len(tasks)), "", reason])
 
 
 def _detect_keypoints(images: list[np.ndarray], landmark_workdir: str | None, image_size: int):

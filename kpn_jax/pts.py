@@ -23,7 +23,7 @@ Conventions we assume (and test):
 - Mirroring back is ``x -> W - 1 - x`` (pixel centres), the same as
   :func:`kpn_jax.keypoints.flip_horizontal`. KNEEL used ``W - x``: one pixel apart.
 - kneel16 = BoneFinder femur points 12..24 step 2 (7) then tibia points 47..63 step 2
-  (9), as KNEEL made them; index 0 of each bone is lateral (DESIGN.md section 4).
+  (9), as KNEEL made them; index 0 of each bone is lateral (docs/DESIGN.md, section 3).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Fault injection: a tiny run killed (SIGKILL or Ctrl-C) at every moment it writes something,
 then started again with the same command, ends with the artefacts of an uninterrupted run."""
 
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -54,7 +55,6 @@ def test_killed_at_every_boundary_and_resumed_ends_as_uninterrupted(tmp_path):
     num_events = int(reference.stdout.split("events")[-1])
     expected = artefacts(tmp_path / "reference")
     assert num_events >= 8
-    table = []
     # SIGKILL at every event; Ctrl-C (which saves and leaves a resume record) at a few:
     # inside a log window, during a validation, and at the end.
     # (KPN_FAULTS_FULL=1: Ctrl-C at every event too.)
@@ -62,13 +62,19 @@ def test_killed_at_every_boundary_and_resumed_ends_as_uninterrupted(tmp_path):
     int_points = (range(1, num_events + 1) if os.environ.get("KPN_FAULTS_FULL")
                   else (1, 2, num_events - 1))
     points += [("int", n) for n in int_points]
-    for signal, n in points:
+
+    def kill_and_resume(point):
+        signal, n = point
         workdir = tmp_path / f"{signal}{n}"
         killed = run(config_path, workdir, n, signal)
         assert killed.returncode == (-9 if signal == "kill" else 130), killed.stderr[-2000:]
         again = run(config_path, workdir)
         assert again.returncode == 0, again.stderr[-3000:]
-        table.append((signal, n, artefacts(workdir) == expected))
+        return signal, n, artefacts(workdir) == expected
+
+    # Two at a time: each process is mostly Python start-up and tiny steps.
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        table = list(pool.map(kill_and_resume, points))
     print("\n".join(f"{signal} at event {n}: {'identical' if same else 'DIFFERENT'}"
                     for signal, n, same in table))
     assert all(same for *_, same in table), table

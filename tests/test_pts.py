@@ -37,7 +37,7 @@ def test_kneel16_takes_knee_l_indices():
     shape = np.stack([np.arange(74.0), 1000 + np.arange(74.0)], axis=-1)
     kneel = pts.to_kneel16(shape)
     assert kneel.shape == (16, 2)
-    # femur 12..24 step 2 -> points 0-6, tibia 47..63 step 2 -> points 7-15 (DESIGN.md 4).
+    # femur 12..24 step 2 -> points 0-6, tibia 47..63 step 2 -> points 7-15 (docs/DESIGN.md, section 3).
     np.testing.assert_array_equal(kneel[:7, 0], [12, 14, 16, 18, 20, 22, 24])
     np.testing.assert_array_equal(kneel[7:, 0], [47, 49, 51, 53, 55, 57, 59, 61, 63])
     np.testing.assert_array_equal(kneel[:, 1], kneel[:, 0] + 1000)

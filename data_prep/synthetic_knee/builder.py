@@ -90,7 +90,7 @@ def split_indices(params: SyntheticKneeParams) -> dict[str, np.ndarray]:
 
 def make_example(seed: int, index: int, image_size: int, rater_noise: float,
                  labelled: bool) -> dict:
-    """One stored example (DESIGN.md section 3) from generator index ``index``."""
+    """One stored example (docs/DESIGN.md, section 3) from generator index ``index``."""
     knee = generator_lib.generate_knee(seed, int(index), image_size, rater_noise)
     image, keypoints = roi_lib.to_right_orientation(knee["image"], knee["keypoints"], knee["side"])
     grades = knee["grades"] if labelled else np.full(len(grades_lib.TASKS), grades_lib.MISSING)
