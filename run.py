@@ -109,7 +109,7 @@ def _sides() -> list[str] | None:
 
 def _run_landmarks(config) -> None:
     """The landmark detector (configs/landmarks.py) through the same modes."""
-    from kpn_jax import landmarks_train
+    from kpn_jax import landmarks_predict, landmarks_train
 
     if FLAGS.mode == "train":
         landmarks_train.train_and_evaluate_landmarks(config, FLAGS.workdir,
@@ -117,7 +117,7 @@ def _run_landmarks(config) -> None:
     elif FLAGS.mode == "evaluate":
         landmarks_train.evaluate_landmarks(config, FLAGS.workdir)
     elif FLAGS.mode == "predict":
-        landmarks_train.predict_landmark_files(FLAGS.workdir, FLAGS.images, sides=_sides(),
+        landmarks_predict.predict_landmark_files(FLAGS.workdir, FLAGS.images, sides=_sides(),
                                                output_dir=FLAGS.output or None)
     else:
         raise ValueError(f"--mode={FLAGS.mode} does not apply to a landmark config")

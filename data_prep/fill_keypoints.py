@@ -83,7 +83,7 @@ def filled_examples(source, detector, mode: str, batch_size: int, counts: dict):
 
     ``counts`` gets ``{'examples': M, 'filled': F}``.
     """
-    from kpn_jax import landmarks_train
+    from kpn_jax import landmarks_predict
 
     counts.update(examples=0, filled=0)
     for start in range(0, len(source), batch_size):
@@ -94,7 +94,7 @@ def filled_examples(source, detector, mode: str, batch_size: int, counts: dict):
         detected = None
         if fill.any():
             images = np.stack([np.asarray(r["image"], np.uint8) for r in records])[fill]
-            detected = landmarks_train.detect(detector, images, batch_size=batch_size)
+            detected = landmarks_predict.detect(detector, images, batch_size=batch_size)
         k = 0
         for index, record, filled in zip(indices, records, fill):
             num_points = np.asarray(record["keypoints"]).shape[0]
@@ -177,18 +177,18 @@ def fill_keypoints(data_dir, dataset: str, detector_workdir, mode: str = "missin
       dataset: ``'builder/config'`` of the source.
       detector_workdir: a trained landmark detector's workdir.
       mode: ``'missing'`` (fill examples lacking any keypoint) or ``'all'``.
-      detector: an already loaded :class:`kpn_jax.landmarks_train.Detector` (optional).
+      detector: an already loaded :class:`kpn_jax.landmarks_predict.Detector` (optional).
 
     Returns:
       ``'keypoints_filled/<config>'``, to open like any built dataset.
     """
-    from kpn_jax import landmarks_train
+    from kpn_jax import landmarks_predict
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     data_dir = Path(data_dir).expanduser()
     source_builder = tfds_util.open_builder(data_dir, dataset)
-    detector = detector or landmarks_train.load_detector(detector_workdir)
+    detector = detector or landmarks_predict.load_detector(detector_workdir)
     schema = source_builder.info.metadata.get("keypoint_schema", "kneel16")
     if schema != detector.keypoint_schema:
         raise ValueError(f"dataset {dataset} has keypoint schema {schema!r}, the detector finds "

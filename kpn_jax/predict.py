@@ -290,8 +290,8 @@ def _detect_keypoints(images: list[np.ndarray], landmark_workdir: str | None, im
     if not landmark_workdir:
         raise ValueError("keypoint pooling needs keypoints: pass --keypoints (one CSV/.pts per "
                          "image) or --landmark_workdir (a trained landmark detector)")
-    from kpn_jax import landmarks_train
+    from kpn_jax import landmarks_predict
 
     # detect() works at the detector's own size and answers in pixels of the given images.
-    return np.asarray(landmarks_train.detect(landmark_workdir,
+    return np.asarray(landmarks_predict.detect(landmark_workdir,
                                              np.stack([img[..., None] for img in images])))

@@ -13,14 +13,12 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 
 from kpn_jax import augment as augment_lib
 from kpn_jax import checkpointing, evaluate as eval_lib
@@ -264,13 +262,25 @@ def load_training_data(config, mesh, handle=None):
     return handle, labeled, labeled_grades, unlabeled_pool
 
 
+def check_coherence_data(config, labeled_grades: np.ndarray) -> int:
+    """The number of fully graded labelled knees; an error when too few to fit the GMM."""
+    num_complete = int(grades_lib.fully_graded(labeled_grades).sum())
+    needed = 2 * config.coherence.num_components
+    if num_complete < needed:
+        raise ValueError(f"coherence learning needs fully graded examples (all 7 grades) to fit "
+                         f"the GMM: found {num_complete} among the labelled training knees, need "
+                         f"at least {needed}; train without it with "
+                         f"--config.coherence.enabled=False")
+    return num_complete
+
+
 def fit_or_load_gmm(config, workdir: Path, labeled_grades: np.ndarray):
     """The coherence GMM: cached as ``workdir/gmm.npz``, fitted on the labelled training grades."""
     path = workdir / "gmm.npz"
     if path.exists():
         return gmm_lib.load(path)
     c = config.coherence
-    num_complete = int(grades_lib.fully_graded(labeled_grades).sum())
+    num_complete = check_coherence_data(config, labeled_grades)
     repeats = c.gmm_repeats or gmm_lib.auto_repeats(max(num_complete, 1), c.num_components)
     fitted = gmm_lib.fit(labeled_grades, num_components=c.num_components, sigma=c.sigma,
                          repeats=repeats, seed=c.gmm_seed)
@@ -321,6 +331,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     validation = handle.sources.get("validation")
     metric = best_metric(config, None if validation is None or len(validation) == 0 else
                          input_pipeline.read_field(validation, "grades"))
+    if config.coherence.enabled:
+        check_coherence_data(config, labeled_grades)
     workdir = Path(workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoints = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)

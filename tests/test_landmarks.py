@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kpn_jax import landmarks_predict
 from kpn_jax.models import landmarks as lm
 
 pytestmark = pytest.mark.slow  # trains a landmark detector end to end
@@ -202,21 +203,21 @@ def test_detect_returns_keypoints_in_the_pixels_of_any_image_size(trained):
     from kpn_jax import landmarks_train
 
     config, workdir, _ = trained
-    detector = landmarks_train.load_detector(workdir)
+    detector = landmarks_predict.load_detector(workdir)
     from data_prep import tfds_util
 
     sources, _ = tfds_util.data_sources(config.data_dir, _synthetic_name(config))
     example = sources["validation"][0]
     image = example["image"][None]                                  # [1, 64, 64, 1]
-    at_64 = landmarks_train.detect(detector, image)
+    at_64 = landmarks_predict.detect(detector, image)
     assert at_64.shape == (1, 16, 2) and at_64.dtype == np.float32
-    np.testing.assert_allclose(landmarks_train.detect(str(workdir), image), at_64, atol=1e-4)
+    np.testing.assert_allclose(landmarks_predict.detect(str(workdir), image), at_64, atol=1e-4)
     # The same knee at twice the size: points in the big image's pixels, same anatomy.
     big = np.repeat(np.repeat(image, 2, axis=1), 2, axis=2)
-    at_128 = landmarks_train.detect(detector, big)
+    at_128 = landmarks_predict.detect(detector, big)
     np.testing.assert_allclose((at_128 + 0.5) / 2 - 0.5, at_64, atol=1.0)
     with pytest.raises(ValueError, match="uint8"):
-        landmarks_train.detect(detector, image.astype(np.float32))
+        landmarks_predict.detect(detector, image.astype(np.float32))
 
 
 def _synthetic_name(config) -> str:
@@ -242,7 +243,7 @@ def test_predict_finds_keypoints_of_an_image_without_a_keypoint_file(trained, tm
     Image.fromarray(right).save(tmp_path / "knee_r.png")
     Image.fromarray(left).save(tmp_path / "knee_l.png")
     out = tmp_path / "out"
-    records = landmarks_train.predict_landmark_files(
+    records = landmarks_predict.predict_landmark_files(
         workdir, [str(tmp_path / "knee_r.png"), str(tmp_path / "knee_l.png")], ["R", "L"],
         output_dir=str(out))
     saved = json.loads((out / "knee_r.landmarks.json").read_text())
@@ -250,19 +251,19 @@ def test_predict_finds_keypoints_of_an_image_without_a_keypoint_file(trained, tm
     assert (out / "knee_l.landmarks.png").stat().st_size > 0
     right_points = np.asarray(records[0]["keypoints"])
     left_points = np.asarray(records[1]["keypoints"])
-    detector = landmarks_train.load_detector(workdir)
-    np.testing.assert_allclose(right_points, landmarks_train.detect(detector, right[None, ..., None])[0],
+    detector = landmarks_predict.load_detector(workdir)
+    np.testing.assert_allclose(right_points, landmarks_predict.detect(detector, right[None, ..., None])[0],
                                atol=2e-3)
     # The left file's points, taken back into the frame the detector saw (mirrored, padded
     # to a square, resized) by the builders' own transforms, are the detector's output there.
     oriented, seen = roi_lib.to_right_orientation(left, left_points, "L")
     square, seen = image_io.resize_whole(oriented, seen, 64)
     square = np.clip(np.round(square), 0, 255).astype(np.uint8)
-    np.testing.assert_allclose(seen, landmarks_train.detect(detector, square[None, ..., None])[0],
+    np.testing.assert_allclose(seen, landmarks_predict.detect(detector, square[None, ..., None])[0],
                                atol=2e-3)
     assert np.all((left_points >= 0) & (left_points <= [63, 71]))
     with pytest.raises(ValueError, match="sides"):
-        landmarks_train.predict_landmark_files(workdir, [str(tmp_path / "knee_r.png")], ["X"])
+        landmarks_predict.predict_landmark_files(workdir, [str(tmp_path / "knee_r.png")], ["X"])
 
 
 def test_config_errors_name_the_field():
@@ -359,7 +360,7 @@ def test_fill_keypoints_fills_only_the_missing_ones_and_marks_them(trained, tmp_
     filled, info = tfds_util.data_sources(data_dir, name)
     assert info.metadata["keypoints_filled"]["mode"] == "missing"
     records = {r["image_id"].decode(): r for r in (filled["train"][i] for i in range(4))}
-    detector = landmarks_train.load_detector(workdir)
+    detector = landmarks_predict.load_detector(workdir)
     for i, image in enumerate(images):
         record = records[f"90000{i:02d}R"]
         np.testing.assert_array_equal(record["image"][..., 0], image)
@@ -370,7 +371,7 @@ def test_fill_keypoints_fills_only_the_missing_ones_and_marks_them(trained, tmp_
         else:             # filled by the detector
             assert record["keypoints_predicted"]
             np.testing.assert_allclose(record["keypoints"],
-                                       landmarks_train.detect(detector, image[None, ..., None])[0],
+                                       landmarks_predict.detect(detector, image[None, ..., None])[0],
                                        atol=1e-3)
     # Same source, detector and mode: the build is found, not redone.
     assert fill_keypoints.fill_keypoints(data_dir, "knee_kl224/tiny", workdir) == name
