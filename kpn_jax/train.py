@@ -26,6 +26,7 @@ from kpn_jax import gmm as gmm_lib
 from kpn_jax import grades as grades_lib
 from kpn_jax import input_pipeline, kernels as kernels_lib, keypoints as kp_lib, losses, parallel
 from kpn_jax import trainer
+from kpn_jax.trainer import MetricLog, TrainState
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DATA_INFO = "data_info.json"  # image size and keypoint schema of the training data
@@ -303,8 +304,6 @@ def fit_or_load_gmm(config, workdir: Path, labeled_grades: np.ndarray):
 # ----------------------------------------------------------------------------- logging
 
 
-TrainState = trainer.TrainState
-MetricLog = trainer.MetricLog
 _print = trainer.print_once
 
 
@@ -379,7 +378,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                  kernels.compiler_options)
     eval_step = eval_lib.make_eval_step(model, tuple(config.tasks), DTYPES[config.dtype],
                                         kernels.compiler_options)
-    validation = handle.sources.get("validation")
 
     _print(f"kpn-jax: {config.model.pooling} pooling, ResNet-{config.model.depth} "
            f"(width {config.model.width}), {handle.name} at {handle.image_size} px, "
@@ -525,7 +523,7 @@ def evaluate_checkpoint(config, workdir: str, split: str | None = None) -> dict:
     result = eval_lib.split_metrics(predictions, tuple(config.tasks), gmm)
     result["majority_accuracy"] = eval_lib.majority_baseline(predictions["true"])
     result["checkpoint"] = {"which": which, "step": int(jax.device_get(state.step))}
-    records = MetricLog(workdir, 10**12).records() if jax.process_index() == 0 else None
+    records = trainer.read_records(workdir / "metrics.jsonl") if jax.process_index() == 0 else None
     if jax.process_index() == 0:
         eval_lib.write_split_report(workdir, split, result, records, config.method_name)
         _print((workdir / "report" / "results.md").read_text())

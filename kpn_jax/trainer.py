@@ -95,20 +95,11 @@ class MetricLog:
         self._at_resume: set[frozenset] = set()
         if not self.enabled:
             return
-        if self.path.exists():
-            # Drop records past the checkpoint we resume from (they will be logged again)
-            # and a last line cut short by a kill.
-            kept = []
-            for line in self.path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if record.get("step", 0) <= resume_step:
-                    kept.append(line)
-                if record.get("step", 0) == resume_step:
-                    self._at_resume.add(frozenset(record))
-            self.path.write_text("".join(line + "\n" for line in kept))
+        # Drop records past the checkpoint we resume from (they will be logged again) and a
+        # last line cut short by a kill.
+        kept = [r for r in read_records(self.path) if r.get("step", 0) <= resume_step]
+        self._at_resume = {frozenset(r) for r in kept if r.get("step", 0) == resume_step}
+        _write_records(self.path, kept)
         try:
             from tensorboardX import SummaryWriter
 
@@ -124,9 +115,8 @@ class MetricLog:
                                         for k, v in values.items()}}
         if step == self.resume_step and frozenset(record) in self._at_resume:
             self._at_resume.discard(frozenset(record))
-            lines = [line for line in self.path.read_text().splitlines()
-                     if not _same_layout(line, record)]
-            self.path.write_text("".join(line + "\n" for line in lines))
+            _write_records(self.path, [r for r in read_records(self.path)
+                                       if not (r.get("step") == step and set(r) == set(record))])
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
@@ -136,27 +126,28 @@ class MetricLog:
             self.writer.flush()
 
     def records(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        records = []
-        for line in self.path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return records
+        return read_records(self.path)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
 
 
-def _same_layout(line: str, record: dict) -> bool:
-    try:
-        logged = json.loads(line)
-    except json.JSONDecodeError:
-        return False
-    return logged.get("step") == record["step"] and set(logged) == set(record)
+def read_records(path: Path) -> list[dict]:
+    """The records of a ``metrics.jsonl`` in order, skipping a line cut short by a kill."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def _write_records(path: Path, records: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
 def format_duration(seconds: float) -> str:
