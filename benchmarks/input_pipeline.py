@@ -57,21 +57,44 @@ def make_stream(data_dir: str, name: str, batch_labeled: int, batch_unlabeled: i
     return stream, checker
 
 
-def time_pipeline(stream, checker, num_threads: int, num_batches: int) -> dict[str, Any]:
-    """Wall time and process CPU time of ``num_batches`` batches after one warm-up batch."""
+def cpu_seconds_with_children() -> float:
+    """CPU seconds used so far by this process and its live child processes (grain workers)."""
+    import psutil
+
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:2])
+    for child in me.children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:2])
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def time_pipeline(stream, checker, num_threads: int | None, num_workers: int,
+                  num_batches: int) -> dict[str, Any]:
+    """Wall time and CPU time (this process and its workers) of ``num_batches`` batches after
+    a few warm-up batches."""
     from kpn_jax import input_pipeline
 
-    iterator = input_pipeline.train_iterator(stream, checker, 0, num_threads)
-    next(iterator)  # starts the threads and fills the prefetch buffer's first slot
-    wall, cpu = time.perf_counter(), time.process_time()
+    iterator = input_pipeline.train_iterator(
+        stream, checker, 0, input_pipeline.Loading(num_threads, num_workers))
+    for _ in range(max(2, num_workers)):  # starts threads/workers, fills the first buffers
+        next(iterator)
+    wall, cpu = time.perf_counter(), cpu_seconds_with_children()
     for _ in range(num_batches):
         batch = next(iterator)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    wall, cpu = time.perf_counter() - wall, cpu_seconds_with_children() - cpu
+    if hasattr(iterator, "close"):
+        iterator.close()
     examples = num_batches * stream.local_batch
     assert batch["image"].shape[0] == stream.local_batch
-    return {"num_threads": num_threads, "batches": num_batches, "examples": examples,
+    return {"num_workers": num_workers, "num_threads": num_threads, "batches": num_batches,
+            "examples": examples,
             "examples_per_s": round(examples / wall, 2),
             "cpu_ms_per_example": round(1e3 * cpu / examples, 3),
+            "cores_used": round(cpu / wall, 2),
+            "examples_per_s_per_core": round(examples / cpu, 1),
             "wall_s": round(wall, 3)}
 
 
@@ -84,7 +107,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch_labeled", type=int, default=48)
     parser.add_argument("--batch_unlabeled", type=int, default=48)
     parser.add_argument("--num_batches", type=int, default=30)
-    parser.add_argument("--num_threads", default="1,2,4", help="comma list of grain threads")
+    parser.add_argument("--num_workers", default="0,1,2",
+                        help="comma list of grain worker processes (0: read in this process)")
+    parser.add_argument("--num_threads", default="default",
+                        help="comma list of reading threads per process; 'default': the "
+                             "library's (one per CPU in this process, none in a worker)")
     parser.add_argument("--train_step_json", default="",
                         help="a benchmarks/train_step.py --json report to compare with")
     parser.add_argument("--json", default="")
@@ -93,17 +120,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     name = build_dataset(args.data_dir, args.image_size, args.num_train, args.num_unlabeled)
     build_s = time.perf_counter() - start
-    threads = [int(t) for t in args.num_threads.split(",") if t]
+    runs = [(int(w), None if t == "default" else int(t)) for w in args.num_workers.split(",")
+            if w for t in args.num_threads.split(",") if t]
     stream, checker = make_stream(args.data_dir, name, args.batch_labeled, args.batch_unlabeled,
-                                  num_steps=(args.num_batches + 2) * len(threads))
+                                  num_steps=args.num_batches + 8)
     print(f"# {datetime.datetime.now().isoformat(timespec='seconds')}  {os.cpu_count()} CPUs, "
           f"load {[round(x, 2) for x in os.getloadavg()]}; {name} (ready in {build_s:.0f} s); "
           f"batches of {args.batch_labeled} + {args.batch_unlabeled}, {args.num_batches} timed "
           f"after 1 warm-up", flush=True)
-    results = [time_pipeline(stream, checker, n, args.num_batches) for n in threads]
-    print("threads   examples/s   CPU ms/example")
+    results = [time_pipeline(stream, checker, t, w, args.num_batches) for w, t in runs]
+    print("workers threads   examples/s   CPU ms/example   cores used   examples/s per core")
     for r in results:
-        print(f"{r['num_threads']:7d} {r['examples_per_s']:12.1f} {r['cpu_ms_per_example']:16.2f}")
+        threads = "default" if r["num_threads"] is None else r["num_threads"]
+        print(f"{r['num_workers']:7d} {threads:>7} {r['examples_per_s']:12.1f} "
+              f"{r['cpu_ms_per_example']:16.2f} {r['cores_used']:12.2f} "
+              f"{r['examples_per_s_per_core']:21.1f}")
     report: dict[str, Any] = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "host_cpus": os.cpu_count(),
         "load_average_after": [round(x, 2) for x in os.getloadavg()], "dataset": name,

@@ -27,7 +27,12 @@ def get_config():
     # 'labeled' examples, or over the whole 'train' split, so that runs with fewer labels
     # take as many steps as runs with all of them (configs/paper.py uses 'train').
     config.epoch_basis = "labeled"
-    config.num_data_threads = 0        # decoding threads; 0 = one per available CPU (at most 32)
+    # Reading the data: worker processes (-1 = auto: none on a CPU backend, else half the
+    # CPUs, at most 4 per local accelerator; 0 = read in the training process) and threads
+    # per process (0 = default: one per CPU, at most 8, in the training process; none in
+    # a worker).
+    config.num_data_workers = -1
+    config.num_data_threads = 0
 
     # Model.
     config.model = ml_collections.ConfigDict(dict(

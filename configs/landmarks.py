@@ -71,6 +71,7 @@ def get_config():
 
     # Bookkeeping.
     config.seed = 0
+    config.num_data_workers = -1   # see configs/default.py
     config.num_data_threads = 2
     config.log_every_steps = 25
     config.eval_every_steps = 250

@@ -33,7 +33,7 @@ from data_prep import features as features_lib
 from data_prep import tfds_util
 
 BUILDER_NAME = "keypoints_filled"
-DATASET_VERSION = "1.0.0"
+DATASET_VERSION = "2.0.0"
 MODES = ("missing", "all")
 SUMMARY_FILE = "build_summary.json"
 
@@ -127,7 +127,9 @@ def _builder_class():
         """A built dataset with detector keypoints where it had none."""
 
         VERSION = tfds.core.Version(DATASET_VERSION)
-        RELEASE_NOTES = {DATASET_VERSION: "First release."}
+        RELEASE_NOTES = {
+            "1.0.0": "First release.",
+            "2.0.0": "Images stored as raw uint8 pixels instead of PNG (no decoding when read)."}
 
         def __init__(self, *, source_builder, detector, batch_size: int = 32, **kwargs):
             self._source = source_builder

@@ -8,10 +8,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
 from kpn_jax import grades as grades_lib
-from kpn_jax import input_pipeline, metrics, parallel
+from kpn_jax import input_pipeline, metrics, trainer
 
 
 def predicted_grades(outputs: dict, tasks) -> tuple[jax.Array, jax.Array]:
@@ -44,33 +43,22 @@ def make_eval_step(model, tasks, dtype=jnp.float32, compiler_options=None) -> Ca
     return jax.jit(step, compiler_options=compiler_options or None)
 
 
-def _to_host(x) -> np.ndarray:
-    if jax.process_count() > 1:
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
-
-
 def predict_split(eval_step, variables, source, checker, mesh, batch_size: int,
-                  num_threads: int = 4) -> dict:
+                  loading: input_pipeline.Loading = input_pipeline.Loading()) -> dict:
     """Runs ``eval_step`` over every example of ``source`` once.
 
     Returns numpy ``{'true': [M,7], 'pred': [M,7], 'probabilities': [M,29]}`` in
     the source's order.
     """
-    batch_size = max(mesh.devices.size, batch_size - batch_size % mesh.devices.size)
-    trues, preds, probs, masks = [], [], [], []
-    for local in input_pipeline.eval_batches(source, batch_size, checker, jax.process_index(),
-                                             jax.process_count(), num_threads=num_threads):
-        batch = parallel.global_batch({k: local[k] for k in ("image", "keypoints", "grades", "mask")},
-                                      mesh)
+    def predict(variables, batch):
         pred, prob = eval_step(variables, batch)
-        trues.append(_to_host(batch["grades"]))
-        masks.append(_to_host(batch["mask"]))
-        preds.append(_to_host(pred))
-        probs.append(_to_host(prob))
-    mask = np.concatenate(masks)
-    return {"true": np.concatenate(trues)[mask], "pred": np.concatenate(preds)[mask],
-            "probabilities": np.concatenate(probs)[mask]}
+        return {"pred": pred, "probabilities": prob}
+
+    result = trainer.predict_dataset(predict, variables, source, checker, mesh, batch_size,
+                                     fields=("image", "keypoints", "grades"), loading=loading,
+                                     outputs=("grades",))
+    return {"true": result["grades"], "pred": result["pred"],
+            "probabilities": result["probabilities"]}
 
 
 def split_metrics(predictions: dict, tasks, gmm=None) -> dict:

@@ -49,14 +49,70 @@ class DatasetHandle:
         return self.sources[split]
 
 
-def default_num_threads() -> int:
-    """Decoding threads when ``config.num_data_threads`` is 0: one per CPU this process may
-    run on, at most 32 (PNG decoding releases the GIL, so threads scale with cores)."""
+def available_cpus() -> int:
+    """CPUs this process may run on."""
     try:
-        cpus = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(32, cpus))
+        return os.cpu_count() or 1
+
+
+def default_num_threads() -> int:
+    """Reading threads in the training process when no worker processes are used: one per
+    CPU, at most 8 (reading a raw-pixel record holds the GIL for most of its 0.3 ms, so more
+    threads add little; worker processes are what scales)."""
+    return max(1, min(8, available_cpus()))
+
+
+def default_num_workers(platform: str, local_devices: int, cpus: int | None = None) -> int:
+    """Worker processes when ``config.num_data_workers`` is -1.
+
+    None on a CPU backend, where one training step costs the CPUs far more than its batch
+    (reading in this process is enough, and workers would take cores from the step). On an
+    accelerator, half the CPUs, at most 4 per local device: one worker delivers about 2,500
+    320 px examples/s (benchmarks/README.md), so 4 cover the fastest per-device step rates
+    measured with room for slower host cores.
+    """
+    if platform == "cpu":
+        return 0
+    cpus = available_cpus() if cpus is None else cpus
+    return max(1, min(cpus // 2, 4 * max(1, local_devices)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Loading:
+    """How examples are read: in ``num_workers`` worker processes (0: in the training
+    process), by ``num_threads`` threads per process (None: one per CPU in the training
+    process, none in a worker)."""
+
+    num_threads: int | None = None
+    num_workers: int = 0
+
+
+def check_loading_config(config) -> None:
+    """Raises ValueError for a ``num_data_workers`` below -1 or ``num_data_threads`` below 0."""
+    if int(config.get("num_data_workers", -1)) < -1:
+        raise ValueError(f"config.num_data_workers must be -1 (auto), 0 (read in the training "
+                         f"process) or a number of processes, got {config.num_data_workers}")
+    if int(config.get("num_data_threads", 0)) < 0:
+        raise ValueError(f"config.num_data_threads must be 0 (default) or a number of threads, "
+                         f"got {config.num_data_threads}")
+
+
+def loading_for_config(config, platform: str | None = None,
+                       local_devices: int | None = None) -> Loading:
+    """The :class:`Loading` of ``config.num_data_threads`` (0: default) and
+    ``config.num_data_workers`` (-1: :func:`default_num_workers` for the backend)."""
+    check_loading_config(config)
+    workers = int(config.get("num_data_workers", -1))
+    if workers < 0:
+        import jax
+
+        workers = default_num_workers(platform or jax.default_backend(),
+                                      jax.local_device_count() if local_devices is None
+                                      else local_devices)
+    return Loading(num_threads=int(config.get("num_data_threads", 0)) or None,
+                   num_workers=workers)
 
 
 def resolve_dataset_name(config) -> str:
@@ -220,20 +276,70 @@ def make_example_checker(image_size: int, num_points: int, need_keypoints: bool)
     return check
 
 
+def _read_options(num_threads: int | None, in_workers: bool, prefetch: int) -> grain.ReadOptions:
+    """Reading threads per process: ``num_threads``, or by default one per CPU in this process
+    and none in a worker process (which then reads in its own loop, using one core)."""
+    if num_threads is None:
+        num_threads = 0 if in_workers else default_num_threads()
+    if num_threads == 0:
+        return grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+    return grain.ReadOptions(num_threads=num_threads,
+                             prefetch_buffer_size=max(1, prefetch, num_threads))
+
+
+def _in_workers(dataset: grain.IterDataset, num_workers: int) -> grain.IterDataset:
+    """``dataset`` produced by ``num_workers`` spawned processes (0: in this process).
+
+    Worker ``w`` of ``n`` makes elements ``w, w + n, ...`` and the parent reads them back
+    in order, through shared memory, so the batches do not depend on ``num_workers``.
+    """
+    if num_workers <= 0:
+        return dataset
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # grain hands its absl flags to the workers
+        flags.FLAGS.mark_as_parsed()
+    return dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                            per_worker_buffer_size=2))
+
+
+def _iterate(dataset: grain.MapDataset, loading: Loading, prefetch: int) -> Iterator[dict]:
+    read = _read_options(loading.num_threads, loading.num_workers > 0, prefetch)
+    return iter(_in_workers(dataset.to_iter_dataset(read), loading.num_workers))
+
+
 def train_iterator(stream: MixedStream, checker, start_step: int = 0,
-                   num_threads: int = 0, prefetch: int = 4) -> Iterator[dict]:
-    """Local batches of ``stream`` from global step ``start_step`` on, decoded by ``num_threads`` threads."""
+                   loading: Loading = Loading(), prefetch: int = 4) -> Iterator[dict]:
+    """Local batches of ``stream`` from global step ``start_step`` on, read as ``loading``
+    says; the batches do not depend on ``loading``."""
     dataset = (grain.MapDataset.source(stream).map(checker)
                .batch(stream.local_batch, drop_remainder=True))
-    dataset = dataset.slice(slice(start_step, None))
-    num_threads = num_threads or default_num_threads()
-    read = grain.ReadOptions(num_threads=num_threads,
-                             prefetch_buffer_size=max(1, prefetch, num_threads))
-    return iter(dataset.to_iter_dataset(read))
+    return _iterate(dataset.slice(slice(start_step, None)), loading, prefetch)
+
+
+class _PaddedEval(Sequence):
+    """Element ``i`` of a process's padded evaluation batches (see :func:`eval_batches`)."""
+
+    def __init__(self, source, global_batch_size: int, checker, process_index: int,
+                 process_count: int):
+        self.source, self.checker = source, checker
+        self.global_batch_size, self.local = global_batch_size, global_batch_size // process_count
+        self.process_index, self.total = process_index, len(source)
+        self.num_batches = max(1, -(-self.total // global_batch_size))
+
+    def __len__(self) -> int:
+        return self.num_batches * self.local
+
+    def __getitem__(self, i: int) -> dict:
+        step, j = divmod(i, self.local)
+        position = step * self.global_batch_size + self.process_index * self.local + j
+        checked = self.checker(dict(self.source[position if position < self.total else 0]))
+        checked["mask"] = np.bool_(position < self.total)
+        return checked
 
 
 def eval_batches(source, global_batch_size: int, checker, process_index: int = 0,
-                 process_count: int = 1, num_threads: int = 0) -> Iterator[dict]:
+                 process_count: int = 1, loading: Loading = Loading()) -> Iterator[dict]:
     """Padded local batches covering ``source`` once, in order, with ``mask`` [B].
 
     Every process yields the same number of batches (multi-host collectives need
@@ -241,23 +347,6 @@ def eval_batches(source, global_batch_size: int, checker, process_index: int = 0
     """
     if global_batch_size % process_count:
         raise ValueError(f"eval batch size {global_batch_size} must divide by {process_count} processes")
-    local = global_batch_size // process_count
-    total = len(source)
-    num_batches = max(1, -(-total // global_batch_size))
-
-    class _Padded(Sequence):
-        def __len__(self):
-            return num_batches * local
-
-        def __getitem__(self, i):
-            step, j = divmod(i, local)
-            position = step * global_batch_size + process_index * local + j
-            example = dict(source[position if position < total else 0])
-            checked = checker(example)
-            checked["mask"] = np.bool_(position < total)
-            return checked
-
-    dataset = grain.MapDataset.source(_Padded()).batch(local, drop_remainder=True)
-    num_threads = num_threads or default_num_threads()
-    read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=num_threads)
-    return iter(dataset.to_iter_dataset(read))
+    padded = _PaddedEval(source, global_batch_size, checker, process_index, process_count)
+    dataset = grain.MapDataset.source(padded).batch(padded.local, drop_remainder=True)
+    return _iterate(dataset, loading, prefetch=2)

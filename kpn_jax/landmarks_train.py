@@ -38,7 +38,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.experimental import multihost_utils
 
 from kpn_jax import augment as augment_lib
 from kpn_jax import checkpointing, input_pipeline, parallel
@@ -62,6 +61,7 @@ def validate_config(config) -> None:
     if config.get("task") != TASK:
         raise ValueError(f"config.task must be {TASK!r} for the landmark detector, got "
                          f"{config.get('task')!r}")
+    input_pipeline.check_loading_config(config)
     if config.dtype not in DTYPES:
         raise ValueError(f"config.dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
     m = config.model
@@ -416,35 +416,19 @@ def make_predict_fn(model, input_size: int, dtype=jnp.float32):
     return jax.jit(predict)
 
 
-def _to_host(x) -> np.ndarray:
-    if jax.process_count() > 1:
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
-
-
 def predict_pool(predict_fn, variables, pool, checker, mesh, batch_size: int,
-                 num_threads: int = 2) -> dict:
+                 loading: input_pipeline.Loading = input_pipeline.Loading()) -> dict:
     """Predicts every example of ``pool`` once.
 
     Returns numpy ``{'pred': [M, N, 2], 'true': [M, N, 2], 'valid': [M, N],
     'image': uint8 [M, S, S, 1] (the first 64 only)}`` in the pool's order.
     """
-    batch_size = max(mesh.devices.size, batch_size - batch_size % mesh.devices.size)
-    preds, trues, valids, masks, images = [], [], [], [], []
-    for local in input_pipeline.eval_batches(pool, batch_size, checker, jax.process_index(),
-                                             jax.process_count(), num_threads=num_threads):
-        batch = parallel.global_batch({k: local[k] for k in ("image", "keypoints",
-                                                             "keypoints_valid", "mask")}, mesh)
-        preds.append(_to_host(predict_fn(variables, batch["image"])))
-        trues.append(_to_host(batch["keypoints"]))
-        valids.append(_to_host(batch["keypoints_valid"]))
-        masks.append(_to_host(batch["mask"]))
-        if sum(len(i) for i in images) < 64:
-            images.append(_to_host(batch["image"]))
-    mask = np.concatenate(masks)
-    first = np.concatenate(images)[mask[: sum(len(i) for i in images)]][:64]
-    return {"pred": np.concatenate(preds)[mask], "true": np.concatenate(trues)[mask],
-            "valid": np.concatenate(valids)[mask], "image": first}
+    result = trainer.predict_dataset(
+        lambda variables, batch: {"pred": predict_fn(variables, batch["image"])}, variables,
+        pool, checker, mesh, batch_size, fields=("image", "keypoints", "keypoints_valid"),
+        loading=loading, outputs=("keypoints", "keypoints_valid", "image"), first={"image": 64})
+    return {"pred": result["pred"], "true": result["keypoints"],
+            "valid": result["keypoints_valid"], "image": result["image"]}
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -468,7 +452,8 @@ def evaluate_sets(predict_fn, variables, sets: dict, mesh, config, point_names) 
         checker = input_pipeline.make_example_checker(source.handle.image_size, len(point_names),
                                                       need_keypoints=True)
         predictions = predict_pool(predict_fn, variables, source.pool(role), checker, mesh,
-                                   config.eval_batch_size, config.num_data_threads)
+                                   config.eval_batch_size,
+                                   input_pipeline.loading_for_config(config))
         errors = lm.radial_errors(predictions["pred"], predictions["true"])
         summary = lm.summarize_errors(errors, predictions["valid"], point_names=point_names)
         summary["image_size"] = source.handle.image_size
@@ -657,17 +642,15 @@ def train_and_evaluate_landmarks(config: ml_collections.ConfigDict, workdir: str
                 f"the update was not applied. Lower config.learning_rate or check the data; "
                 f"{where}")
 
-    def device_batches():
-        data = input_pipeline.train_iterator(stream, checker, start_step, config.num_data_threads)
-        for local in data:
-            yield parallel.global_batch(
-                {k: local[k] for k in ("image", "keypoints", "keypoints_valid")}, mesh)
-
     state = trainer.fit(
         state=state, health=parallel.replicate(trainer.initial_health(), mesh),
         train_step=lambda st, batch, health, step: train_step(st, batch, health,
                                                                jnp.asarray(step, jnp.int32)),
-        batches=device_batches(), start_step=start_step, total_steps=config.num_steps,
+        batches=input_pipeline.train_iterator(stream, checker, start_step,
+                                              input_pipeline.loading_for_config(config)),
+        to_device=lambda local: parallel.global_batch(
+            {k: local[k] for k in ("image", "keypoints", "keypoints_valid")}, mesh),
+        start_step=start_step, total_steps=config.num_steps,
         checkpoints=checkpoints, log=log, log_every=config.log_every_steps,
         checkpoint_every=config.checkpoint_every_steps, evaluate_every=config.eval_every_steps,
         evaluate=run_dev_evaluation, window_record=window_record,

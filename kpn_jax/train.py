@@ -71,6 +71,7 @@ def validate_config(config) -> None:
     for name in ("log_every_steps", "checkpoint_every_steps"):
         if int(config[name]) <= 0:
             raise ValueError(f"config.{name} must be positive, got {config[name]}")
+    input_pipeline.check_loading_config(config)
     if not config.eval_every_epochs > 0:
         raise ValueError(f"config.eval_every_epochs must be positive, got "
                          f"{config.eval_every_epochs!r}")
@@ -357,6 +358,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             {"dataset": handle.name, "image_size": handle.image_size,
              "keypoint_schema": handle.keypoint_schema}))
     kernels = kernels_lib.for_config(config)
+    loading = input_pipeline.loading_for_config(config)
     model = create_model(config, handle.keypoint_schema, kernels)
     tx = make_optimizer(config, steps_per_epoch)
     state = create_state(config, model, tx, handle.image_size, schema.num_points, mesh)
@@ -391,7 +393,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             return
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         predictions = eval_lib.predict_split(eval_step, variables, validation, checker, mesh,
-                                             config.eval_batch_size, config.num_data_threads)
+                                             config.eval_batch_size, loading)
         result = eval_lib.split_metrics(predictions, tuple(config.tasks), gmm)
         flat = eval_lib.flatten_metrics(result, "validation")
         flat["epoch"] = step / steps_per_epoch
@@ -434,50 +436,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         return (f"training stopped at step {step}: {why}; the update was not applied. Lower "
                 f"config.learning_rate, use dtype float32, or check the data; {where}")
 
-    def device_batches():
-        data = input_pipeline.train_iterator(stream, checker, start_step, config.num_data_threads)
-        for local in data:
-            yield parallel.global_batch(
-                {k: local[k] for k in ("image", "keypoints", "grades", "labeled")}, mesh)
-
     state = trainer.fit(
         state=state, health=parallel.replicate(trainer.initial_health(), mesh),
         train_step=lambda st, batch, health, step: train_step(st, batch, health,
                                                                jnp.asarray(step, jnp.int32)),
-        batches=device_batches(), start_step=start_step, total_steps=total_steps,
+        batches=input_pipeline.train_iterator(stream, checker, start_step, loading),
+        to_device=lambda local: parallel.global_batch(
+            {k: local[k] for k in ("image", "keypoints", "grades", "labeled")}, mesh),
+        start_step=start_step, total_steps=total_steps,
         checkpoints=checkpoints, log=log, log_every=config.log_every_steps,
         checkpoint_every=config.checkpoint_every_steps,
         evaluate_every=max(1, int(config.eval_every_epochs * steps_per_epoch)),
         evaluate=run_validation, window_record=window_record, refusal_message=refusal_message)
 
-    results = final_evaluation(config, workdir, handle, model, state, checkpoints, checker, mesh,
-                               gmm, log.records())
+    which = "best" if checkpoints.best_step() is not None else "latest"
+    splits = {split: handle.sources[split] for split in ("validation", "test")
+              if split in handle.sources and len(handle.sources[split])}
+    results = evaluate_splits(config, workdir, splits, eval_step,
+                              checkpoints.restore(state, which=which), which, checker, mesh, gmm,
+                              log.records(), loading)
     log.close()
     checkpoints.close()
     return results
 
 
-def final_evaluation(config, workdir: Path, handle, model, state, checkpoints, checker, mesh, gmm,
-                     records) -> dict:
-    """Evaluates the best checkpoint (by validation) on validation and test; writes ``report/``."""
-    which = "best" if checkpoints.best_step() is not None else "latest"
-    state = checkpoints.restore(state, which=which)
+def evaluate_splits(config, workdir: Path, splits: dict, eval_step, state, which: str, checker,
+                    mesh, gmm, records, loading: input_pipeline.Loading) -> dict:
+    """Evaluates ``state`` (the ``which`` checkpoint) on each ``{split: source}``, writes
+    ``report/`` and prints the results; returns ``{split: metrics}``."""
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    eval_step = eval_lib.make_eval_step(model, tuple(config.tasks), DTYPES[config.dtype],
-                                        kernels_lib.for_config(config).compiler_options)
+    step = int(jax.device_get(state.step))
     results = {}
-    for split in ("validation", "test"):
-        if split not in handle.sources or len(handle.sources[split]) == 0:
-            continue
-        predictions = eval_lib.predict_split(eval_step, variables, handle.sources[split], checker,
-                                             mesh, config.eval_batch_size, config.num_data_threads)
+    for split, source in splits.items():
+        predictions = eval_lib.predict_split(eval_step, variables, source, checker, mesh,
+                                             config.eval_batch_size, loading)
         result = eval_lib.split_metrics(predictions, tuple(config.tasks), gmm)
         result["majority_accuracy"] = eval_lib.majority_baseline(predictions["true"])
-        result["checkpoint"] = {"which": which, "step": int(jax.device_get(state.step))}
+        result["checkpoint"] = {"which": which, "step": step}
         results[split] = result
         if jax.process_index() == 0:
             eval_lib.write_split_report(workdir, split, result, records, config.method_name)
-        _print(f"{split} ({which} checkpoint, step {int(jax.device_get(state.step))}): "
+        _print(f"{split} ({which} checkpoint, step {step}): "
                + " ".join(f"{grades_lib.PAPER_NAMES[t]} {result[t]['accuracy']:.3f}"
                           for t in config.tasks)
                + f" | OARSI avg {result['oarsi_average'].get('accuracy', float('nan')):.3f}")
@@ -517,18 +516,12 @@ def evaluate_checkpoint(config, workdir: str, split: str | None = None) -> dict:
     gmm = gmm_lib.load(workdir / "gmm.npz") if (workdir / "gmm.npz").exists() else None
     eval_step = eval_lib.make_eval_step(model, tuple(config.tasks), DTYPES[config.dtype],
                                         kernels.compiler_options)
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    predictions = eval_lib.predict_split(eval_step, variables, handle.split(split), checker, mesh,
-                                         config.eval_batch_size, config.num_data_threads)
-    result = eval_lib.split_metrics(predictions, tuple(config.tasks), gmm)
-    result["majority_accuracy"] = eval_lib.majority_baseline(predictions["true"])
-    result["checkpoint"] = {"which": which, "step": int(jax.device_get(state.step))}
     records = trainer.read_records(workdir / "metrics.jsonl") if jax.process_index() == 0 else None
-    if jax.process_index() == 0:
-        eval_lib.write_split_report(workdir, split, result, records, config.method_name)
-        _print((workdir / "report" / "results.md").read_text())
+    results = evaluate_splits(config, workdir, {split: handle.split(split)}, eval_step, state,
+                              which, checker, mesh, gmm, records,
+                              input_pipeline.loading_for_config(config))
     checkpoints.close()
-    return result
+    return results[split]
 
 
 def abstract_state(config, model, tx, image_size, num_points, mesh):

@@ -32,6 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.training import train_state
+from jax.experimental import multihost_utils
+
+from kpn_jax import input_pipeline, parallel
 
 RESUME_FILE = "resume.json"  # in checkpoints/: what a Ctrl-C left for the next boundary
 
@@ -195,8 +198,8 @@ def write_config(workdir: Path, config_dict: dict, saved_check: Callable[[dict],
 
 # Settings that change how a run goes, not what it computes (max_steps only stops the same
 # sequence of steps earlier or later).
-NEUTRAL_CONFIG_KEYS = ("num_data_threads", "keep_checkpoints", "data_dir", "eval_batch_size",
-                       "max_steps")
+NEUTRAL_CONFIG_KEYS = ("num_data_threads", "num_data_workers", "keep_checkpoints", "data_dir",
+                       "eval_batch_size", "max_steps")
 
 
 def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -233,7 +236,8 @@ def _write_resume(checkpoints, step: int, window: list[dict], log_due: bool,
                                     "evaluation_due": evaluation_due}))
 
 
-def fit(*, state, health: dict, train_step: Callable, batches: Iterator[Any], start_step: int,
+def fit(*, state, health: dict, train_step: Callable, batches: Iterator[dict],
+        to_device: Callable[[dict], Any], start_step: int,
         total_steps: int, checkpoints, log: MetricLog, log_every: int, checkpoint_every: int,
         evaluate_every: int, evaluate: Callable[[int, Any], None],
         window_record: Callable[[int, list[dict], float], tuple[dict, str]],
@@ -243,7 +247,8 @@ def fit(*, state, health: dict, train_step: Callable, batches: Iterator[Any], st
     Args:
       state, health: the restored train state and :func:`initial_health`.
       train_step: jitted ``(state, batch, health, step) -> (state, aux, health)``.
-      batches: device batches from ``start_step`` on.
+      batches: host batches from ``start_step`` on (prepared ahead by the input pipeline).
+      to_device: host batch -> device batch; called while the previous step runs.
       evaluate: ``(step, state) -> None``; logs, prints and saves the best checkpoint.
       window_record: ``(done, per-step aux values, seconds) -> (metrics record, progress
         line)`` for a log window.
@@ -257,7 +262,9 @@ def fit(*, state, health: dict, train_step: Callable, batches: Iterator[Any], st
     window = list(resume.get("window", []))  # host floats restored; device arrays appended
     log_due = bool(resume.get("log_due", False))
     evaluation_due = bool(resume.get("evaluation_due", False))
-    window_start, input_wait = time.time(), 0.0
+    # Seconds of the log window in which the device had nothing to run: waiting for the
+    # input pipeline's next batch, and copying it to the device.
+    window_start, input_wait, transfer_wait = time.time(), 0.0, 0.0
 
     def check_health() -> None:
         refused_at, refused_loss = jax.device_get((health["refused_at"], health["refused_loss"]))
@@ -269,8 +276,10 @@ def fit(*, state, health: dict, train_step: Callable, batches: Iterator[Any], st
         elapsed = time.time() - window_start
         record, line = window_record(done, values, elapsed)
         record["train/input_wait_fraction"] = input_wait / max(elapsed, 1e-9)
+        record["train/transfer_wait_fraction"] = transfer_wait / max(elapsed, 1e-9)
         log.write(done, record)
-        print_once(f"{line} | input wait {100 * record['train/input_wait_fraction']:.0f}%")
+        print_once(f"{line} | input wait {100 * record['train/input_wait_fraction']:.0f}% "
+                   f"+ transfer {100 * record['train/transfer_wait_fraction']:.0f}%")
 
     done = start_step
     try:
@@ -282,14 +291,21 @@ def fit(*, state, health: dict, train_step: Callable, batches: Iterator[Any], st
             evaluate(done, state)
             evaluation_due = False
         for step in range(start_step, total_steps):
-            # The device is idle while the host fetches a batch only if the previous step has
-            # already finished; a fetch that overlaps a running step costs nothing.
+            # The device is idle while the host fetches or copies a batch only once the
+            # previous step has finished; what overlaps a running step costs nothing. (A step
+            # that ends midway through a fetch is not counted: a slight underestimate.)
             last = window[-1]["loss"] if window else None
-            device_idle = not hasattr(last, "is_ready") or last.is_ready()
+            step_done = (lambda: True) if not hasattr(last, "is_ready") else last.is_ready
+            idle_fetch = step_done()
             fetch_start = time.time()
-            batch = next(batches)
-            if device_idle:
-                input_wait += time.time() - fetch_start
+            host_batch = next(batches)
+            copy_start = time.time()
+            idle_copy = idle_fetch or step_done()
+            batch = to_device(host_batch)
+            if idle_fetch:
+                input_wait += copy_start - fetch_start
+            if idle_copy:
+                transfer_wait += time.time() - copy_start
             state, aux, health = train_step(state, batch, health, step)
             window.append(aux)
             done = step + 1
@@ -301,7 +317,8 @@ def fit(*, state, health: dict, train_step: Callable, batches: Iterator[Any], st
             check_health()
             if log_due:
                 write_window(done)
-                window, window_start, input_wait, log_due = [], time.time(), 0.0, False
+                window, window_start, log_due = [], time.time(), False
+                input_wait = transfer_wait = 0.0
             if evaluation_due:
                 evaluate(done, state)
                 evaluation_due = False
@@ -317,8 +334,53 @@ def fit(*, state, health: dict, train_step: Callable, batches: Iterator[Any], st
         print_once(f"Interrupted: saved a checkpoint at step {now}; run the same command to "
                    f"resume")
         raise
+    finally:
+        if hasattr(batches, "close"):  # stops the input pipeline's worker processes
+            batches.close()
     check_health()
     if total_steps > start_step:
         checkpoints.save(total_steps, state)
     checkpoints.wait()
     return state
+
+
+def to_host(x) -> np.ndarray:
+    """A (sharded) device array as one numpy array, gathered over every process."""
+    if jax.process_count() > 1:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def predict_dataset(predict: Callable[[Any, dict], dict], variables, source, checker, mesh,
+                    batch_size: int, fields: tuple[str, ...],
+                    loading: input_pipeline.Loading = input_pipeline.Loading(),
+                    outputs: tuple[str, ...] = (), first: dict[str, int] | None = None) -> dict:
+    """Runs ``predict(variables, batch) -> {name: [B, ...]}`` over every example of
+    ``source`` once, in order, sharded over ``mesh``.
+
+    Args:
+      fields: the batch fields the device batch holds (``mask`` is added).
+      outputs: the batch fields returned beside ``predict``'s outputs.
+      first: ``{field: n}``, fields of which only the first ``n`` examples are kept.
+
+    Returns:
+      numpy ``{name: [M, ...]}`` for every output of ``predict`` and every field in
+      ``outputs``, padding dropped.
+    """
+    batch_size = max(mesh.devices.size, batch_size - batch_size % mesh.devices.size)
+    first = first or {}
+    collected: dict[str, list] = {}
+    masks = []
+    for local in input_pipeline.eval_batches(source, batch_size, checker, jax.process_index(),
+                                             jax.process_count(), loading):
+        batch = parallel.global_batch({k: local[k] for k in (*fields, "mask")}, mesh)
+        values = dict(predict(variables, batch))
+        values.update({k: batch[k] for k in outputs})
+        masks.append(to_host(batch["mask"]))
+        for name, value in values.items():
+            kept = collected.setdefault(name, [])
+            if name not in first or sum(len(v) for v in kept) < first[name]:
+                kept.append(to_host(value))
+    mask = np.concatenate(masks)
+    return {name: np.concatenate(parts)[mask[: sum(len(p) for p in parts)]][: first.get(name)]
+            for name, parts in collected.items()}

@@ -376,6 +376,7 @@ def test_worker_processes_make_the_same_examples():
     parallel = list(builder_lib._make_examples(jobs, num_workers=2))
     assert len(parallel) == len(serial) == 5
     for a, b in zip(serial, parallel):
-        assert a["image"] == b["image"] and a["image_id"] == b["image_id"]
+        np.testing.assert_array_equal(a["image"], b["image"])
+        assert a["image_id"] == b["image_id"]
         np.testing.assert_array_equal(a["grades"], b["grades"])
         np.testing.assert_array_equal(a["keypoints"], b["keypoints"])

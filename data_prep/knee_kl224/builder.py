@@ -258,8 +258,9 @@ class KneeKl224(tfds.core.GeneratorBasedBuilder):
     ``download_and_prepare``, ``summary`` holds the build summary.
     """
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {"1.0.0": "First release.",
+                     "2.0.0": "Images stored as raw uint8 pixels instead of PNG (no decoding when read)."}
     BUILDER_CONFIGS = [KneeKl224Config(name="default", description="224 px, ok=1 keypoints")]
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
 

@@ -408,8 +408,9 @@ class Manifest(tfds.core.GeneratorBasedBuilder):
     ``download_and_prepare``, ``summary`` holds the build summary.
     """
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {"1.0.0": "First release.",
+                     "2.0.0": "Images stored as raw uint8 pixels instead of PNG (no decoding when read)."}
     BUILDER_CONFIGS = [ManifestConfig(name="default", description="320 px, 140 mm ROI")]
 
     def __init__(self, *, manifest_path=None, image_root=None, strict=False, **kwargs):

@@ -364,8 +364,9 @@ class Oai(tfds.core.GeneratorBasedBuilder):
     ``download_and_prepare``, ``summary`` holds the build summary (:func:`summary_as_json`).
     """
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {"1.0.0": "First release.",
+                     "2.0.0": "Images stored as raw uint8 pixels instead of PNG (no decoding when read)."}
     BUILDER_CONFIGS = [OaiConfig(name="default", description="320 px, 140 mm ROI")]
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
 

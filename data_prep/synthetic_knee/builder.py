@@ -34,7 +34,7 @@ from kpn_jax import keypoints as kp_lib
 BUILDER_NAME = "synthetic_knee"
 SUMMARY_FILE = "build_summary.json"  # written beside the data, as the other builders do
 # Bump with any change to what the generator draws: builds are cached by version.
-DATASET_VERSION = "1.1.0"
+DATASET_VERSION = "2.0.0"
 DEFAULTS = dict(image_size=generator_lib.DEFAULT_IMAGE_SIZE, num_train=2000, num_validation=500,
                 num_test=500, num_unlabeled=2000, seed=0,
                 rater_noise=generator_lib.DEFAULT_RATER_NOISE)
@@ -133,7 +133,8 @@ def _builder_class():
 
         VERSION = tfds.core.Version(DATASET_VERSION)
         RELEASE_NOTES = {"1.0.0": "First release.",
-                         "1.1.0": "Osteophytes 1.4x longer (learnable at 96-128 px)."}
+                         "1.1.0": "Osteophytes 1.4x longer (learnable at 96-128 px).",
+                         "2.0.0": "Images stored as raw uint8 pixels instead of PNG (no decoding when read)."}
         BUILDER_CONFIGS = [SyntheticKneeConfig(name=SyntheticKneeParams().config_name,
                                                params=SyntheticKneeParams())]
 
