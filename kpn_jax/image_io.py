@@ -158,34 +158,61 @@ class DicomHeader:
     columns: int
     spacing_mm: tuple[float, float] | None
     path: str
+    accession_number: str = ""   # OAI: the film's barcode
 
 
-def read_dicom_header(path: str | os.PathLike) -> DicomHeader:
+def _dicom_file(path: Path, member: str | None):
+    """``path`` itself, or the bytes of ``member`` of the tar archive ``path`` (the NIMH Data
+    Archive ships each OAI series as a ``.tar.gz``)."""
+    if member is None:
+        return path
+    import io
+    import tarfile
+
+    with tarfile.open(path) as archive:
+        extracted = archive.extractfile(member)
+        if extracted is None:
+            raise KeyError(f"{member} is not a file in the archive")
+        return io.BytesIO(extracted.read())
+
+
+def dicom_name(path: str | os.PathLike, member: str | None = None) -> str:
+    """How messages name a DICOM: its path, or ``archive:member``."""
+    return f"{path}:{member}" if member else str(path)
+
+
+def read_dicom_header(path: str | os.PathLike, member: str | None = None) -> DicomHeader:
     """Reads a DICOM's header only (cheap; used to plan a build before decoding pixels).
+
+    Args:
+      member: the DICOM's name inside ``path`` when ``path`` is a tar archive.
 
     Raises:
       ImageReadError: naming ``path`` when it is not a DICOM image.
     """
     import pydicom
 
-    path = Path(path)
+    name = dicom_name(path, member)
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ds = pydicom.dcmread(_dicom_file(Path(path), member), stop_before_pixels=True)
         rows, columns = int(ds.Rows), int(ds.Columns)
     except Exception as e:  # pydicom raises many types for damaged files; all mean "unreadable"
-        raise ImageReadError(f"{path}: cannot read DICOM header ({type(e).__name__}: {e})") from e
+        raise ImageReadError(f"{name}: cannot read DICOM header ({type(e).__name__}: {e})") from e
     if rows <= 0 or columns <= 0:
-        raise ImageReadError(f"{path}: DICOM says the image is {rows}x{columns}")
+        raise ImageReadError(f"{name}: DICOM says the image is {rows}x{columns}")
     return DicomHeader(rows=rows, columns=columns, spacing_mm=dicom_pixel_spacing(ds),
-                       path=str(path))
+                       path=name, accession_number=str(ds.get("AccessionNumber", "")).strip())
 
 
-def read_dicom(path: str | os.PathLike) -> Radiograph:
+def read_dicom(path: str | os.PathLike, member: str | None = None) -> Radiograph:
     """One-frame grey DICOM -> :class:`Radiograph`.
 
     Applies the modality LUT (RescaleSlope/Intercept), inverts MONOCHROME1 images as
     ``min + max - x`` (so values stay in the image's own range) and maps the file's
     WindowCenter/WindowWidth through the same inversion.
+
+    Args:
+      member: the DICOM's name inside ``path`` when ``path`` is a tar archive.
 
     Raises:
       ImageReadError: naming ``path`` for non-DICOM, truncated or multi-frame files.
@@ -193,9 +220,9 @@ def read_dicom(path: str | os.PathLike) -> Radiograph:
     import pydicom
     from pydicom.pixels import apply_modality_lut
 
-    path = Path(path)
+    archive, path = Path(path), dicom_name(path, member)
     try:
-        ds = pydicom.dcmread(path)
+        ds = pydicom.dcmread(_dicom_file(archive, member))
         raw = ds.pixel_array
         pixels = np.asarray(apply_modality_lut(raw, ds), dtype=np.float32)
     except Exception as e:  # pydicom raises many types for damaged files; all mean "unreadable"

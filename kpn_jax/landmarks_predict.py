@@ -179,6 +179,55 @@ def detect_in_roi(detector: Detector, image: np.ndarray, side: str = "R") -> np.
     return points.astype(np.float32)
 
 
+def locate_knee(detector: Detector, image: np.ndarray, side: str, roi_size: float, start_xy,
+                passes: int = 3) -> tuple[np.ndarray, float]:
+    """Keypoints of one knee of a whole radiograph, with no keypoints to start from.
+
+    The detector sees a ``roi_size``-pixel square around ``start_xy`` (e.g. the middle of
+    the film's half that holds the knee), then squares re-centred on the joint centre of
+    its previous answer; the answer of a good detection no longer moves.
+
+    Args:
+      detector: a loaded :class:`Detector` (trained on ROIs of about ``roi_size`` pixels).
+      image: uint8 ``[H, W]``, the radiograph as is (a left knee is mirrored here).
+      side: ``'R'`` or ``'L'``, the knee to find.
+      roi_size: side of the square the detector sees, in radiograph pixels.
+      start_xy: ``(x, y)`` where to look first, radiograph pixels.
+      passes: detector passes (at least 2).
+
+    Returns:
+      ``(keypoints float32 [N, 2] in radiograph pixels, shift)``: ``shift`` is the mean
+      distance in pixels the points moved in the last pass (large = not converged, a
+      detection not to trust).
+    """
+    from kpn_jax import roi as roi_lib
+
+    image = np.asarray(image)
+    if image.ndim != 2 or image.dtype != np.uint8:
+        raise ValueError(f"image: expected uint8 [H, W], got {image.dtype} {image.shape}")
+    if passes < 2:
+        raise ValueError(f"passes must be >= 2, got {passes}")
+    width = image.shape[1]
+    oriented, _ = roi_lib.to_right_orientation(image, None, side)
+    center = np.asarray(start_xy, np.float64)
+    if side == "L":
+        center[0] = width - 1 - center[0]
+    scale = detector.image_size / float(roi_size)
+    points, shift = None, float("inf")
+    for _ in range(passes):
+        roi, _ = roi_lib.crop_and_resize(oriented, None, center, roi_size, detector.image_size)
+        found = detect(detector, np.clip(np.round(roi), 0, 255).astype(np.uint8)[None, ..., None])
+        left_top = center + 0.5 - roi_size / 2.0
+        moved = (found[0].astype(np.float64) + 0.5) / scale - 0.5 + left_top
+        if points is not None:
+            shift = float(np.mean(np.linalg.norm(moved - points, axis=-1)))
+        points = moved
+        center = roi_lib.joint_center(points).astype(np.float64)
+    if side == "L":
+        points = kp_lib.flip_horizontal(points, width)
+    return points.astype(np.float32), shift
+
+
 def write_overlay(path: Path, image: np.ndarray, keypoints: np.ndarray, schema, title: str) -> Path:
     """The image with its keypoints drawn (bones joined)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -13,7 +13,8 @@ import pytest
 pytestmark = pytest.mark.slow  # dozens of training processes
 
 WORKER = Path(__file__).parent / "workers" / "train_with_faults.py"
-TIMING_KEYS = ("train/images_per_sec", "train/input_wait_fraction")
+TIMING_KEYS = ("train/images_per_sec", "train/input_wait_fraction",
+               "train/transfer_wait_fraction")
 
 
 def fault_config(data_dir: str):

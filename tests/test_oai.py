@@ -200,8 +200,11 @@ def test_visit_folders_map_to_oai_visit_codes():
                                                   "96m")] == ["00", "01", "03", "05", "06", "08",
                                                               "10"]
     assert oai_tree.visit_of_folder("landmarks_oai") is None
-    with pytest.raises(oai_tree.TreeError, match="13 months"):
-        oai_tree.visit_of_folder("13m")
+    assert oai_tree.visit_of_folder("13m") is None and oai_tree.is_months_folder("120m")
+    # The release folder, the first part of contents.csv's Folder, names the visit too.
+    assert [oai_tree.visit_of_release(f"{r}/9000099/20040909/10249506") for r in
+            ("0.C.2", "1.E.1", "2.D.2", "3.E.1", "4.G.1", "5.E.1", "6.C.1", "8.E.1", "10.E.1",
+             "12.E.1", "x")] == ["00", "01", "02", "03", "04", "05", "06", "08", "10", None, None]
 
 
 def test_readings_both_published_forms_agree(fake_oai, tmp_path):
@@ -212,18 +215,22 @@ def test_readings_both_published_forms_agree(fake_oai, tmp_path):
     nda = oai_readings.load_readings([tmp_path / "oai_kxrsemiquant01.txt"], report=report)
     assert set(wide) == set(nda)
     for key in wide:
-        np.testing.assert_array_equal(wide[key][0], nda[key][0])
-        assert wide[key][1] == nda[key][1]
+        np.testing.assert_array_equal(wide[key].grades, nda[key].grades)
+        assert wide[key].readprj == nda[key].readprj
     graded = info["graded"]
-    # READPRJ choice: the most complete reading, then the priority order 15, 37, 42.
-    assert nda[(graded, "00", "R")][1] == "15"
-    np.testing.assert_array_equal(nda[(graded, "00", "R")][0], [2, 0, 1, 0, 1, 0, 2])
-    assert nda[(graded, "00", "L")][1] == "37"
-    # Visit 01 (12 months); 1.5 floored, 9 out of range -> not graded.
-    np.testing.assert_array_equal(nda[(graded, "01", "R")][0], [2, 0, 1, 0, 1, 0, -1])
+    # READPRJ choice: the project order 15, 37 first (42 is read as 37), then completeness.
+    assert nda[(graded, "00", "R")].readprj == "15"
+    np.testing.assert_array_equal(nda[(graded, "00", "R")].grades, [2, 0, 1, 0, 1, 0, 2])
+    assert nda[(graded, "00", "L")].readprj == "37"
+    np.testing.assert_array_equal(nda[(graded, "00", "L")].grades, [1, 0, 0, 0, 0, 1, 0])
+    # Visit 01 (12 months); 1.5 rounded half to even, 9 out of range -> not graded.
+    np.testing.assert_array_equal(nda[(graded, "01", "R")].grades, [2, 0, 2, 0, 1, 0, -1])
     assert report.fractional_grades == 1 and report.out_of_range_grades == 1
-    assert report.duplicate_readings == 2
+    assert report.duplicate_readings == 2 and report.readprj_recoded == 1
     assert report.bad_side_rows == 0    # the description line is not counted as a bad row
+    # Floored instead, on request.
+    floored = oai_readings.load_readings([tmp_path / "oai_kxrsemiquant01.txt"], fractions="floor")
+    np.testing.assert_array_equal(floored[(graded, "01", "R")].grades, [2, 0, 1, 0, 1, 0, -1])
 
 
 def test_readings_values_as_sas_gives_them():
@@ -234,9 +241,15 @@ def test_readings_values_as_sas_gives_them():
         ["R", "L", "R", "L", "L", None]
     report = oai_readings.ReadingsReport()
     import pandas as pd
-    got = oai_readings.parse_grades(pd.Series([2.0, np.nan, b"3: 3", ".: Missing", 0.5, 5.0]), 5,
-                                    report)
-    np.testing.assert_array_equal(got, [2, -1, 3, -1, 0, -1])
+    got = oai_readings.parse_grades(
+        pd.Series([2.0, np.nan, b"3: 3", ".: Missing", 0.5, 5.0, ".5", "1.5", ".A: Not Expected",
+                   " ", "X"]), 5, report)
+    # Rounded half to even as np.round (0.5 -> 0, 1.5 -> 2); '.5' is a number; 'X' is counted.
+    np.testing.assert_array_equal(got, [2, -1, 3, -1, 0, -1, 0, 2, -1, -1, -1])
+    assert report.fractional_grades == 3 and report.out_of_range_grades == 1
+    assert report.unparsable_grades == 1
+    assert [oai_readings.normalise_readprj(v) for v in ("15", 15.0, "42", "37: Incidence")] == \
+        ["15", "15", "37", "37"]
 
 
 def test_readings_file_without_grade_columns_is_refused(tmp_path):
@@ -265,7 +278,7 @@ def test_kneel_csv_roi_maps_back_to_the_radiograph():
 
 def test_plan_sends_knees_to_splits(fake_oai, caplog):
     root, info = fake_oai
-    options = oai_builder.OaiOptions(image_size=IMAGE_SIZE, roi_mm=ROI_MM)
+    options = oai_builder.OaiOptions(image_size=IMAGE_SIZE, roi_mm=ROI_MM, graded="any")
     with caplog.at_level(logging.WARNING):
         jobs, summary = oai_builder.plan_oai(root, options)
     by_id = {j.image_id: j for split_jobs in jobs.values() for j in split_jobs}
@@ -279,14 +292,22 @@ def test_plan_sends_knees_to_splits(fake_oai, caplog):
     assert by_id[f"{info['never_graded']}-V00-R"].split == "unlabeled"
     assert summary["images_unreadable"] == [str(info["garbage_path"])]
     assert str(info["garbage_path"]) in caplog.text
-    assert summary["series_listed"] == 8                          # the lateral view is not listed
+    assert summary["films_listed"] == 8                          # the lateral view is not listed
     assert summary["keypoints_source"] == {"bonefinder": 12}
     assert summary["knees_without_keypoints"] == 2               # mono1's 12m series: no .pts
+    assert summary["knees_fully_graded"] == 7 and summary["knees_partly_graded"] == 1
     assert all(j.keypoints_predicted for j in by_id.values())
     # The 'all' option keeps the held-out subject's ungraded knee as unlabelled.
     jobs_all, _ = oai_builder.plan_oai(root, oai_builder.OaiOptions(
-        image_size=IMAGE_SIZE, roi_mm=ROI_MM, unlabeled_subjects="all"))
+        image_size=IMAGE_SIZE, roi_mm=ROI_MM, unlabeled_subjects="all", graded="any"))
     assert f"{held_out}-V00-L" in {j.image_id for j in jobs_all["unlabeled"]}
+    # graded='all' (the default): the knee with a blank grade is unlabelled data.
+    jobs, summary = oai_builder.plan_oai(root, oai_builder.OaiOptions(image_size=IMAGE_SIZE,
+                                                                      roi_mm=ROI_MM))
+    by_id = {j.image_id: j for split_jobs in jobs.values() for j in split_jobs}
+    assert by_id[f"{graded}-V01-R"].split == "unlabeled"
+    assert (by_id[f"{graded}-V01-R"].grades == -1).all()
+    assert summary["partly_graded_to_unlabeled"] == 1
 
 
 def test_build_writes_rois_with_keypoints_on_the_bone(fake_oai, tmp_path, caplog):
@@ -307,8 +328,9 @@ def test_build_writes_rois_with_keypoints_on_the_bone(fake_oai, tmp_path, caplog
     assert str(info["truncated_path"]) in caplog.text
     assert sorted(summary["images_unreadable"]) == sorted([str(info["garbage_path"]),
                                                            str(info["truncated_path"])])
-    assert summary["written"] == {"train": 5, "unlabeled": 3, "validation": 1}
-    assert summary["planned"]["train"] == 7                      # 2 truncated knees not written
+    # graded='all': the knee with a blank grade (V01-R) is unlabelled data.
+    assert summary["written"] == {"train": 4, "unlabeled": 4, "validation": 1}
+    assert summary["planned"]["train"] == 6                      # 2 truncated knees not written
 
     sources, ds_info = tfds_util.data_sources(tmp_path, "oai/test")
     assert ds_info.metadata["image_size"] == IMAGE_SIZE
@@ -326,7 +348,8 @@ def test_build_writes_rois_with_keypoints_on_the_bone(fake_oai, tmp_path, caplog
                              f"{info['held_out']}-V00-R", f"{info['never_graded']}-V00-R",
                              f"{info['never_graded']}-V00-L"}
     np.testing.assert_array_equal(examples[f"{graded}-V00-L"][1]["grades"], [1, 0, 0, 0, 0, 1, 0])
-    np.testing.assert_array_equal(examples[f"{graded}-V01-R"][1]["grades"], [2, 0, 1, 0, 1, 0, -1])
+    assert examples[f"{graded}-V01-R"][0] == "unlabeled"
+    np.testing.assert_array_equal(examples[f"{graded}-V01-R"][1]["grades"], [-1] * 7)
     assert examples[f"{info['mono1']}-V00-L"][0] == "unlabeled"
     assert np.all(examples[f"{info['mono1']}-V00-L"][1]["grades"] == grades_lib.MISSING)
     for image_id, (split, example) in examples.items():
@@ -359,7 +382,7 @@ def test_cli_builds_and_writes_the_summary(fake_oai, tmp_path, capsys):
     name = "image_size48-roi_mm40.0-unlabeled_subjectsall"
     summary = json.loads((tmp_path / "oai" / name / "2.0.0" / "build_summary.json").read_text())
     assert summary["dataset"] == f"oai/{name}"
-    assert summary["written"]["unlabeled"] == 4          # the held-out subject's knee too
+    assert summary["written"]["unlabeled"] == 5          # the held-out subject's knee too
     assert str(info["truncated_path"]) in summary["images_unreadable"]
     assert f"{summary['dataset_dir']}/build_summary.json" in capsys.readouterr().out
     # A second run finds the dataset and keeps its summary.

@@ -82,14 +82,18 @@ def test_train_writes_the_workdir_and_resumes_exactly(data_dir, tmp_path):
     # The warm-up switch: the incoherence loss enters the total only after it.
     assert train_records[0]["train/gmm_on"] == 0.0 and train_records[-1]["train/gmm_on"] == 1.0
     assert all(np.isfinite(r["train/loss"]) for r in train_records)
+    for key in ("train/input_wait_fraction", "train/transfer_wait_fraction"):
+        assert all(0.0 <= r[key] <= 1.0 for r in train_records), key
     assert any("validation/kl/accuracy" in r for r in records)
 
-    # Interrupted after 3 steps, then restarted with the same command: same parameters.
+    # Interrupted after 3 steps, then restarted with the same command, this time reading the
+    # data in two worker processes: the same batches, so the same parameters.
     stopped = tmp_path / "stopped"
     train.train_and_evaluate(tiny_config(data_dir, max_steps=3,
                                          **{"coherence.warmup_epochs": 0.5}), str(stopped))
     assert latest_params(stopped, config)[0] == 3
-    train.train_and_evaluate(config, str(stopped))
+    train.train_and_evaluate(tiny_config(data_dir, max_steps=6, num_data_workers=2,
+                                         **{"coherence.warmup_epochs": 0.5}), str(stopped))
     step_a, params_a = latest_params(full, config)
     step_b, params_b = latest_params(stopped, config)
     assert step_a == step_b == 6

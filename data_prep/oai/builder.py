@@ -65,46 +65,83 @@ class KneeJob:
     visit: str
     dicom_path: Path
     spacing_mm: tuple[float, float]
-    keypoints: np.ndarray          # [16, 2] kneel16, pixels of the raw radiograph
+    keypoints: np.ndarray | None   # [16, 2] kneel16, pixels of the raw radiograph; None: detect
     keypoints_predicted: bool
     grades: np.ndarray             # int32 [7], -1 = not graded
     split: str
+    member: str | None = None      # the DICOM inside dicom_path when that is an archive
+    knees_on_film: int = 2         # where to start looking for the knee when detecting
+
+
+GRADED = ("all", "any")
+KEYPOINT_SOURCES = ("files", "detector", "detector_all")
 
 
 @dataclasses.dataclass(frozen=True)
 class OaiOptions:
-    """What defines the dataset's content (also the TFDS config's fields)."""
+    """What defines the dataset's content (also the TFDS config's fields).
+
+    ``graded``: a knee is labelled when its reading has ``all`` seven grades (the paper's
+    graded/ungraded split fits this) or ``any``; under ``all`` a partly graded knee is
+    unlabelled data. ``fill_blank_osteophytes``: osteophyte grades left blank for a
+    participant whose every KL reading is below 2 become 0 (the OAI scores osteophytes
+    only for participants with definite radiographic OA). ``keypoints``: ``files``
+    (BoneFinder / KNEEL's CSV; knees without are skipped), ``detector`` (files, else the
+    landmark detector of the build) or ``detector_all`` (the detector for every knee);
+    ``detector_digest`` names the detector's checkpoint.
+    """
 
     image_size: int = 320
     roi_mm: float = 140.0
-    series_description: str = tree_lib.BILATERAL_PA
+    series_descriptions: tuple[str, ...] = tree_lib.KNEE_PA_SERIES
     readprj_priority: tuple[str, ...] = readings_lib.DEFAULT_READPRJ_PRIORITY
+    reading_choice: str = "priority"
+    fractional_grades: str = "round"
+    graded: str = "all"
+    fill_blank_osteophytes: bool = False
     window: str = "image"
     window_percentiles: tuple[float, float] = image_io.DEFAULT_PERCENTILES
     unlabeled_subjects: str = "train"
     split_seed: int = 0
+    keypoints: str = "files"
+    detector_digest: str = ""
 
     def __post_init__(self):
         if self.image_size <= 0 or self.roi_mm <= 0:
             raise ValueError(f"image_size and roi_mm must be positive, got {self.image_size}, "
                              f"{self.roi_mm}")
-        if self.window not in WINDOWS:
-            raise ValueError(f"window must be one of {WINDOWS}, got {self.window!r}")
-        if self.unlabeled_subjects not in UNLABELED_SUBJECTS:
-            raise ValueError(f"unlabeled_subjects must be one of {UNLABELED_SUBJECTS}, "
-                             f"got {self.unlabeled_subjects!r}")
+        for name, allowed in (("window", WINDOWS), ("unlabeled_subjects", UNLABELED_SUBJECTS),
+                              ("graded", GRADED), ("keypoints", KEYPOINT_SOURCES),
+                              ("reading_choice", readings_lib.CHOICES),
+                              ("fractional_grades", readings_lib.FRACTIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.keypoints != "files" and not self.detector_digest:
+            raise ValueError(f"keypoints={self.keypoints!r} needs a landmark detector "
+                             "(--landmark_workdir)")
 
 
 def new_summary() -> dict:
-    """The build summary: counts, and the files that could not be used."""
+    """The build summary: every decision counted, and the files that could not be used."""
     return {
-        "series_listed": 0,
+        "index": {},
+        "films_listed": 0,
+        "films_by_view": collections.Counter(),
         "images_missing": [],
         "images_unreadable": [],
         "images_without_pixel_spacing": [],
         "keypoint_files_unusable": [],
         "knees_without_keypoints": 0,
         "keypoints_source": collections.Counter(),
+        "detections_low_confidence": [],
+        "reading_match": collections.Counter(),
+        "knees_on_films_not_read": 0,
+        "knees_ambiguous_without_barcode": 0,
+        "knees_read_without_kl": 0,
+        "knees_fully_graded": 0,
+        "knees_partly_graded": 0,
+        "partly_graded_to_unlabeled": 0,
+        "osteophyte_grades_filled": 0,
         "unlabeled_knees_of_held_out_subjects": 0,
         "readings_without_image": 0,
         "planned": collections.Counter(),
@@ -114,6 +151,7 @@ def new_summary() -> dict:
 
 
 summary_as_json = tfds_util.summary_as_json
+OSTEOPHYTE_TASKS = tuple(t for t in grades_lib.TASKS if t.startswith("ost_"))
 
 
 def _isotropic_spacing(spacing_mm) -> float | None:
@@ -121,12 +159,13 @@ def _isotropic_spacing(spacing_mm) -> float | None:
     return column if abs(row - column) <= MAX_ANISOTROPY * max(row, column) else None
 
 
-def _knee_keypoints(series: tree_lib.Series, side: str, header: image_io.DicomHeader,
+def _file_keypoints(series: tree_lib.Series, side: str, header: image_io.DicomHeader,
                     pts_index: dict, kneel_rows: dict, kneel_ok: bool, summary: dict):
-    """kneel16 pixels of one knee and whether a detector placed them, or (None, None).
+    """kneel16 pixels of one knee from KNEEL's CSV or a BoneFinder file, with whether a
+    program placed them, or ``(None, None)``.
 
-    KNEEL's CSV (BoneFinder points refined by a person, baseline only) wins over a raw
-    BoneFinder file. Unusable files are warned about and recorded in the summary.
+    KNEEL's CSV (BoneFinder points refined by a person, baseline bilateral films only) wins
+    over a raw BoneFinder file. Unusable files are warned about and recorded in the summary.
     """
     kneel = kneel_rows.get((series.subject_id, side)) if series.visit == "00" else None
     if kneel is not None and kneel_ok:
@@ -137,7 +176,7 @@ def _knee_keypoints(series: tree_lib.Series, side: str, header: image_io.DicomHe
         try:
             points = tree_lib.bonefinder_keypoints(files, side, header.spacing_mm, header.columns)
         except pts_lib.PtsError as e:
-            logger.warning("skipping the %s knee of %s: %s", side, series.dicom_path, e)
+            logger.warning("skipping the %s knee of %s: %s", side, header.path, e)
             summary["keypoint_files_unusable"].append(str(files.get(side == "R")))
             return None, None
         if points is None:
@@ -148,11 +187,53 @@ def _knee_keypoints(series: tree_lib.Series, side: str, header: image_io.DicomHe
                                            image_shape=(header.rows, header.columns))
     except ValueError as e:
         logger.warning("skipping the %s knee of %s: %s (are the .pts in mm?)", side,
-                       series.dicom_path, e)
+                       header.path, e)
         summary["keypoint_files_unusable"].append(name)
         return None, None
     summary["keypoints_source"][source] += 1
     return points, predicted
+
+
+def participants_with_oa(readings: dict) -> set[str]:
+    """Participants with KL >= 2 in some knee at some visit (the OAI scores osteophytes only
+    for participants with definite radiographic OA)."""
+    return {subject for (subject, _, _), reading in readings.items()
+            if reading.grades[grades_lib.TASKS.index("kl")] >= 2}
+
+
+def knee_grades(reading, with_oa: set[str], subject_id: str, options: OaiOptions,
+                summary: dict) -> tuple[np.ndarray, bool]:
+    """``(grades [7], labelled)`` of a knee's chosen reading under the options' policy."""
+    grades = np.array(reading.grades, np.int32)
+    if options.fill_blank_osteophytes and subject_id not in with_oa:
+        columns = [grades_lib.TASKS.index(t) for t in OSTEOPHYTE_TASKS]
+        blank = [c for c in columns if grades[c] == grades_lib.MISSING]
+        grades[blank] = 0
+        summary["osteophyte_grades_filled"] += len(blank)
+    complete = bool(np.all(grades != grades_lib.MISSING))
+    summary["knees_fully_graded" if complete else "knees_partly_graded"] += 1
+    if complete or options.graded == "any":
+        return grades, True
+    summary["partly_graded_to_unlabeled"] += 1
+    return np.full(len(grades_lib.TASKS), grades_lib.MISSING, np.int32), False
+
+
+def match_reading(reading, film_barcode: str, films_of_knee: int, summary: dict) -> bool:
+    """Whether ``reading`` graded this film: the barcodes' last 7 digits agree; without a
+    barcode on either side, only when the knee has a single film at that visit."""
+    reading_key, film_key = (readings_lib.barcode_key(reading.barcode),
+                             readings_lib.barcode_key(film_barcode))
+    if reading_key and film_key:
+        if reading_key == film_key:
+            summary["reading_match"]["barcode"] += 1
+            return True
+        summary["knees_on_films_not_read"] += 1
+        return False
+    if films_of_knee == 1:
+        summary["reading_match"]["single_film_without_barcode"] += 1
+        return True
+    summary["knees_ambiguous_without_barcode"] += 1
+    return False
 
 
 def plan_oai(manual_dir: str | os.PathLike, options: OaiOptions = OaiOptions(),
@@ -176,75 +257,96 @@ def plan_oai(manual_dir: str | os.PathLike, options: OaiOptions = OaiOptions(),
     """
     manual_dir = Path(manual_dir)
     summary = new_summary()
-    contents_files = tree_lib.find_contents_files(manual_dir)
-    if not contents_files:
-        raise FileNotFoundError(f"{manual_dir}: no <visit>/contents.csv (e.g. 00m/contents.csv)"
-                                f"\n{MANUAL_DOWNLOAD_INSTRUCTIONS}")
-    series = [s for f in contents_files
-              for s in tree_lib.read_contents(f, options.series_description)]
-    summary["series_listed"] = len(series)
+    try:
+        series, summary["index"] = tree_lib.read_image_indexes(manual_dir,
+                                                               options.series_descriptions)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}\n{MANUAL_DOWNLOAD_INSTRUCTIONS}") from None
+    summary["films_listed"] = len(series)
+    summary["films_by_view"].update(s.description for s in series)
 
     if readings_files is None:
         readings_files = readings_lib.find_readings_files(manual_dir)
     if not readings_files:
         logger.warning("%s: no readings files found; every knee goes to 'unlabeled'", manual_dir)
     report = readings_lib.ReadingsReport()
-    readings = readings_lib.load_readings(readings_files, options.readprj_priority, report)
+    readings = readings_lib.load_readings(readings_files, options.readprj_priority, report,
+                                          options.reading_choice, options.fractional_grades)
     summary["readings"] = report.as_dict()
+    with_oa = participants_with_oa(readings)
+    read_subjects = {subject for subject, _, _ in readings}
 
-    pts_index = tree_lib.index_pts(pts_dir if pts_dir is not None else manual_dir)
-    kneel_rows = tree_lib.read_kneel_csv(kneel_csv) if kneel_csv else {}
-    # KNEEL's CSV names no series: it is used only where a subject has one baseline series.
-    baseline_series = collections.Counter(s.subject_id for s in series if s.visit == "00")
-    per_visit = collections.Counter((s.subject_id, s.visit) for s in series)
+    use_files = options.keypoints != "detector_all"
+    pts_index = tree_lib.index_pts(pts_dir if pts_dir is not None else manual_dir) \
+        if use_files else {}
+    kneel_rows = tree_lib.read_kneel_csv(kneel_csv) if kneel_csv and use_files else {}
+    # KNEEL's CSV names no series: it is used only where a subject has one baseline film.
+    baseline_films = collections.Counter(s.subject_id for s in series if s.visit == "00")
+    films_of_knee = collections.Counter((s.subject_id, s.visit, side)
+                                        for s in series for side in s.sides)
 
-    graded_subjects = {subject for subject, _, _ in readings}
     jobs: dict[str, list[KneeJob]] = {split: [] for split in features_lib.SPLITS}
     used_readings = set()
     for s in sorted(series, key=lambda s: (s.subject_id, s.visit, s.folder)):
+        name = image_io.dicom_name(s.dicom_path, s.member)
         if not s.dicom_path.is_file():
-            logger.warning("skipping %s: DICOM missing (listed in contents.csv)", s.dicom_path)
-            summary["images_missing"].append(str(s.dicom_path))
+            logger.warning("skipping %s: DICOM missing (listed in %s)", name, s.index_file)
+            summary["images_missing"].append(name)
             continue
         try:
-            header = image_io.read_dicom_header(s.dicom_path)
+            header = image_io.read_dicom_header(s.dicom_path, s.member)
         except image_io.ImageReadError as e:
             logger.warning("skipping unreadable DICOM %s", e)
-            summary["images_unreadable"].append(str(s.dicom_path))
+            summary["images_unreadable"].append(name)
             continue
         if header.spacing_mm is None or _isotropic_spacing(header.spacing_mm) is None:
-            logger.warning("skipping %s: pixel spacing %s is missing or not square", s.dicom_path,
+            logger.warning("skipping %s: pixel spacing %s is missing or not square", name,
                            header.spacing_mm)
-            summary["images_without_pixel_spacing"].append(str(s.dicom_path))
+            summary["images_without_pixel_spacing"].append(name)
             continue
-        for side in ("R", "L"):
-            points, predicted = _knee_keypoints(s, side, header, pts_index, kneel_rows,
-                                                baseline_series[s.subject_id] == 1, summary)
-            if points is None:
-                summary["knees_without_keypoints"] += 1
-                continue
+        barcode = s.barcode or readings_lib.normalise_barcode(header.accession_number)
+        for side in s.sides:
             reading = readings.get((s.subject_id, s.visit, side))
             if reading is not None:
+                if not match_reading(reading, barcode, films_of_knee[(s.subject_id, s.visit,
+                                                                      side)], summary):
+                    continue  # another film of this knee and day was read: not a new knee
                 used_readings.add((s.subject_id, s.visit, side))
-                grades = reading[0]
-                split = features_lib.subject_split(s.subject_id, seed=options.split_seed)
+                if reading.grades[grades_lib.TASKS.index("kl")] == grades_lib.MISSING:
+                    summary["knees_read_without_kl"] += 1   # e.g. a knee replacement
+                    continue
+            points, predicted = (None, True)
+            if use_files:
+                points, predicted = _file_keypoints(
+                    s, side, header, pts_index, kneel_rows,
+                    baseline_films[s.subject_id] == 1 and len(s.sides) == 2, summary)
+            if points is None and options.keypoints == "files":
+                summary["knees_without_keypoints"] += 1
+                continue
+            labelled = False
+            if reading is not None:
+                grades, labelled = knee_grades(reading, with_oa, s.subject_id, options, summary)
             else:
                 grades = np.full(len(grades_lib.TASKS), grades_lib.MISSING, np.int32)
+            if labelled:
+                split = features_lib.subject_split(s.subject_id, seed=options.split_seed)
+            else:
                 # A subject with graded knees may have them in validation/test; its ungraded
                 # knees must then stay out of training. Subjects never graded cannot leak.
-                held_out = (s.subject_id in graded_subjects and features_lib.subject_split(
+                held_out = (s.subject_id in read_subjects and features_lib.subject_split(
                     s.subject_id, seed=options.split_seed) != "train")
                 if options.unlabeled_subjects == "train" and held_out:
                     summary["unlabeled_knees_of_held_out_subjects"] += 1
                     continue
                 split = "unlabeled"
             image_id = f"{s.subject_id}-V{s.visit}-{side}"
-            if per_visit[(s.subject_id, s.visit)] > 1:
+            if films_of_knee[(s.subject_id, s.visit, side)] > 1:
                 image_id += f"-{s.series_id}"
             jobs[split].append(KneeJob(
                 image_id=image_id, subject_id=s.subject_id, side=side, visit=s.visit,
                 dicom_path=s.dicom_path, spacing_mm=header.spacing_mm, keypoints=points,
-                keypoints_predicted=predicted, grades=grades, split=split))
+                keypoints_predicted=predicted, grades=grades, split=split, member=s.member,
+                knees_on_film=len(s.sides)))
             summary["planned"][split] += 1
     summary["readings_without_image"] = len(set(readings) - used_readings)
     return {k: v for k, v in jobs.items() if v}, summary
@@ -261,39 +363,83 @@ def radiograph_window(radiograph: image_io.Radiograph, options: OaiOptions) -> t
     return image_io.window_limits(radiograph.pixels, options.window_percentiles)
 
 
+# A detection whose points still move by more than this in the detector's last pass is
+# flagged in the summary (about 3 pixels of a 320 px, 140 mm ROI).
+LOW_CONFIDENCE_SHIFT_MM = 1.0
+
+
+def start_of_search(job: KneeJob, shape: tuple[int, int]) -> tuple[float, float]:
+    """Where the detector looks first: the middle of the film's half holding the knee (a PA
+    film shows the right knee on the image left), or of a one-knee film."""
+    height, width = shape
+    if job.knees_on_film == 1:
+        return (width - 1) / 2.0, (height - 1) / 2.0
+    return ((width - 1) * (0.25 if job.side == "R" else 0.75), (height - 1) / 2.0)
+
+
+def detect_keypoints(job: KneeJob, radiograph: image_io.Radiograph, window, detector,
+                     options: OaiOptions) -> tuple[np.ndarray, float]:
+    """The detector's kneel16 pixels of one knee and their last-pass shift in mm."""
+    from kpn_jax import landmarks_predict
+
+    spacing = _isotropic_spacing(job.spacing_mm)
+    film = image_io.to_uint8(radiograph.pixels, window)
+    points, shift_px = landmarks_predict.locate_knee(
+        detector, film, job.side, options.roi_mm / spacing,
+        start_of_search(job, film.shape))
+    return points, shift_px * spacing
+
+
 def knee_example(job: KneeJob, radiograph: image_io.Radiograph, options: OaiOptions,
-                 window: tuple[float, float] | None = None) -> dict:
+                 window: tuple[float, float] | None = None, keypoints=None) -> dict:
     """The example of one knee from its decoded radiograph.
 
     Args:
       window: :func:`radiograph_window` of ``radiograph`` when already computed.
+      keypoints: ``[16, 2]`` radiograph pixels when the job has none (detected).
     """
     if window is None:
         window = radiograph_window(radiograph, options)
+    points = job.keypoints if job.keypoints is not None else keypoints
     roi_px = options.roi_mm / _isotropic_spacing(job.spacing_mm)
-    roi, keypoints = roi_lib.extract_roi(radiograph.pixels, job.keypoints, job.side, roi_px,
-                                         options.image_size, fill=window[0])
+    roi, points = roi_lib.extract_roi(radiograph.pixels, points, job.side, roi_px,
+                                      options.image_size, fill=window[0])
     if options.window == "roi":
         window = image_io.window_limits(roi, options.window_percentiles)
     return features_lib.make_example(
-        image_io.to_uint8(roi, window), keypoints, job.grades, subject_id=job.subject_id,
+        image_io.to_uint8(roi, window), points, job.grades, subject_id=job.subject_id,
         image_id=job.image_id, side=job.side, keypoints_predicted=job.keypoints_predicted)
 
 
-def radiograph_examples(jobs: Sequence[KneeJob], options: OaiOptions):
+def radiograph_examples(jobs: Sequence[KneeJob], options: OaiOptions, detector=None):
     """The examples of the knees of ONE radiograph (one decode, one window), or the error.
 
+    Knees without keypoints get the ``detector``'s.
+
     Returns:
-      ``[(key, example, split)]``, or the error message (str) when the DICOM does not
-      decode.
+      ``[(key, example, split, detection)]`` with ``detection`` None or ``(source,
+      shift_mm)``; or the error message (str) when the DICOM does not decode.
     """
     try:
-        radiograph = image_io.read_dicom(jobs[0].dicom_path)
+        radiograph = image_io.read_dicom(jobs[0].dicom_path, jobs[0].member)
     except image_io.ImageReadError as e:
         return str(e)
     window = radiograph_window(radiograph, options)
-    return [(job.image_id, knee_example(job, radiograph, options, window), job.split)
-            for job in jobs]
+    out = []
+    for job in jobs:
+        points, detection = None, None
+        if job.keypoints is None:
+            points, shift_mm = detect_keypoints(job, radiograph, window, detector, options)
+            try:
+                points = kp_lib.validate_keypoints(points, name=f"{job.image_id} (detected)",
+                                                   image_shape=radiograph.pixels.shape)
+            except ValueError as e:
+                out.append((job.image_id, None, job.split, ("detector_failed", str(e))))
+                continue
+            detection = ("detector", shift_mm)
+        out.append((job.image_id, knee_example(job, radiograph, options, window, points),
+                    job.split, detection))
+    return out
 
 
 def _ordered_thread_map(function, items: Sequence, num_workers: int) -> Iterator:
@@ -312,34 +458,47 @@ def _ordered_thread_map(function, items: Sequence, num_workers: int) -> Iterator
 
 
 def generate_examples(jobs: Iterable[KneeJob], options: OaiOptions, summary: dict,
-                      num_workers: int = 0) -> Iterator[tuple[str, dict]]:
+                      num_workers: int = 0, detector=None) -> Iterator[tuple[str, dict]]:
     """``(key, example)`` for every knee whose radiograph decodes; the rest are counted.
 
     Args:
       num_workers: > 1 decodes radiographs in that many threads (order is kept; file
         reading, numpy's partition, PIL's resize and zlib release the GIL).
+      detector: the landmark detector for knees planned without keypoints.
 
     Raises:
       RuntimeError: when not one knee of the split could be written (TFDS cannot write
         an empty split), naming the split.
     """
-    by_file: dict[Path, list[KneeJob]] = collections.defaultdict(list)
+    by_file: dict[tuple, list[KneeJob]] = collections.defaultdict(list)
     for job in jobs:
-        by_file[job.dicom_path].append(job)
-    groups = [sorted(by_file[path], key=lambda j: j.side) for path in sorted(by_file, key=str)]
+        by_file[(str(job.dicom_path), job.member or "")].append(job)
+    groups = [sorted(by_file[key], key=lambda j: j.side) for key in sorted(by_file)]
     num_jobs = sum(len(g) for g in groups)
+    if any(j.keypoints is None for g in groups for j in g) and detector is None:
+        raise ValueError("knees without keypoints were planned but no landmark detector given")
+    make = lambda group: radiograph_examples(group, options, detector)  # noqa: E731
     if num_workers > 1 and len(groups) > 1:
-        results = _ordered_thread_map(lambda group: radiograph_examples(group, options), groups,
-                                      num_workers)
+        results = _ordered_thread_map(make, groups, num_workers)
     else:
-        results = (radiograph_examples(group, options) for group in groups)
+        results = (make(group) for group in groups)
     written = 0
     for group, result in zip(groups, results):
         if isinstance(result, str):
             logger.warning("skipping unreadable DICOM %s", result)
-            summary["images_unreadable"].append(str(group[0].dicom_path))
+            summary["images_unreadable"].append(
+                image_io.dicom_name(group[0].dicom_path, group[0].member))
             continue
-        for key, example, split in result:
+        for key, example, split, detection in result:
+            if detection is not None and detection[0] == "detector_failed":
+                logger.warning("skipping %s: %s", key, detection[1])
+                summary["knees_without_keypoints"] += 1
+                continue
+            if detection is not None:
+                summary["keypoints_source"]["detector"] += 1
+                if detection[1] > LOW_CONFIDENCE_SHIFT_MM:
+                    summary["detections_low_confidence"].append(
+                        f"{key} (moved {detection[1]:.1f} mm in the last pass)")
             summary["written"][split] += 1
             written += 1
             yield key, example
@@ -360,8 +519,10 @@ class Oai(tfds.core.GeneratorBasedBuilder):
 
     Paths that do not change the dataset's content are constructor arguments:
     ``readings_files`` (default: found under manual_dir), ``pts_dir`` (default:
-    manual_dir), ``kneel_csv`` and ``num_workers`` (decoding threads). After
-    ``download_and_prepare``, ``summary`` holds the build summary (:func:`summary_as_json`).
+    manual_dir), ``kneel_csv``, ``num_workers`` (decoding threads) and ``detector`` (a
+    loaded :class:`kpn_jax.landmarks_predict.Detector`, for ``options.keypoints`` other
+    than 'files'). After ``download_and_prepare``, ``summary`` holds the build summary
+    (:func:`summary_as_json`).
     """
 
     VERSION = tfds.core.Version("2.0.0")
@@ -371,7 +532,8 @@ class Oai(tfds.core.GeneratorBasedBuilder):
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
 
     def __init__(self, *, readings_files=None, pts_dir=None, kneel_csv=None, num_workers=0,
-                 **kwargs):
+                 detector=None, **kwargs):
+        self._detector = detector
         self._readings_files = readings_files
         self._pts_dir = pts_dir
         self._kneel_csv = kneel_csv
@@ -393,4 +555,5 @@ class Oai(tfds.core.GeneratorBasedBuilder):
         return tfds_util.split_generators(self, jobs, dl_manager.manual_dir, "knee")
 
     def _generate_examples(self, jobs):
-        yield from generate_examples(jobs, self.options, self.summary, self._num_workers)
+        yield from generate_examples(jobs, self.options, self.summary, self._num_workers,
+                                     self._detector)

@@ -13,19 +13,26 @@ Forms read here, all into one long table (one row per knee reading):
   GUID), and ``xrkl, xrjsl, xrjsm, xrosfl, xrosfm, xrostl, xrostm`` without the visit
   prefix.
 
-Documented choices:
+Documented choices (each an option of the builder; docs/DATASETS.md):
 - Visits are the two-digit OAI codes: 00 baseline, 01 = 12 months, 03 = 24, 05 = 36,
   06 = 48, 08 = 72, 10 = 96 (the visits with knee readings); the image folders map
   to them by months (:data:`MONTHS_TO_VISIT`).
-- A grade with a fraction (the OAI's within-grade change codes such as 1.5) is
-  floored: the knee still meets the lower grade and not the higher one. A value
-  outside the task's range is treated as not graded. Both are counted.
-- Several reading projects (READPRJ) may grade the same knee at the same visit. ONE
-  reading wins and its grades are used together (grades are never mixed across
-  readers: their coherence is what the model learns): the reading with the most of
-  the 7 grades present; ties go to the earlier project in ``readprj_priority``
-  (default 15, 37, 42: project 15 is the OAI's central reading), then to the lower
-  project number.
+- A grade with a fraction is rounded half to even (``np.round``, as published code
+  does: KneeOARSIGrading, CLIMATv2), or floored (``fractions='floor'``); no codebook
+  meaning of fractions was found. ``.5`` (a fraction written without its 0) is a
+  number. A value outside the task's range, or text that is not a number nor an OAI
+  missing code (``.``, ``.: Missing Form``, ``.A: Not Expected``), is not graded. All
+  three are counted.
+- READPRJ 42 is recoded to 37, as the OAI's description of kXR_SQ_BU asks, and a
+  labelled project (``15: ...``) is read as its number.
+- Several reading projects may grade the same knee at the same visit. ONE reading wins
+  and its grades are used together (never mixed across readers: their coherence is
+  what the model learns). By default the project order ``readprj_priority`` (15, then
+  37) decides, and completeness only breaks ties, so the label source does not change
+  from knee to knee; ``choice='complete'`` puts the reading with the most grades
+  first.
+- Each reading keeps the barcode of the film it graded (``V{vv}BARCDBU`` / the NDA's
+  ``barcode``), which the builder matches to the film's.
 """
 
 from __future__ import annotations
@@ -57,11 +64,18 @@ VARIABLES: dict[str, str] = {
 }
 MONTHS_TO_VISIT: dict[int, str] = {0: "00", 12: "01", 18: "02", 24: "03", 30: "04", 36: "05",
                                    48: "06", 60: "07", 72: "08", 84: "09", 96: "10", 108: "11"}
-DEFAULT_READPRJ_PRIORITY: tuple[str, ...] = ("15", "37", "42")
+DEFAULT_READPRJ_PRIORITY: tuple[str, ...] = ("15", "37")
+RECODED_READPRJ = {"42": "37"}  # "participants coded READPRJ=42 are in fact in Project 37"
+FRACTIONS = ("round", "floor")
+CHOICES = ("priority", "complete")
 KEY_COLUMNS = ("subject_id", "visit", "side")
-COLUMNS = ("subject_id", "visit", "side", "readprj") + grades_lib.TASKS + ("source",)
+COLUMNS = ("subject_id", "visit", "side", "readprj", "barcode") + grades_lib.TASKS + ("source",)
+# Preference among copies of one table in several forms (the same kxr_sq_bu?? as SAS and ASCII).
+FORM_PREFERENCE = (".sas7bdat", ".txt", ".xpt")
 
-_NUMBER = re.compile(r"^\s*(-?\d+(?:\.\d*)?)")
+_NUMBER = re.compile(r"^\s*(-?(?:\d+(?:\.\d*)?|\.\d+))")
+_MISSING_CODE = re.compile(r"^\s*\.")  # '.', '.: Missing Form/...', '.A: Not Expected'
+_WIDE_BARCODE = "V{visit}BARCDBU"
 _WIDE_KL = re.compile(r"^V(\d\d)XRKL$")
 
 
@@ -69,14 +83,27 @@ class ReadingsError(ValueError):
     """A readings file cannot be used; the message names the file."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Reading:
+    """The reading chosen for one knee at one visit."""
+
+    grades: np.ndarray   # int32 [7], -1 = not graded
+    readprj: str
+    source: str          # 'file:row'
+    barcode: str         # digits of the graded film's barcode; '' when the file has none
+
+
 @dataclasses.dataclass
 class ReadingsReport:
     """What was odd in the readings; goes into the build summary."""
 
     files: list[str] = dataclasses.field(default_factory=list)
+    files_ignored: list[str] = dataclasses.field(default_factory=list)
     rows_read: int = 0
     fractional_grades: int = 0
     out_of_range_grades: int = 0
+    unparsable_grades: int = 0
+    readprj_recoded: int = 0
     bad_side_rows: int = 0
     ungraded_rows: int = 0
     duplicate_readings: int = 0
@@ -100,6 +127,30 @@ def normalise_id(value) -> str:
     return match.group(1) if match else text
 
 
+def normalise_readprj(value, report: "ReadingsReport | None" = None) -> str:
+    """A READPRJ as its project number text: ``15.0``/``'15: Central'`` -> ``'15'``, and
+    42 recoded to 37 (counted in ``report``)."""
+    text = normalise_id(value).split(":")[0].strip()
+    text = normalise_id(text)
+    if text in RECODED_READPRJ:
+        if report is not None:
+            report.readprj_recoded += 1
+        return RECODED_READPRJ[text]
+    return text
+
+
+def normalise_barcode(value) -> str:
+    """A barcode's digits (``'016600000001'``; a SAS float ``16600000001.0`` loses its 0)."""
+    return re.sub(r"\D", "", normalise_id(value))
+
+
+def barcode_key(barcode: str) -> str:
+    """The part of a barcode that identifies the film: its last 7 digits (prefixes and
+    leading zeros differ between tables; pain-disparities matches this way)."""
+    digits = re.sub(r"\D", "", barcode or "")
+    return digits[-7:] if len(digits) >= 7 else ""
+
+
 def parse_side(value) -> str | None:
     """``1``/``'1: Right'``/``'right'``/``'R'`` -> ``'R'``; 2/left/L -> ``'L'``; else None."""
     text = normalise_id(value).lower()
@@ -114,8 +165,11 @@ def parse_side(value) -> str | None:
     return None
 
 
-def parse_grades(values: pd.Series, num_classes: int, report: ReadingsReport) -> np.ndarray:
+def parse_grades(values: pd.Series, num_classes: int, report: ReadingsReport,
+                 fractions: str = "round") -> np.ndarray:
     """One grade column -> int32 ``[rows]``, -1 = not graded (see the module's choices)."""
+    if fractions not in FRACTIONS:
+        raise ValueError(f"fractions must be one of {FRACTIONS}, got {fractions!r}")
     numbers = []
     for value in values:
         if isinstance(value, bytes):
@@ -124,14 +178,17 @@ def parse_grades(values: pd.Series, num_classes: int, report: ReadingsReport) ->
             numbers.append(np.nan)
             continue
         match = _NUMBER.match(str(value))
+        if match is None and str(value).strip() and not _MISSING_CODE.match(str(value)):
+            report.unparsable_grades += 1
         numbers.append(float(match.group(1)) if match else np.nan)
     numbers = np.asarray(numbers, dtype=np.float64)
     present = np.isfinite(numbers)
-    floored = np.floor(np.where(present, numbers, 0.0))
-    report.fractional_grades += int(np.sum(present & (floored != numbers)))
-    out_of_range = present & ((floored < 0) | (floored >= num_classes))
+    whole = np.where(present, numbers, 0.0)
+    whole = np.round(whole) if fractions == "round" else np.floor(whole)
+    report.fractional_grades += int(np.sum(present & (whole != numbers)))
+    out_of_range = present & ((whole < 0) | (whole >= num_classes))
     report.out_of_range_grades += int(np.sum(out_of_range))
-    return np.where(present & ~out_of_range, floored, grades_lib.MISSING).astype(np.int32)
+    return np.where(present & ~out_of_range, whole, grades_lib.MISSING).astype(np.int32)
 
 
 def _read_table(path: Path) -> pd.DataFrame:
@@ -161,11 +218,13 @@ def _long_from_wide(table: pd.DataFrame, source: str) -> list[pd.DataFrame]:
                                 f"(has {sorted(columns)[:12]}...)")
     frames = []
     for visit in visits:
+        barcode = columns.get(_WIDE_BARCODE.format(visit=visit))
         frame = pd.DataFrame({
             "subject_id": table[columns["ID"]],
             "visit": visit,
             "side": table[columns["SIDE"]],
             "readprj": table[columns["READPRJ"]] if "READPRJ" in columns else "",
+            "barcode": table[barcode] if barcode is not None else "",
         })
         for task, suffix in VARIABLES.items():
             column = columns.get(f"V{visit}{suffix}")
@@ -177,7 +236,10 @@ def _long_from_wide(table: pd.DataFrame, source: str) -> list[pd.DataFrame]:
 def _long_from_nda(table: pd.DataFrame, source: str) -> pd.DataFrame:
     """The NDA form (``visit``, ``xrkl``... lower case) -> one long frame."""
     columns = {c.lower(): c for c in table.columns}
-    subject = next((columns[c] for c in ("src_subject_id", "id", "subjectkey") if c in columns), None)
+    subject = next((columns[c] for c in ("src_subject_id", "id") if c in columns), None)
+    if subject is None and "subjectkey" in columns:
+        raise ReadingsError(f"{source}: has only subjectkey (the NDA GUID), which never matches "
+                            "the images' ParticipantID; use a copy with src_subject_id")
     if subject is None or "side" not in columns:
         raise ReadingsError(f"{source}: needs columns src_subject_id (or id) and side")
     visit = table[columns["visit"]].map(lambda v: re.sub(r"^[Vv]", "", normalise_id(v)).zfill(2))
@@ -186,6 +248,7 @@ def _long_from_nda(table: pd.DataFrame, source: str) -> pd.DataFrame:
         "visit": visit,
         "side": table[columns["side"]],
         "readprj": table[columns["readprj"]] if "readprj" in columns else "",
+        "barcode": table[columns["barcode"]] if "barcode" in columns else "",
     })
     for task, suffix in VARIABLES.items():
         column = columns.get(suffix.lower())
@@ -193,13 +256,15 @@ def _long_from_nda(table: pd.DataFrame, source: str) -> pd.DataFrame:
     return frame
 
 
-def read_readings(path: str | os.PathLike, report: ReadingsReport | None = None) -> pd.DataFrame:
+def read_readings(path: str | os.PathLike, report: ReadingsReport | None = None,
+                  fractions: str = "round") -> pd.DataFrame:
     """Reads one readings file (any form above) into the long table.
 
     Returns:
       DataFrame with :data:`COLUMNS`: ``subject_id`` (OAI ID text), ``visit`` ('00'..),
-      ``side`` ('R'/'L'), ``readprj`` (text), one int32 column per task (-1 = not
-      graded) and ``source`` ('file:row'). Rows without any grade are dropped.
+      ``side`` ('R'/'L'), ``readprj`` (text, 42 recoded to 37), ``barcode`` (digits or
+      ''), one int32 column per task (-1 = not graded) and ``source`` ('file:row').
+      Rows without any grade are dropped.
 
     Raises:
       ReadingsError: naming the file when it has neither form's columns.
@@ -235,9 +300,11 @@ def read_readings(path: str | os.PathLike, report: ReadingsReport | None = None)
         frame = frame[~bad].copy()
         frame["side"] = sides[~bad]
         frame["subject_id"] = frame["subject_id"].map(normalise_id)
-        frame["readprj"] = frame["readprj"].map(normalise_id)
+        frame["readprj"] = frame["readprj"].map(lambda v: normalise_readprj(v, report))
+        frame["barcode"] = frame["barcode"].map(normalise_barcode)
         for task in grades_lib.TASKS:
-            frame[task] = parse_grades(frame[task], grades_lib.NUM_CLASSES[task], report)
+            frame[task] = parse_grades(frame[task], grades_lib.NUM_CLASSES[task], report,
+                                       fractions)
         graded = (frame[list(grades_lib.TASKS)] != grades_lib.MISSING).any(axis=1)
         report.ungraded_rows += int((~graded).sum())
         out.append(frame[graded])
@@ -247,18 +314,20 @@ def read_readings(path: str | os.PathLike, report: ReadingsReport | None = None)
 
 def choose_readings(readings: pd.DataFrame,
                     readprj_priority: Sequence[str] = DEFAULT_READPRJ_PRIORITY,
-                    report: ReadingsReport | None = None) -> pd.DataFrame:
+                    report: ReadingsReport | None = None, choice: str = "priority") -> pd.DataFrame:
     """One reading per (subject_id, visit, side), by the rule in the module docstring."""
+    if choice not in CHOICES:
+        raise ValueError(f"choice must be one of {CHOICES}, got {choice!r}")
     report = report if report is not None else ReadingsReport()
     if readings.empty:
         return readings.copy()
-    priority = {normalise_id(p): i for i, p in enumerate(readprj_priority)}
+    priority = {normalise_readprj(p): i for i, p in enumerate(readprj_priority)}
     ranked = readings.copy()
-    ranked["_graded"] = (ranked[list(grades_lib.TASKS)] != grades_lib.MISSING).sum(axis=1)
+    ranked["_graded"] = -(ranked[list(grades_lib.TASKS)] != grades_lib.MISSING).sum(axis=1)
     ranked["_priority"] = ranked["readprj"].map(lambda p: priority.get(p, len(priority)))
     ranked["_number"] = pd.to_numeric(ranked["readprj"], errors="coerce").fillna(np.inf)
-    ranked = ranked.sort_values(["_graded", "_priority", "_number", "source"],
-                                ascending=[False, True, True, True], kind="stable")
+    order = (["_priority", "_graded"] if choice == "priority" else ["_graded", "_priority"])
+    ranked = ranked.sort_values(order + ["_number", "source"], kind="stable")
     chosen = ranked.drop_duplicates(list(KEY_COLUMNS), keep="first")
     report.duplicate_readings += len(ranked) - len(chosen)
     report.winners_by_readprj.update(chosen["readprj"].tolist())
@@ -280,21 +349,45 @@ def find_readings_files(root: str | os.PathLike) -> list[Path]:
     return sorted(found)
 
 
+def one_form_per_table(paths: Iterable[str | os.PathLike],
+                       report: ReadingsReport | None = None) -> list[Path]:
+    """``paths`` with one copy per table: ``kxr_sq_bu00.sas7bdat`` and ``kxr_sq_bu00.txt``
+    hold the same readings, so only the first form of :data:`FORM_PREFERENCE` is kept (the
+    others are listed in ``report.files_ignored``)."""
+    by_table: dict[str, list[Path]] = collections.defaultdict(list)
+    for path in map(Path, paths):
+        by_table[path.stem.lower()].append(path)
+    kept = []
+    for table, copies in sorted(by_table.items()):
+        copies.sort(key=lambda p: (FORM_PREFERENCE.index(p.suffix.lower())
+                                   if p.suffix.lower() in FORM_PREFERENCE else len(FORM_PREFERENCE),
+                                   str(p)))
+        kept.append(copies[0])
+        for other in copies[1:]:
+            logger.info("%s: another copy of %s; reading %s only", other, table, copies[0])
+            if report is not None:
+                report.files_ignored.append(f"{other} (same table as {copies[0].name})")
+    return kept
+
+
 def load_readings(paths: Iterable[str | os.PathLike],
                   readprj_priority: Sequence[str] = DEFAULT_READPRJ_PRIORITY,
-                  report: ReadingsReport | None = None) -> dict[tuple[str, str, str], tuple]:
-    """Reads and de-duplicates readings files.
+                  report: ReadingsReport | None = None, choice: str = "priority",
+                  fractions: str = "round") -> dict[tuple[str, str, str], Reading]:
+    """Reads readings files (one form per table) and keeps one reading per knee and visit.
 
     Returns:
-      ``{(subject_id, visit, side): (grades int32 [7], readprj, source)}``.
+      ``{(subject_id, visit, side): Reading}``.
     """
     report = report if report is not None else ReadingsReport()
-    frames = [read_readings(p, report) for p in paths]
+    frames = [read_readings(p, report, fractions) for p in one_form_per_table(paths, report)]
     frames = [f for f in frames if not f.empty]
     if not frames:
         return {}
-    chosen = choose_readings(pd.concat(frames, ignore_index=True), readprj_priority, report)
+    chosen = choose_readings(pd.concat(frames, ignore_index=True), readprj_priority, report,
+                             choice)
     grades = chosen[list(grades_lib.TASKS)].to_numpy(np.int32)
-    return {(s, v, side): (g, r, src) for s, v, side, r, src, g in zip(
-        chosen["subject_id"], chosen["visit"], chosen["side"], chosen["readprj"],
-        chosen["source"], grades)}
+    return {(s, v, side): Reading(grades=g, readprj=r, source=src, barcode=b)
+            for s, v, side, r, src, b, g in zip(
+                chosen["subject_id"], chosen["visit"], chosen["side"], chosen["readprj"],
+                chosen["source"], chosen["barcode"], grades)}

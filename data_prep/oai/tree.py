@@ -1,16 +1,26 @@
-"""The OAI image tree, BoneFinder ``.pts`` files next to (or apart from) it, KNEEL's CSV.
+"""The OAI image indexes and tree, BoneFinder ``.pts`` files, KNEEL's CSV.
 
-Image tree, as the OAI image releases unpack (one folder per visit)::
+Image releases, as users unpack them (one folder per visit)::
 
-    <root>/00m/contents.csv
+    <root>/00m/contents.csv                                  (or contents.0E1.csv, ...)
     <root>/00m/0.C.2/9000099/20040909/10249506/001       <- DICOM, no suffix
-    <root>/12m/contents.csv
     <root>/12m/1.C.2/9000099/20050913/11300203/001
     ...
 
-``contents.csv`` has the columns ``Folder, ParticipantID, StudyDate, Barcode,
-StudyDescription, SeriesDescription``; ``Folder`` is relative to the visit folder. The
-visit folder's name gives the months (``00m``, ``12m``...; ``OAI_00m`` is accepted too).
+``contents*.csv`` has the columns ``Folder, ParticipantID, StudyDate, Barcode`` (or
+``AccessionNumber``)``, StudyDescription, SeriesDescription``; ``Folder`` is relative to
+the index's folder (also found one or two visit folders deeper, as in ``48m/48m/48m``).
+Per-package indexes (``contents.0E1.csv``, ...) may share one folder. The NIMH Data
+Archive route ships no contents file: ``image03.txt`` (tab-separated, a description row)
+lists ``src_subject_id, image_description, image_file, interview_date`` with
+``image_file`` = ``s3://NDAR_Central_1/submission_<n>/00m/0.E.1/<ID>/<date>/<series>.tar.gz``,
+one archive per series holding ``<series>/001``; the archive (or its unpacked folder) is
+found by the longest tail of that path that exists under the root.
+
+A series' visit comes from the first part of its folder (``0.C.2`` -> V00, ``1.x`` -> V01,
+``2.D.x`` -> V02 (18 m), ``3`` V03, ``4.G.x`` V04 (30 m), ``5`` V05, ``6`` V06, ``8`` V08,
+``10`` V10), else from the visit folder's name (``00m``, ``OAI_12m``...). Series whose
+visit is none of these are skipped and counted.
 
 BoneFinder points: a folder whose path ENDS with the last three parts of ``Folder``
 (``<ParticipantID>/<StudyDate>/<series>``) holds ``001.pts`` (the left knee, found on
@@ -22,10 +32,12 @@ put beside the DICOMs both match.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
 import re
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -36,11 +48,17 @@ from data_prep.oai import readings as readings_lib
 
 logger = logging.getLogger(__name__)
 
-CONTENTS_FILE = "contents.csv"
-CONTENTS_COLUMNS = ("Folder", "ParticipantID", "SeriesDescription")
+CONTENTS_PATTERN = re.compile(r"^contents(\.[\w\-]+)?\.csv$", re.IGNORECASE)
+IMAGE03_PATTERN = re.compile(r"^image03.*\.txt$", re.IGNORECASE)
 BILATERAL_PA = "Bilateral PA Fixed Flexion Knee"
+RIGHT_PA = "PA Fixed Flexion Right Knee"
+LEFT_PA = "PA Fixed Flexion Left Knee"
+KNEE_PA_SERIES = (BILATERAL_PA, RIGHT_PA, LEFT_PA)
 DICOM_FILE = "001"
+VISIT_CODES = frozenset(readings_lib.MONTHS_TO_VISIT.values())
 _VISIT_FOLDER = re.compile(r"^(?:OAI_?)?(\d+)m$", re.IGNORECASE)
+_RELEASE_FOLDER = re.compile(r"^(\d+)\.[A-Za-z]\.\d+$")
+INDEX_SEARCH_DEPTH = 3   # root/48m/48m/48m: index files are never deeper
 
 # KNEEL's bf_landmarks_1_0.3.csv: ROIs of 140 mm cut from the radiograph resampled to
 # 0.3 mm/pixel and zero-padded by 100 pixels (scripts/create_datasets_from_via.py).
@@ -54,42 +72,86 @@ class TreeError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Series:
-    """One bilateral radiograph listed in a ``contents.csv``."""
+    """One knee radiograph (bilateral or one knee) listed in an image index."""
 
     subject_id: str
     visit: str            # two-digit OAI visit code, '00', '01', ...
-    folder: str           # contents.csv's Folder
-    dicom_path: Path      # the DICOM file; may not exist (then it is counted as missing)
+    folder: str           # <release>/<ID>/<date>/<series>, as the index names it
+    dicom_path: Path      # the DICOM file, or the .tar.gz holding it; may not exist
     study_date: str
-    barcode: str
+    barcode: str          # digits; '' when the index has none (then the DICOM's is used)
+    description: str = BILATERAL_PA
+    member: str | None = None   # the DICOM inside ``dicom_path`` when that is an archive
+    index_file: str = ""
 
     @property
     def key(self) -> tuple[str, ...]:
         """``(ParticipantID, StudyDate, series, file stem)``: how ``.pts`` files are found."""
-        return tuple(Path(self.folder).parts[-3:]) + (self.dicom_path.name,)
+        stem = Path(self.member).name if self.member else self.dicom_path.name
+        return tuple(Path(self.folder).parts[-3:]) + (stem,)
 
     @property
     def series_id(self) -> str:
         return Path(self.folder).name
 
+    @property
+    def sides(self) -> tuple[str, ...]:
+        """The knees on the film: both for a bilateral view, else the one named."""
+        return sides_of_description(self.description)
+
+
+def sides_of_description(description: str) -> tuple[str, ...]:
+    """``('R', 'L')`` for a bilateral film, ``('R',)`` / ``('L',)`` for one knee's."""
+    text = description.lower()
+    if "bilateral" in text:
+        return ("R", "L")
+    if "right" in text:
+        return ("R",)
+    if "left" in text:
+        return ("L",)
+    return ("R", "L")
+
 
 def visit_of_folder(name: str) -> str | None:
-    """``'00m'``/``'OAI_12m'`` -> ``'00'``/``'01'``; None for other folder names."""
+    """``'00m'``/``'OAI_12m'`` -> ``'00'``/``'01'``; None for other names, including
+    ``NNm`` folders of months that are no OAI visit."""
     match = _VISIT_FOLDER.match(name)
     if not match:
         return None
-    months = int(match.group(1))
-    if months not in readings_lib.MONTHS_TO_VISIT:
-        raise TreeError(f"folder {name!r}: {months} months is not an OAI visit "
-                        f"({sorted(readings_lib.MONTHS_TO_VISIT)})")
-    return readings_lib.MONTHS_TO_VISIT[months]
+    return readings_lib.MONTHS_TO_VISIT.get(int(match.group(1)))
 
 
-def find_contents_files(root: str | os.PathLike) -> list[Path]:
-    """``<root>/<visit folder>/contents.csv`` files (also ``root`` itself being a visit folder)."""
+def is_months_folder(name: str) -> bool:
+    """Whether ``name`` looks like a visit folder (``96m``, ``OAI_120m``), known or not."""
+    return _VISIT_FOLDER.match(name) is not None
+
+
+def visit_of_release(folder: str) -> str | None:
+    """The visit code of a release folder path's first part: ``'0.C.2/...'`` -> ``'00'``."""
+    first = Path(folder.strip("/")).parts[0] if folder.strip("/") else ""
+    match = _RELEASE_FOLDER.match(first)
+    if not match:
+        return None
+    code = f"{int(match.group(1)):02d}"
+    return code if code in VISIT_CODES else None
+
+
+def find_index_files(root: str | os.PathLike,
+                     max_depth: int = INDEX_SEARCH_DEPTH) -> tuple[list[Path], list[Path]]:
+    """``(contents files, image03 files)`` at most ``max_depth`` folders below ``root``,
+    without entering release folders (``0.C.2``: the images themselves)."""
     root = Path(root)
-    candidates = [root / CONTENTS_FILE] + sorted(root.glob(f"*/{CONTENTS_FILE}"))
-    return [p for p in candidates if p.is_file() and visit_of_folder(p.parent.name) is not None]
+    contents, image03 = [], []
+    for directory, subdirs, files in os.walk(root):
+        depth = len(Path(directory).relative_to(root).parts)
+        subdirs[:] = sorted(d for d in subdirs if depth < max_depth
+                            and not _RELEASE_FOLDER.match(d) and not d.isdigit())
+        for name in sorted(files):
+            if CONTENTS_PATTERN.match(name):
+                contents.append(Path(directory) / name)
+            elif IMAGE03_PATTERN.match(name):
+                image03.append(Path(directory) / name)
+    return contents, image03
 
 
 def _dicom_in(folder: Path) -> Path:
@@ -101,35 +163,201 @@ def _dicom_in(folder: Path) -> Path:
     return files[0] if len(files) == 1 else preferred
 
 
-def read_contents(contents_csv: str | os.PathLike,
-                  series_description: str = BILATERAL_PA) -> list[Series]:
-    """The series of one visit's ``contents.csv`` whose SeriesDescription matches.
+def _nested_bases(directory: Path, depth: int = 2) -> list[Path]:
+    """``directory`` and the visit folders nested in it (``48m/48m/48m``), shallowest first."""
+    bases, frontier = [directory], [directory]
+    for _ in range(depth):
+        frontier = [child for parent in frontier if parent.is_dir()
+                    for child in sorted(parent.iterdir())
+                    if child.is_dir() and is_months_folder(child.name)]
+        bases += frontier
+    return bases
+
+
+def _locate_folder(bases: list[Path], folder: str) -> Path:
+    """``<base>/<folder>`` for the first base where it exists (else under the first base)."""
+    for base in bases:
+        if (base / folder).exists():
+            return base / folder
+    return bases[0] / folder
+
+
+def _folder_visit(path: Path) -> str | None:
+    """The visit named by the index's folder or one above it (``00m/``, ``OAI_00m/``)."""
+    for parent in (path.parent, path.parent.parent):
+        visit = visit_of_folder(parent.name)
+        if visit is not None:
+            return visit
+    return None
+
+
+def _matches(description: str, descriptions) -> bool:
+    return description.strip().lower() in {d.strip().lower() for d in descriptions}
+
+
+def read_contents(contents_csv: str | os.PathLike, descriptions=KNEE_PA_SERIES,
+                  skipped: collections.Counter | None = None) -> list[Series]:
+    """The series of one ``contents*.csv`` whose SeriesDescription is one of ``descriptions``.
+
+    Args:
+      skipped: counts series skipped and why (``series_of_unknown_visit``).
 
     Raises:
       TreeError: naming the file when a needed column is missing.
     """
     contents_csv = Path(contents_csv)
-    visit = visit_of_folder(contents_csv.parent.name)
-    if visit is None:
-        raise TreeError(f"{contents_csv}: its folder is not a visit folder like '00m'")
+    skipped = skipped if skipped is not None else collections.Counter()
     try:
         table = pd.read_csv(contents_csv, dtype=str, keep_default_na=False)
     except (OSError, ValueError) as e:
         raise TreeError(f"{contents_csv}: cannot read ({e})") from e
-    missing = [c for c in CONTENTS_COLUMNS if c not in table.columns]
+    table.columns = [c.strip() for c in table.columns]
+    missing = [c for c in ("Folder", "ParticipantID", "SeriesDescription")
+               if c not in table.columns]
     if missing:
         raise TreeError(f"{contents_csv}: columns {missing} missing; has {list(table.columns)}")
-    table = table[table["SeriesDescription"].str.strip() == series_description]
+    barcode_column = next((c for c in ("Barcode", "AccessionNumber") if c in table.columns), None)
+    folder_visit = _folder_visit(contents_csv)
+    bases = _nested_bases(contents_csv.parent)
     series = []
     for _, row in table.iterrows():
+        description = row["SeriesDescription"].strip()
+        if not _matches(description, descriptions):
+            continue
         folder = row["Folder"].strip().strip("/")
+        visit = visit_of_release(folder) or folder_visit
+        if visit is None:
+            skipped["series_of_unknown_visit"] += 1
+            continue
         series.append(Series(
             subject_id=readings_lib.normalise_id(row["ParticipantID"]),
             visit=visit, folder=folder,
-            dicom_path=_dicom_in(contents_csv.parent / folder),
+            dicom_path=_dicom_in(_locate_folder(bases, folder)),
             study_date=str(row.get("StudyDate", "")).strip(),
-            barcode=str(row.get("Barcode", "")).strip()))
+            barcode=readings_lib.normalise_barcode(row[barcode_column]) if barcode_column else "",
+            description=description, index_file=str(contents_csv)))
     return series
+
+
+def _archive_member(archive: Path) -> str | None:
+    """The DICOM inside a series archive: the member named ``001``, else the only file."""
+    try:
+        with tarfile.open(archive) as tar:
+            files = [m.name for m in tar.getmembers() if m.isfile()]
+    except (OSError, tarfile.TarError):
+        return None
+    named = [f for f in files if Path(f).name == DICOM_FILE]
+    return (named or files or [None])[0] if len(named) == 1 or len(files) == 1 else None
+
+
+def _locate_nda_file(roots: list[Path], parts: tuple[str, ...]) -> tuple[Path, str | None]:
+    """Where an ``image_file`` lies: the archive, or the folder it was unpacked to (its
+    DICOM), under any root by the longest tail of its path; ``(expected path, None)``
+    when absent."""
+    unpacked = list(parts[:-1]) + [re.sub(r"\.tar(\.gz)?$|\.tgz$", "", parts[-1])]
+    for start in range(len(parts)):
+        for root in roots:
+            archive = root.joinpath(*parts[start:])
+            if archive.is_file():
+                return archive, _archive_member(archive) or DICOM_FILE
+            folder = root.joinpath(*unpacked[start:])
+            if folder.is_dir():
+                return _dicom_in(folder), None
+    return roots[0].joinpath(*parts), DICOM_FILE
+
+
+def read_image03(image03: str | os.PathLike, root: str | os.PathLike,
+                 descriptions=KNEE_PA_SERIES,
+                 skipped: collections.Counter | None = None) -> list[Series]:
+    """The knee series listed in an NDA ``image03.txt`` (module docstring).
+
+    Raises:
+      TreeError: naming the file when a needed column is missing.
+    """
+    image03 = Path(image03)
+    skipped = skipped if skipped is not None else collections.Counter()
+    try:
+        table = pd.read_csv(image03, sep="\t", dtype=str, keep_default_na=False,
+                            encoding="latin-1")
+    except (OSError, ValueError) as e:
+        raise TreeError(f"{image03}: cannot read ({e})") from e
+    table.columns = [c.strip().lower() for c in table.columns]
+    missing = [c for c in ("src_subject_id", "image_description", "image_file")
+               if c not in table.columns]
+    if missing:
+        raise TreeError(f"{image03}: columns {missing} missing; has {list(table.columns)}")
+    if len(table) and not table["src_subject_id"].iloc[0].strip().isdigit():
+        table = table.iloc[1:]   # the NDA's second line: the columns' descriptions
+    roots = [Path(root), image03.parent]
+    series = []
+    for _, row in table.iterrows():
+        description = row["image_description"].strip()
+        if not _matches(description, descriptions):
+            continue
+        path = re.sub(r"^[a-z0-9]+://[^/]+/", "", row["image_file"].strip())  # s3://bucket/
+        parts = tuple(p for p in Path(path).parts if not p.startswith("submission_"))
+        months = next((visit_of_folder(p) for p in parts if is_months_folder(p)), None)
+        release = next((i for i, p in enumerate(parts) if _RELEASE_FOLDER.match(p)), None)
+        folder = "/".join(parts[release:]) if release is not None else "/".join(parts)
+        folder = re.sub(r"\.tar(\.gz)?$|\.tgz$", "", folder)
+        visit = visit_of_release(folder) or months
+        if visit is None:
+            skipped["series_of_unknown_visit"] += 1
+            continue
+        dicom_path, member = _locate_nda_file(roots, parts)
+        series.append(Series(
+            subject_id=readings_lib.normalise_id(row["src_subject_id"]), visit=visit,
+            folder=folder, dicom_path=dicom_path,
+            study_date=str(row.get("interview_date", "")).strip(),
+            barcode=readings_lib.normalise_barcode(row.get("barcode", "")),
+            description=description,
+            member=member if dicom_path.name.endswith((".gz", ".tgz", ".tar")) else None,
+            index_file=str(image03)))
+    return series
+
+
+def read_image_indexes(root: str | os.PathLike, descriptions=KNEE_PA_SERIES
+                       ) -> tuple[list[Series], dict]:
+    """Every knee series of every image index under ``root``, each film once.
+
+    Returns:
+      ``(series, report)``: the report lists the index files and counts series skipped
+      (unknown visit), listed twice, and visit folders that hold images but no index.
+
+    Raises:
+      FileNotFoundError: when ``root`` has no image index at all.
+    """
+    root = Path(root)
+    contents, image03 = find_index_files(root)
+    if not contents and not image03:
+        raise FileNotFoundError(f"{root}: no image index (contents*.csv in a visit folder such "
+                                f"as 00m/, or the NDA's image03.txt)")
+    skipped: collections.Counter = collections.Counter()
+    listed = [s for f in contents for s in read_contents(f, descriptions, skipped)]
+    listed += [s for f in image03 for s in read_image03(f, root, descriptions, skipped)]
+    unique, seen = [], set()
+    for s in listed:
+        key = (s.subject_id, s.visit, s.folder)
+        if key in seen:
+            skipped["series_listed_twice"] += 1
+            continue
+        seen.add(key)
+        unique.append(s)
+    covered = {s.visit for s in unique}
+    unindexed = sorted(str(d) for d in root.iterdir() if d.is_dir()
+                       and visit_of_folder(d.name) not in covered | {None})
+    for d in unindexed:
+        logger.warning("%s: a visit folder, but no image index lists a series of its visit "
+                       "(no contents*.csv, no image03.txt row); its images are not used", d)
+    unknown = sorted(str(d) for d in root.iterdir()
+                     if d.is_dir() and is_months_folder(d.name) and visit_of_folder(d.name) is None)
+    for d in unknown:
+        logger.warning("%s: not an OAI visit (%s); its images are not used", d,
+                       sorted(readings_lib.MONTHS_TO_VISIT))
+    report = {"index_files": [str(p) for p in contents + image03],
+              "visit_folders_without_index": unindexed, "folders_of_unknown_visits": unknown,
+              **dict(skipped)}
+    return unique, report
 
 
 def index_pts(root: str | os.PathLike) -> dict[tuple[str, ...], dict[bool, Path]]:
