@@ -11,126 +11,13 @@ import logging
 import numpy as np
 import pytest
 
-from data_prep import features
-from kpn_jax import pts
 from data_prep.oai import builder as oai_builder
 from data_prep.oai import readings as oai_readings
 from data_prep.oai import tree as oai_tree
 from kpn_jax import grades as grades_lib
 
-SPACING = 0.5                   # mm per pixel
-HEIGHT, WIDTH = 120, 200        # a 60 x 100 mm "bilateral" radiograph
-ROI_MM, IMAGE_SIZE = 40.0, 48
-TASK_COLUMNS = ["XRKL", "XRJSL", "XRJSM", "XROSFL", "XROSFM", "XROSTL", "XROSTM"]
-
-
-def _subjects_by_split(count_per_split):
-    """OAI-like IDs whose hash split is known, so the test does not depend on the hash."""
-    found = {"train": [], "validation": [], "test": []}
-    for number in range(9000001, 9001000):
-        split = features.subject_split(str(number))
-        if len(found[split]) < count_per_split[split]:
-            found[split].append(str(number))
-    return found
-
-
-def right_knee_points(center_x):
-    """kneel16 of a right knee in image pixels: lateral (index 0) on the image left."""
-    femur_x = center_x + np.linspace(-27, 27, 7)
-    femur_y = 50 + 4 * np.abs(np.linspace(-1, 1, 7))
-    tibia_x = center_x + np.linspace(-30, 30, 9)
-    tibia_y = np.full(9, 70.0)
-    return np.stack([np.concatenate([femur_x, tibia_x]), np.concatenate([femur_y, tibia_y])], -1)
-
-
-def knee_points(side):
-    """Both knees of the fake radiograph: the right knee on the image left (PA view).
-
-    The left knee is a mirrored right knee (lateral on the image right), placed a little
-    differently so that swapping the two knees' files would show.
-    """
-    if side == "R":
-        return right_knee_points(50.0)
-    left = right_knee_points(46.0)
-    left[:, 0] = WIDTH - 1 - left[:, 0]
-    left[:, 1] += 6.0
-    return left
-
-
-def draw_radiograph(rng):
-    """uint16 [H, W]: noise, and a bright disk (radius 3 px) at every keypoint."""
-    image = 400 + rng.integers(0, 100, size=(HEIGHT, WIDTH))
-    yy, xx = np.mgrid[:HEIGHT, :WIDTH]
-    for side in ("R", "L"):
-        for x, y in knee_points(side):
-            image[(xx - x) ** 2 + (yy - y) ** 2 <= 9] = 3000
-    return image.astype(np.uint16)
-
-
-def write_dicom(path, pixels, photometric="MONOCHROME2", spacing=SPACING):
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # CR image storage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CR"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.ImagerPixelSpacing = [spacing, spacing]
-    if photometric == "MONOCHROME1":
-        pixels = 4095 - pixels
-    ds.PixelData = pixels.astype("<u2").tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-
-
-def write_bonefinder(directory, rng):
-    """001.pts (left knee, as is) and 001_f.pts (right knee, on the mirrored image), in mm."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for side, name in (("L", "001.pts"), ("R", "001_f.pts")):
-        points = knee_points(side).copy()
-        if side == "R":  # BoneFinder saw the mirrored radiograph
-            points[:, 0] = WIDTH - 1 - points[:, 0]
-        shape = rng.uniform(0, 50, size=(74, 2))   # the other BoneFinder points
-        shape[list(pts.BONEFINDER_TO_KNEEL16)] = points
-        pts.write_pts(directory / name, shape * SPACING)
-
-
-def reading_rows(visit, visit_grades):
-    """Wide OAI rows (ID, SIDE, READPRJ, V{vv}XR..) of {(id, side, prj): grades}."""
-    return [{"ID": sid, "SIDE": {"R": "1: Right", "L": "2: Left"}[side], "READPRJ": prj,
-             **{f"V{visit}{c}": ("" if g is None else str(g)) for c, g in zip(TASK_COLUMNS, grades)}}
-            for (sid, side, prj), grades in visit_grades.items()]
-
-
-def write_wide(path, visit, visit_grades):
-    rows = reading_rows(visit, visit_grades)
-    columns = ["ID", "SIDE", "READPRJ", "VERSION"] + [f"V{visit}{c}" for c in TASK_COLUMNS]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, columns, delimiter="|", restval="1.2")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def write_nda(path, readings_by_visit):
-    columns = ["subjectkey", "src_subject_id", "interview_date", "visit", "readprj", "side",
-               "barcode"] + [c.lower() for c in TASK_COLUMNS]
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_ALL)
-        writer.writerow(columns)
-        writer.writerow([f"Description of {c}" for c in columns])  # NDA's second header line
-        for visit, visit_grades in readings_by_visit.items():
-            for (sid, side, prj), grades in visit_grades.items():
-                writer.writerow([f"NDAR_INV{sid}", sid, "01/01/2005", f"V{visit}", prj,
-                                 {"R": "1", "L": "2"}[side], "0166"]
-                                + ["" if g is None else str(g) for g in grades])
+from tests.oai_fixture import (IMAGE_SIZE, ROI_MM, draw_radiograph, subjects_by_split,
+                               write_bonefinder, write_dicom, write_nda, write_wide)
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +25,7 @@ def fake_oai(tmp_path_factory):
     """A fake OAI tree; returns (root, info about what is in it)."""
     root = tmp_path_factory.mktemp("oai")
     rng = np.random.default_rng(0)
-    ids = _subjects_by_split({"train": 4, "validation": 2, "test": 0})
+    ids = subjects_by_split({"train": 4, "validation": 2, "test": 0})
     graded, mono1, truncated, garbage = ids["train"]
     held_out, never_graded = ids["validation"]
     contents = {"00m": [], "12m": []}

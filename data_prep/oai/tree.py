@@ -295,7 +295,7 @@ def read_image03(image03: str | os.PathLike, root: str | os.PathLike,
         if not _matches(description, descriptions):
             continue
         path = re.sub(r"^[a-z0-9]+://[^/]+/", "", row["image_file"].strip())  # s3://bucket/
-        parts = tuple(p for p in Path(path).parts if not p.startswith("submission_"))
+        parts = Path(path).parts   # submission_<n>/00m/0.E.1/<ID>/<date>/<series>.tar.gz
         months = next((visit_of_folder(p) for p in parts if is_months_folder(p)), None)
         release = next((i for i, p in enumerate(parts) if _RELEASE_FOLDER.match(p)), None)
         folder = "/".join(parts[release:]) if release is not None else "/".join(parts)
