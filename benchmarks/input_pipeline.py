@@ -1,15 +1,16 @@
-"""Input pipeline speed: examples/s the grain pipeline delivers (PNG decode + check + batch).
+"""Input pipeline speed: examples/s the grain training pipeline delivers (read, check, batch).
 
 Builds (once, reused afterwards) a synthetic_knee dataset at the requested size,
 then reads it with the training pipeline itself (``kpn_jax.input_pipeline``:
-``MixedStream`` of labelled + unlabelled examples -> ``train_iterator`` with grain
-threads), for each ``--num_threads``. Reports examples per wall-clock second and
-the process's CPU-seconds per example (the cost, which a shared machine's load does
-not change), and with ``--train_step_json`` compares the delivery rate with what
-the train step consumes (a ``benchmarks/train_step.py --json`` report).
+``MixedStream`` of labelled + unlabelled examples -> ``train_iterator``), for each
+``--num_workers`` (grain worker processes; 0 = in this process) and ``--num_threads``.
+Reports examples per wall-clock second, the CPU time per example of this process and its
+workers (the cost, which a shared machine's load does not change) and the cores used, and
+with ``--train_step_json`` compares the delivery rate with what the train step consumes (a
+``benchmarks/train_step.py --json`` report).
 
     python benchmarks/input_pipeline.py                        # 320 px, 48 + 48 per batch
-    python benchmarks/input_pipeline.py --num_threads=1,2,4 --train_step_json=/tmp/step.json
+    python benchmarks/input_pipeline.py --num_workers=0,1,2 --train_step_json=/tmp/step.json
 """
 
 from __future__ import annotations

@@ -31,12 +31,12 @@ FILE_FORMAT = "array_record"
 RECORD_OPTIONS = "group_size:1,uncompressed"
 
 
-def rewrite_uncompressed(dataset_dir: str | os.PathLike) -> None:
-    """Rewrites the array_record files in ``dataset_dir`` with :data:`RECORD_OPTIONS`, each
+def rewrite_uncompressed(directory: str | os.PathLike) -> None:
+    """Rewrites the array_record files in ``directory`` with :data:`RECORD_OPTIONS`, each
     through a temporary file replaced at once, so an interrupted rewrite leaves readable files."""
     from array_record.python import array_record_module
 
-    for path in sorted(Path(dataset_dir).glob(f"*.{FILE_FORMAT}-*-of-*")):
+    for path in sorted(Path(directory).glob(f"*.{FILE_FORMAT}-*-of-*")):
         reader = array_record_module.ArrayRecordReader(str(path))
         records = reader.read_all()
         reader.close()

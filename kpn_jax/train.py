@@ -386,7 +386,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
            f"{len(labeled)} labelled train examples"
            + (f" + {len(unlabeled_pool)} in the unlabelled pool, GMM K={gmm.num_components}"
               if gmm is not None else "")
-           + f"; {steps_per_epoch} steps/epoch, {total_steps} steps, {jax.device_count()} device(s)")
+           + f"; {steps_per_epoch} steps/epoch, {total_steps} steps, {jax.device_count()} device(s)"
+           + (f"; data read by {loading.num_workers} worker process(es)" if loading.num_workers
+              else "; data read in this process"))
 
     def run_validation(step: int, state) -> None:
         if validation is None or len(validation) == 0:

@@ -153,6 +153,7 @@ def test_readings_keep_one_form_per_table_and_skip_reliability_rereads(release):
     assert not any("rel" in f.name for f in files)
     report = oai_readings.ReadingsReport()
     readings = oai_readings.load_readings(files, report=report)
+    assert len(readings) == 9                      # (subject, visit, side) keys
     assert len(report.files) == 4 and len(report.files_ignored) == 1
     assert report.readprj_recoded == 1 and report.duplicate_readings == 1
 
