@@ -377,13 +377,16 @@ def start_of_search(job: KneeJob, shape: tuple[int, int]) -> tuple[float, float]
     return ((width - 1) * (0.25 if job.side == "R" else 0.75), (height - 1) / 2.0)
 
 
-def detect_keypoints(job: KneeJob, radiograph: image_io.Radiograph, window, detector,
+def detect_keypoints(job: KneeJob, film: np.ndarray, detector,
                      options: OaiOptions) -> tuple[np.ndarray, float]:
-    """The detector's kneel16 pixels of one knee and their last-pass shift in mm."""
+    """The detector's kneel16 pixels of one knee and their last-pass shift in mm.
+
+    Args:
+      film: the whole radiograph windowed to uint8 ``[H, W]``.
+    """
     from kpn_jax import landmarks_predict
 
     spacing = _isotropic_spacing(job.spacing_mm)
-    film = image_io.to_uint8(radiograph.pixels, window)
     points, shift_px = landmarks_predict.locate_knee(
         detector, film, job.side, options.roi_mm / spacing,
         start_of_search(job, film.shape))
@@ -425,11 +428,14 @@ def radiograph_examples(jobs: Sequence[KneeJob], options: OaiOptions, detector=N
     except image_io.ImageReadError as e:
         return str(e)
     window = radiograph_window(radiograph, options)
+    film = None
     out = []
     for job in jobs:
         points, detection = None, None
         if job.keypoints is None:
-            points, shift_mm = detect_keypoints(job, radiograph, window, detector, options)
+            if film is None:
+                film = image_io.to_uint8(radiograph.pixels, window)
+            points, shift_mm = detect_keypoints(job, film, detector, options)
             try:
                 points = kp_lib.validate_keypoints(points, name=f"{job.image_id} (detected)",
                                                    image_shape=radiograph.pixels.shape)
