@@ -1,8 +1,10 @@
 """How long the OAI builder takes per 1,000 knees, on a fake release with full-size films.
 
 Writes (once, reused afterwards) an OAI-like tree: ``--films`` bilateral films of
-``--film_size`` 16-bit pixels (``<visit>m/contents.csv``, ``<release>/<ID>/<date>/<series>/001``
-DICOMs, BoneFinder ``.pts`` in KNEEL's layout, ``kxr_sq_bu??.txt`` readings), then times
+``--film_size`` 16-bit pixels, each with two synthetic knees (the 320 px ROIs of
+``data_prep.synthetic_knee`` scaled to 140 mm) at 00m and 12m (``<visit>m/contents.csv``,
+``<release>/<ID>/<date>/<series>/001`` DICOMs, BoneFinder ``.pts`` in KNEEL's layout,
+``kxr_sq_bu??.txt`` readings with barcodes, all 7 grades), then times
 ``python -m data_prep.oai`` on it (the files route: plan, decode, ROI, write), and the
 detector route's extra cost: :func:`kpn_jax.landmarks_predict.locate_knee` (3 passes) per
 knee with a detector of ``configs/landmarks.py``'s architecture (random weights: the cost
@@ -34,43 +36,49 @@ import numpy as np  # noqa: E402
 VISITS = (("00m", "0.C.2", "00"), ("12m", "1.C.2", "01"))
 
 
-def knee_points(side: str, width: int, height: int, spacing: float) -> np.ndarray:
-    """kneel16 pixels of a knee about 80 mm wide, the right knee on the image left."""
-    mm = 1.0 / spacing
-    center_x = width * (0.27 if side == "R" else 0.73)
-    femur = np.stack([center_x + np.linspace(-36, 36, 7) * mm,
-                      height / 2 - (6 - 3 * np.abs(np.linspace(-1, 1, 7))) * mm], -1)
-    tibia = np.stack([center_x + np.linspace(-40, 40, 9) * mm, np.full(9, height / 2 + 6 * mm)],
-                     -1)
-    points = np.concatenate([femur, tibia])
-    if side == "L":  # lateral (index 0) is on the image right for a left knee
-        points[:7] = points[:7][::-1]
-        points[7:] = points[7:][::-1]
-    return points
+def paste_knee(film: np.ndarray, knee: dict, center_xy, roi_px: int) -> np.ndarray:
+    """Pastes a synthetic knee (its ROI scaled to ``roi_px`` pixels) into ``film`` at
+    ``center_xy``; returns its kneel16 points in film pixels."""
+    from PIL import Image
+
+    size = knee["image"].shape[0]
+    scale = roi_px / size
+    roi = np.asarray(Image.fromarray(knee["image"]).resize((roi_px, roi_px), Image.BILINEAR),
+                     np.float32) * 16.0
+    left = int(round(center_xy[0] - roi_px / 2))
+    top = int(round(center_xy[1] - roi_px / 2))
+    film[top:top + roi_px, left:left + roi_px] = roi
+    return (knee["keypoints"] + 0.5) * scale - 0.5 + np.asarray([left, top], np.float32)
 
 
-def write_tree(root: pathlib.Path, films: int, size: tuple[int, int], spacing: float) -> int:
-    """The fake release; returns the number of knees."""
+def write_tree(root: pathlib.Path, films: int, size: tuple[int, int], spacing: float,
+               roi_mm: float = 140.0) -> int:
+    """The fake release (module docstring): each film holds the two synthetic knees of one
+    subject (data_prep.synthetic_knee, 320 px ROIs scaled to ``roi_mm``) on noise; returns
+    the number of knees."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+    from data_prep.synthetic_knee import generator
     from kpn_jax import pts
 
     rng = np.random.default_rng(0)
     height, width = size
-    yy, xx = np.mgrid[:height, :width]
-    base = (1200 + 300 * np.exp(-((xx - width / 2) ** 2) / (2 * (width / 4) ** 2))).astype(np.float32)
+    roi_px = int(round(roi_mm / spacing))
     rows = {visit: [] for visit, _, _ in VISITS}
     readings = {code: [] for _, _, code in VISITS}
     for i in range(films):
         visit, release, code = VISITS[i % len(VISITS)]
-        subject = str(9000001 + i // len(VISITS))
+        subject_index = i // len(VISITS)
+        subject = str(9000001 + subject_index)
         date, series = f"200{4 + i % len(VISITS)}0901", f"{10000000 + i}"
         folder = f"{release}/{subject}/{date}/{series}"
-        image = base + rng.normal(0, 40, size=(height, width)).astype(np.float32)
-        for side in ("R", "L"):
-            for x, y in knee_points(side, width, height, spacing):
-                image[(xx - x) ** 2 + (yy - y) ** 2 <= 100] = 3500
+        film = rng.normal(400, 60, size=(height, width)).astype(np.float32)
+        points = {}
+        for side, index, x in (("R", 2 * subject_index, 0.27), ("L", 2 * subject_index + 1, 0.73)):
+            knee = generator.generate_knee(i % len(VISITS), index, 320)
+            center = (width * x + rng.uniform(-60, 60), height / 2 + rng.uniform(-60, 60))
+            points[side] = (paste_knee(film, knee, center, roi_px), knee["grades"])
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
         meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -83,23 +91,23 @@ def write_tree(root: pathlib.Path, films: int, size: tuple[int, int], spacing: f
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
         ds.ImagerPixelSpacing = [spacing, spacing]
         ds.AccessionNumber = f"0166{i:08d}"
-        ds.PixelData = np.clip(image, 0, 4095).astype("<u2").tobytes()
+        ds.PixelData = np.clip(film, 0, 4095).astype("<u2").tobytes()
         path = root / visit / folder / "001"
         path.parent.mkdir(parents=True, exist_ok=True)
         ds.save_as(path, enforce_file_format=True)
         landmarks = root / "landmarks_oai" / code / release / "x" / subject / date / series
         landmarks.mkdir(parents=True, exist_ok=True)
         for side, name in (("L", "001.pts"), ("R", "001_f.pts")):
-            points = knee_points(side, width, height, spacing)
+            kneel16 = points[side][0].copy()
             if side == "R":  # BoneFinder found the right knee on the mirrored film
-                points[:, 0] = width - 1 - points[:, 0]
+                kneel16[:, 0] = width - 1 - kneel16[:, 0]
             shape = rng.uniform(0, 50, size=(74, 2))
-            shape[list(pts.BONEFINDER_TO_KNEEL16)] = points
+            shape[list(pts.BONEFINDER_TO_KNEEL16)] = kneel16
             pts.write_pts(landmarks / name, shape * spacing)
         rows[visit].append([folder, subject, date, f"0166{i:08d}", "OAI^XRAY^KNEE",
                             "Bilateral PA Fixed Flexion Knee"])
         for side, side_code in (("R", "1: Right"), ("L", "2: Left")):
-            grades = [int(g) for g in rng.integers(0, 4, size=7)]
+            grades = [int(g) for g in points[side][1]]
             readings[code].append([subject, side_code, "15", f"0166{i:08d}"] + grades)
     for visit, visit_rows in rows.items():
         with open(root / visit / "contents.csv", "w", newline="") as f:
@@ -114,7 +122,7 @@ def write_tree(root: pathlib.Path, films: int, size: tuple[int, int], spacing: f
                             + [f"V{code}{c}" for c in ("XRKL", "XRJSL", "XRJSM", "XROSFL",
                                                        "XROSFM", "XROSTL", "XROSTM")])
             writer.writerows(code_rows)
-    (root / "complete").write_text(json.dumps({"films": films, "size": size}))
+    (root / "complete").write_text(json.dumps({"films": films, "size": list(size)}))
     return 2 * films
 
 

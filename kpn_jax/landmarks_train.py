@@ -316,10 +316,12 @@ def to_image_pixels(keypoints: jax.Array, size: int, height: int, width: int) ->
 # ----------------------------------------------------------------------------- model + state
 
 
-def create_model(config, num_points: int) -> lm.LandmarkNet:
-    """The detector of ``config.model`` with the backend's kernels (:mod:`kpn_jax.kernels`)."""
+def create_model(config, num_points: int,
+                 kernels: kernels_lib.Kernels | None = None) -> lm.LandmarkNet:
+    """The detector of ``config.model`` with the backend's kernels (``kernels``, default
+    :func:`kpn_jax.kernels.for_config`)."""
     m = config.model
-    kernels = kernels_lib.for_config(config)
+    kernels = kernels or kernels_lib.for_config(config)
     return lm.LandmarkNet(num_points=num_points, depth=m.depth, width=m.width, stages=m.stages,
                           head_channels=m.head_channels, input_mode=m.input_mode,
                           dtype=DTYPES[config.dtype], conv=kernels.conv, max_pool=kernels.max_pool)
@@ -353,9 +355,10 @@ def model_input_size(config, image_size: int) -> int:
 # ----------------------------------------------------------------------------- steps
 
 
-def make_train_step(config, model, input_size: int):
+def make_train_step(config, model, input_size: int, compiler_options=None):
     """``(state, batch, health, step) -> (state, metrics, health)``, jitted with the state
-    donated; the update is guarded (:func:`kpn_jax.trainer.guarded_update`).
+    donated (and ``compiler_options``, the backend kernels', :mod:`kpn_jax.kernels`); the
+    update is guarded (:func:`kpn_jax.trainer.guarded_update`).
 
     ``batch``: ``image`` uint8 ``[B, S, S, 1]``, ``keypoints`` ``[B, N, 2]`` (pixels of
     the stored image), ``keypoints_valid`` bool ``[B, N]``. Errors in the metrics are
@@ -400,7 +403,7 @@ def make_train_step(config, model, input_size: int):
         return new_state, aux, health
 
     return jax.jit(step, donate_argnums=(0,),
-                   compiler_options=kernels_lib.for_config(config).compiler_options or None)
+                   compiler_options=compiler_options or None)
 
 
 def make_predict_fn(model, input_size: int, dtype=jnp.float32):
@@ -580,7 +583,8 @@ def train_and_evaluate_landmarks(config: ml_collections.ConfigDict, workdir: str
                                   "dev": len(s.dev), "eval": len(s.eval)}
                          for s in sources.values()}}, indent=1))
 
-    model = create_model(config, schema.num_points)
+    kernels = kernels_lib.for_config(config)
+    model = create_model(config, schema.num_points, kernels)
     tx = make_optimizer(config)
     state = create_state(config, model, tx, input_size, mesh)
     start_step = 0
@@ -591,7 +595,7 @@ def train_and_evaluate_landmarks(config: ml_collections.ConfigDict, workdir: str
     log = MetricLog(workdir, start_step)
 
     checker = input_pipeline.make_example_checker(image_size, schema.num_points, True)
-    train_step = make_train_step(config, model, input_size)
+    train_step = make_train_step(config, model, input_size, kernels.compiler_options)
     predict_fn = make_predict_fn(model, input_size, DTYPES[config.dtype])
     dev_sets = evaluation_sets(sources, ("dev",))
     _print(f"kpn-jax landmarks: ResNet-{config.model.depth} trunk (width {config.model.width}, "
