@@ -1,8 +1,7 @@
 """The one example format that every builder writes (docs/DESIGN.md, section 3).
 
-- ``image``: uint8 ``[H, W, 1]`` raw pixels (no decoding when read: PNG decoding cost about
-  1.6 ms of CPU per 320 px example, more than everything else a training step needs from the
-  host), right-knee orientation.
+- ``image``: uint8 ``[H, W, 1]`` raw pixels (no decoding when read: PNG decoding cost more
+  CPU than everything else a training step needs from the host), right-knee orientation.
 - ``keypoints``: float32 ``[N, 2]`` ``(x, y)`` pixels; ``keypoints_valid`` bool ``[N]``;
   ``keypoints_predicted``: bool scalar, True when a detector (not a person) placed them.
 - ``grades``: int32 ``[7]`` in ``kpn_jax.grades.TASKS`` order, -1 = not graded.

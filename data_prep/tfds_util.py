@@ -25,9 +25,9 @@ from pathlib import Path
 from kpn_jax.datasets import data_sources, dataset_dir, open_builder  # noqa: F401  (builders' API)
 
 FILE_FORMAT = "array_record"
-# Records stay uncompressed: TFDS writes array_record with its default zstd, which saves about
-# 10 % of disk on 320 px knees and costs 0.1 ms of CPU per example read, a quarter of what
-# a training example costs the host (benchmarks/input_pipeline.py).
+# Records stay uncompressed: TFDS writes array_record with its default compression, which
+# saved about 10 % of disk on 320 px synthetic knees and made each read several times dearer
+# than a plain copy.
 RECORD_OPTIONS = "group_size:1,uncompressed"
 
 

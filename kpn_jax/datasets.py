@@ -38,7 +38,7 @@ def dataset_dir(data_dir: str | os.PathLike, name: str) -> Path:
 
 def stores_png(info) -> bool:
     """Whether a built dataset's images are PNG-encoded (builds before version 2.0.0), which
-    still read, at about 1.6 ms of extra CPU per 320 px example."""
+    still read, at several times the CPU per example (benchmarks/README.md)."""
     import tensorflow_datasets as tfds
 
     return isinstance(info.features["image"], tfds.features.Image)
@@ -62,8 +62,8 @@ def open_builder(data_dir: str | os.PathLike, name: str):
     directory = dataset_dir(data_dir, name)
     builder = tfds.builder_from_directory(str(directory))
     if stores_png(builder.info):
-        logging.warning("dataset %s stores PNG images, whose decoding slows the input "
-                        "pipeline about 4x; %s", directory, rebuild_hint(data_dir, name))
+        logging.warning("dataset %s stores PNG images, whose decoding makes reading it several "
+                        "times slower; %s", directory, rebuild_hint(data_dir, name))
     return builder
 
 

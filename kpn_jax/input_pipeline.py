@@ -180,6 +180,51 @@ def labeled_indices(grades: np.ndarray, subject_ids: np.ndarray, fraction: float
     return index
 
 
+class RawRecords(Sequence):
+    """The fields training and evaluation read of a raw-pixel dataset's split (DESIGN.md,
+    section 3), parsed straight from its records: half the CPU of TFDS's generic decoding,
+    which :func:`records` keeps for datasets in the older PNG format.
+
+    Element ``i`` is ``{'image': uint8 [S, S, 1], 'keypoints': float32 [N, 2],
+    'keypoints_valid': bool [N], 'grades': int32 [7], 'image_id': bytes}``, equal to the
+    same fields of ``source[i]`` (tests/test_input_pipeline.py).
+    """
+
+    def __init__(self, source):
+        self.records = source.data_source        # the array_record source: serialized bytes
+        features = source.dataset_info.features
+        self.image_shape = tuple(features["image"].shape)
+        self.num_points = int(features["keypoints"].shape[0])
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        from tensorflow_datasets.proto import tf_example_pb2
+
+        feature = tf_example_pb2.Example.FromString(self.records[i]).features.feature
+        return {
+            "image": np.frombuffer(feature["image"].bytes_list.value[0],
+                                   np.uint8).reshape(self.image_shape),
+            "keypoints": np.asarray(feature["keypoints"].float_list.value,
+                                    np.float32).reshape(self.num_points, 2),
+            "keypoints_valid": np.asarray(feature["keypoints_valid"].int64_list.value, bool),
+            "grades": np.asarray(feature["grades"].int64_list.value, np.int32),
+            "image_id": feature["image_id"].bytes_list.value[0],
+        }
+
+
+def records(source):
+    """``source`` read through :class:`RawRecords` when it is a TFDS array_record source of
+    a raw-pixel dataset; otherwise ``source`` itself."""
+    if isinstance(source, RawRecords) or not (hasattr(source, "data_source")
+                                              and hasattr(source, "dataset_info")):
+        return source
+    if datasets.stores_png(source.dataset_info):
+        return source
+    return RawRecords(source)
+
+
 @functools.lru_cache(maxsize=8)
 def _epoch_permutation(seed: int, stream: int, epoch: int, size: int) -> np.ndarray:
     return np.random.default_rng((seed, stream, epoch)).permutation(size)
@@ -189,7 +234,8 @@ class Pool:
     """Several (source, indices) pairs seen as one random-access collection."""
 
     def __init__(self, parts: Sequence[tuple[object, np.ndarray]]):
-        self.parts = [(src, np.asarray(idx, np.int64)) for src, idx in parts if len(idx)]
+        self.parts = [(records(src), np.asarray(idx, np.int64)) for src, idx in parts
+                      if len(idx)]
         self.offsets = np.cumsum([0] + [len(idx) for _, idx in self.parts])
 
     def __len__(self) -> int:
@@ -308,12 +354,29 @@ def _iterate(dataset: grain.MapDataset, loading: Loading, prefetch: int) -> Iter
     return iter(_in_workers(dataset.to_iter_dataset(read), loading.num_workers))
 
 
+class Batches(Sequence):
+    """Element ``s`` = the checked examples ``s * size .. (s + 1) * size - 1`` of
+    ``examples``, stacked: one grain element per batch, so grain's per-element work is paid
+    once per batch."""
+
+    def __init__(self, examples: Sequence, checker, size: int):
+        self.examples, self.checker, self.size = examples, checker, size
+
+    def __len__(self) -> int:
+        return len(self.examples) // self.size
+
+    def __getitem__(self, s: int) -> dict:
+        if not 0 <= s < len(self):
+            raise IndexError(s)
+        checked = [self.checker(self.examples[s * self.size + j]) for j in range(self.size)]
+        return {key: np.stack([c[key] for c in checked]) for key in checked[0]}
+
+
 def train_iterator(stream: MixedStream, checker, start_step: int = 0,
                    loading: Loading = Loading(), prefetch: int = 4) -> Iterator[dict]:
     """Local batches of ``stream`` from global step ``start_step`` on, read as ``loading``
     says; the batches do not depend on ``loading``."""
-    dataset = (grain.MapDataset.source(stream).map(checker)
-               .batch(stream.local_batch, drop_remainder=True))
+    dataset = grain.MapDataset.source(Batches(stream, checker, stream.local_batch))
     return _iterate(dataset.slice(slice(start_step, None)), loading, prefetch)
 
 
@@ -322,7 +385,7 @@ class _PaddedEval(Sequence):
 
     def __init__(self, source, global_batch_size: int, checker, process_index: int,
                  process_count: int):
-        self.source, self.checker = source, checker
+        self.source, self.checker = records(source), checker
         self.global_batch_size, self.local = global_batch_size, global_batch_size // process_count
         self.process_index, self.total = process_index, len(source)
         self.num_batches = max(1, -(-self.total // global_batch_size))
@@ -348,5 +411,5 @@ def eval_batches(source, global_batch_size: int, checker, process_index: int = 0
     if global_batch_size % process_count:
         raise ValueError(f"eval batch size {global_batch_size} must divide by {process_count} processes")
     padded = _PaddedEval(source, global_batch_size, checker, process_index, process_count)
-    dataset = grain.MapDataset.source(padded).batch(padded.local, drop_remainder=True)
+    dataset = grain.MapDataset.source(Batches(padded, lambda example: example, padded.local))
     return _iterate(dataset, loading, prefetch=2)

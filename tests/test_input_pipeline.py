@@ -118,6 +118,20 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def test_raw_records_read_the_same_fields_as_tfds(tiny_knees):
+    data_dir, name = tiny_knees
+    sources, _ = datasets.data_sources(data_dir, name)
+    for source in sources.values():
+        fast = input_pipeline.records(source)
+        assert isinstance(fast, input_pipeline.RawRecords) and len(fast) == len(source)
+        for i in range(len(source)):
+            expected, got = source[i], fast[i]
+            assert got.keys() <= expected.keys()
+            for key, value in got.items():
+                np.testing.assert_array_equal(value, expected[key], err_msg=key)
+                assert np.asarray(value).dtype == np.asarray(expected[key]).dtype, key
+
+
 def _png_builder_class():
     """A builder writing the older format: PNG-encoded ``image`` (kpn-jax datasets < 2.0.0)."""
     import tensorflow_datasets as tfds
@@ -158,8 +172,9 @@ def test_a_dataset_in_the_older_png_format_still_reads_with_a_warning(tmp_path, 
     assert datasets.stores_png(opened.info)
     assert "stores PNG images" in caplog.text and "python -m data_prep.legacy_png_knees" \
         in caplog.text
-    record = opened.as_data_source()["train"][2]
-    np.testing.assert_array_equal(record["image"], np.full((16, 16, 1), 80, np.uint8))
+    source = opened.as_data_source()["train"]
+    np.testing.assert_array_equal(source[2]["image"], np.full((16, 16, 1), 80, np.uint8))
+    assert input_pipeline.records(source) is source   # TFDS decodes the PNG
 
 
 def test_worker_defaults_follow_the_backend_and_bad_values_are_named():
