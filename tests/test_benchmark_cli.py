@@ -96,3 +96,17 @@ def test_gpu_end_to_end_script_runs_on_the_cpu_with_tiny_settings(tmp_path):
     assert header.startswith("dtype") and "input wait" in header
     cells = row.split()
     assert cells[0] == "float32" and float(cells[1]) > 0 and float(cells[2]) > 0
+
+
+@pytest.mark.slow
+def test_oai_build_benchmark_runs_on_a_small_tree(tmp_path):
+    """benchmarks/oai_build.py end to end on 2 small films (so that the script cannot rot)."""
+    spec = importlib.util.spec_from_file_location(
+        "benchmark_oai_build", pathlib.Path(__file__).parents[1] / "benchmarks" / "oai_build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    report = module.main([f"--tree={tmp_path / 'tree'}", "--films=2", "--film_size=600,800",
+                          "--spacing=0.5", "--num_workers=0", "--detector_knees=2"])
+    files, detection = report["results"]
+    assert files["route"] == "files" and files["knees_written"] == 4
+    assert detection["route"] == "detector search" and detection["knees"] == 2
