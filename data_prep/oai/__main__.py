@@ -125,8 +125,19 @@ def build(args) -> dict:
 
 
 def main(argv=None) -> int:
+    from data_prep.oai import readings as readings_lib
+    from data_prep.oai import tree as tree_lib
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    tfds_util.print_build_summary(build(parse_args(argv)))
+    args = parse_args(argv)
+    try:
+        summary = build(args)
+    except (FileNotFoundError, RuntimeError, tree_lib.TreeError,
+            readings_lib.ReadingsError) as e:
+        # What the user must change, without a traceback; nothing was written.
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    tfds_util.print_build_summary(summary)
     return 0
 
 

@@ -558,6 +558,12 @@ class Oai(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         jobs, self.summary = plan_oai(dl_manager.manual_dir, self.options,
                                       self._readings_files, self._pts_dir, self._kneel_csv)
+        if not jobs and self.summary["knees_without_keypoints"]:
+            raise RuntimeError(
+                f"{dl_manager.manual_dir}: none of the {self.summary['knees_without_keypoints']} "
+                "knees found has a keypoint file (BoneFinder .pts under --manual_dir or "
+                "--pts_dir, or --kneel_csv); let the landmark detector place them with "
+                "--keypoints=detector --landmark_workdir=DIR (docs/DATASETS.md)")
         return tfds_util.split_generators(self, jobs, dl_manager.manual_dir, "knee")
 
     def _generate_examples(self, jobs):
