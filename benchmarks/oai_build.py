@@ -5,12 +5,13 @@ Writes (once, reused afterwards) an OAI-like tree: ``--films`` bilateral films o
 ``data_prep.synthetic_knee`` scaled to 140 mm) at 00m and 12m (``<visit>m/contents.csv``,
 ``<release>/<ID>/<date>/<series>/001`` DICOMs, BoneFinder ``.pts`` in KNEEL's layout,
 ``kxr_sq_bu??.txt`` readings with barcodes, all 7 grades), then times
-``python -m data_prep.oai`` on it (the files route: plan, decode, ROI, write), and the
-detector route's extra cost: :func:`kpn_jax.landmarks_predict.locate_knee` (3 passes) per
-knee with a detector of ``configs/landmarks.py``'s architecture (random weights: the cost
-does not depend on them; pass ``--landmark_workdir`` to time a trained one).
+``python -m data_prep.oai`` on it (the files route: plan, decode, ROI, write; with
+``--landmark_workdir`` also the whole build with ``--keypoints=detector_all``), and the
+detector search alone: :func:`kpn_jax.landmarks_predict.locate_knee` (3 passes) per knee
+with that detector, or one of ``configs/landmarks.py``'s architecture with random weights
+(the cost does not depend on them).
 
-    python benchmarks/oai_build.py --films=100 --num_workers=0,2
+    python benchmarks/oai_build.py --films=100 --num_workers=0,2 --landmark_workdir=DIR
 """
 
 from __future__ import annotations
@@ -197,18 +198,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           f"load {[round(x, 2) for x in os.getloadavg()]}; {args.films} films of {size} px "
           f"(16 bit), {knees} knees", flush=True)
     results = []
-    for workers in (int(w) for w in args.num_workers.split(",") if w):
-        with tempfile.TemporaryDirectory() as data_dir:
-            start = time.perf_counter()
-            summary = cli.build(cli.parse_args([f"--manual_dir={tree}", f"--data_dir={data_dir}",
-                                                f"--num_workers={workers}"]))
-            seconds = time.perf_counter() - start
-        written = sum(summary["written"].values())
-        results.append({"route": "files", "num_workers": workers, "knees_written": written,
-                        "seconds": round(seconds, 1),
-                        "seconds_per_1000_knees": round(1000 * seconds / max(written, 1), 1)})
-        print(f"files route, {workers} decoding threads: {written} knees in {seconds:.1f} s = "
-              f"{1000 * seconds / max(written, 1):.0f} s per 1,000 knees", flush=True)
+    routes = [("files", [])]
+    if args.landmark_workdir:  # the whole build with the detector placing every knee's points
+        routes.append(("detector_all", ["--keypoints=detector_all",
+                                        f"--landmark_workdir={args.landmark_workdir}"]))
+    for route, route_args in routes:
+        for workers in (int(w) for w in args.num_workers.split(",") if w):
+            with tempfile.TemporaryDirectory() as data_dir:
+                start = time.perf_counter()
+                summary = cli.build(cli.parse_args([f"--manual_dir={tree}",
+                                                    f"--data_dir={data_dir}",
+                                                    f"--num_workers={workers}", *route_args]))
+                seconds = time.perf_counter() - start
+            written = sum(summary["written"].values())
+            results.append({"route": route, "num_workers": workers, "knees_written": written,
+                            "keypoints_source": summary["keypoints_source"],
+                            "seconds": round(seconds, 1),
+                            "seconds_per_1000_knees": round(1000 * seconds / max(written, 1), 1)})
+            print(f"{route} route, {workers} decoding threads: {written} knees in {seconds:.1f} s "
+                  f"= {1000 * seconds / max(written, 1):.0f} s per 1,000 knees", flush=True)
     if args.detector_knees:
         from kpn_jax import landmarks_predict
 
