@@ -1,8 +1,8 @@
 """Building and opening TFDS datasets without TensorFlow (array_record + data_source).
 
 Builders subclass ``tfds.core.GeneratorBasedBuilder`` and yield the dicts of
-:func:`data_prep.features.make_example`; images arrive as PNG bytes, which is the
-form TFDS can store without TensorFlow.
+:func:`data_prep.features.make_example`; images arrive as uint8 arrays stored as one bytes
+value each (TFDS encodes that without TensorFlow), in uncompressed array_record files.
 
 Opening a built dataset is the library's (:mod:`kpn_jax.datasets`, re-exported here). The
 OAI, kneeKL224 and manifest builders and their command lines share the helpers below:
