@@ -45,6 +45,7 @@ def assert_same_batches(a, b):
             np.testing.assert_array_equal(x[key], y[key], err_msg=key)
 
 
+@pytest.mark.slow  # spawns worker processes
 def test_worker_processes_and_a_resumed_start_give_the_same_batches(tiny_knees):
     stream, checker = tiny_stream(*tiny_knees)
     in_process = collect(input_pipeline.train_iterator(
@@ -78,6 +79,7 @@ def test_each_process_reads_its_own_slice_of_the_global_batch(tiny_knees):
         np.testing.assert_array_equal(unlabeled, whole[s]["image"][4:])
 
 
+@pytest.mark.slow  # spawns worker processes
 def test_evaluation_batches_in_workers_cover_the_split_once_in_order(tiny_knees):
     data_dir, name = tiny_knees
     sources, _ = datasets.data_sources(data_dir, name)
