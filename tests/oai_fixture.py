@@ -12,6 +12,7 @@ import numpy as np
 from data_prep import features
 from data_prep.oai import tree as oai_tree
 from kpn_jax import pts
+from tests import dicom_files
 
 SPACING = 0.5                   # mm per pixel
 HEIGHT, WIDTH = 120, 200        # a 60 x 100 mm "bilateral" radiograph
@@ -69,29 +70,11 @@ def draw_radiograph(rng, one_knee=False):
 
 
 def write_dicom(path, pixels, photometric="MONOCHROME2", spacing=SPACING, accession=None):
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # CR image storage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CR"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.ImagerPixelSpacing = [spacing, spacing]
-    if accession is not None:
-        ds.AccessionNumber = accession
-    if photometric == "MONOCHROME1":
-        pixels = 4095 - pixels
-    ds.PixelData = pixels.astype("<u2").tobytes()
+    """A CR DICOM of ``pixels`` (bone bright); MONOCHROME1 files store them inverted."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
+    stored = 4095 - pixels if photometric == "MONOCHROME1" else pixels
+    dicom_files.write_dicom(path, stored, photometric, spacing=spacing, accession=accession,
+                            modality="CR")
 
 
 def write_bonefinder(directory, rng, one_knee=False):

@@ -9,6 +9,7 @@ from PIL import Image
 
 from kpn_jax import image_io, pts
 from data_prep.manifest import builder as mf
+from tests.dicom_files import write_dicom
 
 IMAGE_SIZE = 48
 
@@ -33,29 +34,6 @@ def draw(shape, point_sets, background=40.0, value=250.0, rng=None):
         for x, y in points:
             image[(xx - x) ** 2 + (yy - y) ** 2 <= 9] = value
     return image
-
-
-def write_dicom(path, pixels, photometric="MONOCHROME2", spacing_tag="ImagerPixelSpacing",
-                spacing=0.5, window=None):
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    setattr(ds, spacing_tag, [spacing, spacing])
-    if window is not None:
-        ds.WindowCenter, ds.WindowWidth = window
-    ds.PixelData = np.asarray(pixels, np.uint16).astype("<u2").tobytes()
-    ds.save_as(path, enforce_file_format=True)
 
 
 # ---------------------------------------------------------------- image_io
