@@ -59,7 +59,10 @@ def make_stream(data_dir: str, name: str, batch_labeled: int, batch_unlabeled: i
 
 
 def cpu_seconds_with_children() -> float:
-    """CPU seconds used so far by this process and its live child processes (grain workers)."""
+    """CPU seconds used so far by this process and its child processes (grain workers), live
+    (psutil) or ended and waited for (getrusage)."""
+    import resource
+
     import psutil
 
     me = psutil.Process()
@@ -69,7 +72,8 @@ def cpu_seconds_with_children() -> float:
             total += sum(child.cpu_times()[:2])
         except psutil.NoSuchProcess:
             pass
-    return total
+    ended = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return total + ended.ru_utime + ended.ru_stime
 
 
 def time_pipeline(stream, checker, num_threads: int | None, num_workers: int,
@@ -99,6 +103,35 @@ def time_pipeline(stream, checker, num_threads: int | None, num_workers: int,
             "wall_s": round(wall, 3)}
 
 
+def time_evaluation(data_dir: str, name: str, num_threads: int | None, num_workers: int,
+                    batch_size: int, passes: int = 3) -> dict[str, Any]:
+    """Wall and CPU time of ``passes`` evaluation passes over train + unlabeled (padded
+    batches in order, as ``evaluate.predict_split`` reads them), each pass from creating the
+    iterator (starting its workers) to its last batch, as every evaluation pays it."""
+    import numpy as np
+
+    from kpn_jax import datasets, input_pipeline
+
+    sources, info = datasets.data_sources(data_dir, name)
+    pool = input_pipeline.Pool([(sources[s], np.arange(len(sources[s])))
+                                for s in ("train", "unlabeled")])
+    image_size = int(info.metadata.get("image_size", 0) or info.features["image"].shape[0])
+    checker = input_pipeline.make_example_checker(image_size, 16, need_keypoints=True)
+    loading = input_pipeline.Loading(num_threads, num_workers)
+    wall, cpu, examples = time.perf_counter(), cpu_seconds_with_children(), 0
+    for _ in range(passes):
+        iterator = input_pipeline.eval_batches(pool, batch_size, checker, loading=loading)
+        examples += sum(int(batch["mask"].sum()) for batch in iterator)
+        if hasattr(iterator, "close"):
+            iterator.close()
+    wall, cpu = time.perf_counter() - wall, cpu_seconds_with_children() - cpu
+    return {"pipeline": "evaluation", "num_workers": num_workers, "num_threads": num_threads,
+            "examples": examples, "examples_per_s": round(examples / wall, 2),
+            "cpu_ms_per_example": round(1e3 * cpu / examples, 3),
+            "cores_used": round(cpu / wall, 2),
+            "examples_per_s_per_core": round(examples / cpu, 1), "wall_s": round(wall, 3)}
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_dir", default=str(REPO_ROOT / "workdirs" / "bench_data"))
@@ -115,6 +148,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                              "library's (one per CPU in this process, none in a worker)")
     parser.add_argument("--train_step_json", default="",
                         help="a benchmarks/train_step.py --json report to compare with")
+    parser.add_argument("--pipeline", choices=("train", "evaluation"), default="train",
+                        help="the training stream, or evaluation passes over train + unlabeled "
+                             "(each pass starts its workers, as an evaluation does)")
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
 
@@ -129,7 +165,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           f"load {[round(x, 2) for x in os.getloadavg()]}; {name} (ready in {build_s:.0f} s); "
           f"batches of {args.batch_labeled} + {args.batch_unlabeled}, {args.num_batches} timed "
           f"after 1 warm-up", flush=True)
-    results = [time_pipeline(stream, checker, t, w, args.num_batches) for w, t in runs]
+    if args.pipeline == "train":
+        results = [time_pipeline(stream, checker, t, w, args.num_batches) for w, t in runs]
+    else:
+        results = [time_evaluation(args.data_dir, name, t, w,
+                                   args.batch_labeled + args.batch_unlabeled) for w, t in runs]
     print("workers threads   examples/s   CPU ms/example   cores used   examples/s per core")
     for r in results:
         threads = "default" if r["num_threads"] is None else r["num_threads"]

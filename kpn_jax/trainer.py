@@ -360,6 +360,7 @@ def predict_dataset(predict: Callable[[Any, dict], dict], variables, source, che
 
     Args:
       fields: the batch fields the device batch holds (``mask`` is added).
+      loading: its threads are used; examples are read in this process.
       outputs: the batch fields returned beside ``predict``'s outputs.
       first: ``{field: n}``, fields of which only the first ``n`` examples are kept.
 
@@ -368,6 +369,9 @@ def predict_dataset(predict: Callable[[Any, dict], dict], variables, source, che
       ``outputs``, padding dropped.
     """
     batch_size = max(mesh.devices.size, batch_size - batch_size % mesh.devices.size)
+    # Read in this process: starting worker processes costs about 3 s per pass, more than
+    # reading a few thousand examples here (benchmarks/README.md, evaluation pipeline).
+    loading = input_pipeline.Loading(num_threads=loading.num_threads, num_workers=0)
     first = first or {}
     collected: dict[str, list] = {}
     masks = []
