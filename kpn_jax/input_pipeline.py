@@ -9,6 +9,11 @@ function of ``(seed, s, j)``, so a run restarted at step ``s`` sees exactly the
 batches it would have seen, and each process reads only its own slice of every
 global batch.
 
+Records of raw-pixel datasets are parsed straight from their bytes (:class:`RawRecords`),
+one grain element is a whole local batch (:class:`Batches`), made in the training process
+by threads or in spawned worker processes (:class:`Loading`); none of this changes the
+batches.
+
 A local batch is a dict of numpy arrays:
   ``image`` uint8 [B, H, W, 1], ``keypoints`` float32 [B, N, 2],
   ``keypoints_valid`` bool [B, N], ``grades`` int32 [B, 7] (-1 = not graded or
