@@ -58,6 +58,7 @@ DICOM_FILE = "001"
 VISIT_CODES = frozenset(readings_lib.MONTHS_TO_VISIT.values())
 _VISIT_FOLDER = re.compile(r"^(?:OAI_?)?(\d+)m$", re.IGNORECASE)
 _RELEASE_FOLDER = re.compile(r"^(\d+)\.[A-Za-z]\.\d+$")
+_ARCHIVE_SUFFIX = re.compile(r"\.tar(\.gz)?$|\.tgz$")   # how the NDA ships a series
 INDEX_SEARCH_DEPTH = 3   # root/48m/48m/48m: index files are never deeper
 
 # KNEEL's bf_landmarks_1_0.3.csv: ROIs of 140 mm cut from the radiograph resampled to
@@ -239,31 +240,37 @@ def read_contents(contents_csv: str | os.PathLike, descriptions=KNEE_PA_SERIES,
     return series
 
 
-def _archive_member(archive: Path) -> str | None:
-    """The DICOM inside a series archive: the member named ``001``, else the only file."""
+def _archive_member(archive: Path) -> str:
+    """The DICOM inside a series archive: the member named ``001``, else the only file; ``001``
+    when neither is found (reading it then fails and names the archive)."""
     try:
         with tarfile.open(archive) as tar:
             files = [m.name for m in tar.getmembers() if m.isfile()]
     except (OSError, tarfile.TarError):
-        return None
+        return DICOM_FILE
     named = [f for f in files if Path(f).name == DICOM_FILE]
-    return (named or files or [None])[0] if len(named) == 1 or len(files) == 1 else None
+    if len(named) == 1:
+        return named[0]
+    if len(files) == 1:
+        return files[0]
+    return DICOM_FILE
 
 
 def _locate_nda_file(roots: list[Path], parts: tuple[str, ...]) -> tuple[Path, str | None]:
-    """Where an ``image_file`` lies: the archive, or the folder it was unpacked to (its
-    DICOM), under any root by the longest tail of its path; ``(expected path, None)``
-    when absent."""
-    unpacked = list(parts[:-1]) + [re.sub(r"\.tar(\.gz)?$|\.tgz$", "", parts[-1])]
+    """``(path, member)`` of an ``image_file``: the archive and the DICOM inside it, or the
+    DICOM of the folder it was unpacked to (member None), found under any root by the
+    longest tail of its path; when absent, where it was expected."""
+    is_archive = _ARCHIVE_SUFFIX.search(parts[-1]) is not None
+    unpacked = list(parts[:-1]) + [_ARCHIVE_SUFFIX.sub("", parts[-1])]
     for start in range(len(parts)):
         for root in roots:
-            archive = root.joinpath(*parts[start:])
-            if archive.is_file():
-                return archive, _archive_member(archive) or DICOM_FILE
+            path = root.joinpath(*parts[start:])
+            if path.is_file():
+                return path, _archive_member(path) if is_archive else None
             folder = root.joinpath(*unpacked[start:])
             if folder.is_dir():
                 return _dicom_in(folder), None
-    return roots[0].joinpath(*parts), DICOM_FILE
+    return roots[0].joinpath(*parts), DICOM_FILE if is_archive else None
 
 
 def read_image03(image03: str | os.PathLike, root: str | os.PathLike,
@@ -299,7 +306,7 @@ def read_image03(image03: str | os.PathLike, root: str | os.PathLike,
         months = next((visit_of_folder(p) for p in parts if is_months_folder(p)), None)
         release = next((i for i, p in enumerate(parts) if _RELEASE_FOLDER.match(p)), None)
         folder = "/".join(parts[release:]) if release is not None else "/".join(parts)
-        folder = re.sub(r"\.tar(\.gz)?$|\.tgz$", "", folder)
+        folder = _ARCHIVE_SUFFIX.sub("", folder)
         visit = visit_of_release(folder) or months
         if visit is None:
             skipped["series_of_unknown_visit"] += 1
@@ -310,9 +317,7 @@ def read_image03(image03: str | os.PathLike, root: str | os.PathLike,
             folder=folder, dicom_path=dicom_path,
             study_date=str(row.get("interview_date", "")).strip(),
             barcode=readings_lib.normalise_barcode(row.get("barcode", "")),
-            description=description,
-            member=member if dicom_path.name.endswith((".gz", ".tgz", ".tar")) else None,
-            index_file=str(image03)))
+            description=description, member=member, index_file=str(image03)))
     return series
 
 
