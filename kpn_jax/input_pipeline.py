@@ -74,7 +74,7 @@ def default_num_workers(platform: str, local_devices: int, cpus: int | None = No
 
     None on a CPU backend, where one training step costs the CPUs far more than its batch
     (reading in this process is enough, and workers would take cores from the step). On an
-    accelerator, half the CPUs, at most 4 per local device: one worker delivers about 2,500
+    accelerator, half the CPUs, at most 4 per local device: one worker delivers about 2,900
     320 px examples/s (benchmarks/README.md), so 4 cover the fastest per-device step rates
     measured with room for slower host cores.
     """

@@ -166,14 +166,10 @@ def detect_in_roi(detector: Detector, image: np.ndarray, side: str = "R") -> np.
     oriented, _ = roi_lib.to_right_orientation(image, None, side)
     square, _ = image_io.resize_whole(oriented, None, detector.image_size)
     square = np.clip(np.round(square), 0, 255).astype(np.uint8)
-    points = detect(detector, square[None, ..., None])[0].astype(np.float64)
+    points = detect(detector, square[None, ..., None])[0]
     # Undo resize_whole: a square of side max(H, W) centred on the image, scaled to S.
-    roi_size = float(max(height, width))
-    scale = detector.image_size / roi_size
-    left = (width - 1) / 2.0 + 0.5 - roi_size / 2.0
-    top = (height - 1) / 2.0 + 0.5 - roi_size / 2.0
-    points = np.stack([(points[:, 0] + 0.5) / scale - 0.5 + left,
-                       (points[:, 1] + 0.5) / scale - 0.5 + top], axis=-1)
+    points = roi_lib.roi_to_source(points, ((width - 1) / 2.0, (height - 1) / 2.0),
+                                   float(max(height, width)), detector.image_size)
     if side == "L":
         points = kp_lib.flip_horizontal(points, width)
     return points.astype(np.float32)
@@ -212,13 +208,11 @@ def locate_knee(detector: Detector, image: np.ndarray, side: str, roi_size: floa
     center = np.asarray(start_xy, np.float64)
     if side == "L":
         center[0] = width - 1 - center[0]
-    scale = detector.image_size / float(roi_size)
     points, shift = None, float("inf")
     for _ in range(passes):
         roi, _ = roi_lib.crop_and_resize(oriented, None, center, roi_size, detector.image_size)
         found = detect(detector, np.clip(np.round(roi), 0, 255).astype(np.uint8)[None, ..., None])
-        left_top = center + 0.5 - roi_size / 2.0
-        moved = (found[0].astype(np.float64) + 0.5) / scale - 0.5 + left_top
+        moved = roi_lib.roi_to_source(found[0], center, roi_size, detector.image_size)
         if points is not None:
             shift = float(np.mean(np.linalg.norm(moved - points, axis=-1)))
         points = moved

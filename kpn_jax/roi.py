@@ -78,6 +78,14 @@ def crop_and_resize(image: np.ndarray, keypoints: np.ndarray | None, center_xy, 
     return roi, keypoints
 
 
+def roi_to_source(points: np.ndarray, center_xy, roi_size: float, out_size: int) -> np.ndarray:
+    """Inverse of :func:`crop_and_resize` for points: ``[N, 2]`` pixels of the ``out_size``
+    ROI -> pixels of the source it was cut from (float64)."""
+    scale = out_size / roi_size
+    left_top = np.asarray(center_xy, np.float64) + 0.5 - roi_size / 2.0
+    return (np.asarray(points, np.float64) + 0.5) / scale - 0.5 + left_top
+
+
 def joint_center(keypoints: np.ndarray, schema: kp_lib.KeypointSchema = kp_lib.KNEEL16) -> np.ndarray:
     """Centre of the joint: the mean of the femur and tibia contours' centroids."""
     keypoints = np.asarray(keypoints, dtype=np.float32)

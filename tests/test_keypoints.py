@@ -239,3 +239,15 @@ def test_densify_gradient_finite_with_coinciding_points():
     points = points.at[1].set(points[0])  # a zero-length segment
     grad = jax.grad(lambda p: kp_lib.densify(p, kp_lib.KNEEL16, 6).sum())(points)
     assert bool(jnp.all(jnp.isfinite(grad)))
+
+
+def test_roi_to_source_inverts_crop_and_resize():
+    from kpn_jax import roi as roi_lib
+
+    rng = np.random.default_rng(0)
+    points = rng.uniform(20, 180, size=(16, 2))
+    for center, roi_size, out_size in (((100.0, 90.0), 80.0, 48), ((50.5, 120.0), 200.0, 320)):
+        _, in_roi = roi_lib.crop_and_resize(np.zeros((200, 220)), points, center, roi_size,
+                                            out_size)
+        back = roi_lib.roi_to_source(in_roi, center, roi_size, out_size)
+        np.testing.assert_allclose(back, points, atol=1e-3)
