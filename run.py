@@ -1,9 +1,8 @@
 """kpn-jax command line: flags only; the logic lives in kpn_jax.
 
   python run.py --config=configs/demo.py --workdir=workdirs/demo            # train (resumes)
-  python run.py --config=configs/demo.py --workdir=workdirs/demo --mode=evaluate --config.eval_split=test
-  python run.py --config=configs/demo.py --workdir=workdirs/demo --mode=predict \
-      --images=knee.png --keypoints=knee.csv --output=predictions/
+  python run.py --workdir=workdirs/demo --mode=evaluate --config.eval_split=test  # its own config
+  python run.py --workdir=workdirs/demo --mode=predict --images=knee.png --keypoints=knee.csv
   python run.py --config=configs/default.py --workdir=DIR --mode=fit_gmm
   python run.py --config=configs/default.py --config.model.depth=34 ...   # any config override
 """
@@ -25,7 +24,9 @@ flags.DEFINE_enum("mode", "train",
 flags.DEFINE_list("workdirs", [], "report: finished workdirs (globs allowed); runs with the same "
                   "config.method_name are seeds of one row.")
 flags.DEFINE_string("split", "test", "report: which split's results to tabulate.")
-flags.DEFINE_list("images", [], "predict: image files (PNG, JPEG, 16-bit PNG or DICOM).")
+flags.DEFINE_list("images", [], "predict: comma-separated image files (PNG, JPEG, 16-bit PNG "
+                  "or DICOM), folders (every image file in them) or glob patterns "
+                  "('knees/*.png').")
 flags.DEFINE_list("keypoints", [], "predict: one keypoint file per image (CSV of x,y rows or "
                   "BoneFinder .pts); empty = the landmark detector of --landmark_workdir.")
 flags.DEFINE_string("sides", "", "predict: side of each image, e.g. 'R,L' (default R).")
@@ -33,6 +34,8 @@ flags.DEFINE_string("output", "", "predict: output folder (default WORKDIR/predi
                     "report: folder for the tables and charts.")
 flags.DEFINE_string("landmark_workdir", "", "predict: workdir of a trained landmark detector, "
                     "used for images without --keypoints.")
+flags.DEFINE_bool("allow_other_data", False, "evaluate: allow a dataset other than the "
+                  "workdir's training data (its results go to WORKDIR/report/<dataset>/).")
 flags.DEFINE_bool("allow_config_change", False, "train: resume a workdir with a config that "
                   "differs from the one it was trained with (the old one is kept beside it).")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes (None = auto/1).")
@@ -43,6 +46,13 @@ flags.DEFINE_bool("multihost", False, "Multi-host with the cluster auto-detected
 
 # Errors a user can fix: print one line and exit non-zero instead of a traceback.
 USER_ERRORS = (ValueError, OSError, KeyError, FloatingPointError)
+REPO = os.path.dirname(os.path.abspath(__file__))
+# Modes that use a trained workdir's own config when no --config is given.
+WORKDIR_MODES = ("evaluate", "predict")
+
+
+class UsageError(Exception):
+    """A missing or contradictory flag: one line, exit 2 (the flags: --help)."""
 
 
 def _run(argv) -> None:
@@ -50,27 +60,37 @@ def _run(argv) -> None:
         # Library INFO logs (orbax, grain, tfds) drown the progress lines; --verbosity=0 shows them.
         logging.set_verbosity(logging.WARNING)
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise UsageError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.mode == "report":
         from kpn_jax import reporting
 
         if not FLAGS.workdirs or not FLAGS.output:
-            raise app.UsageError("--mode=report needs --workdirs=... and --output=DIR")
+            raise UsageError("--mode=report needs --workdirs=... and --output=DIR")
         reporting.write_experiment_report(FLAGS.workdirs, FLAGS.output, FLAGS.split)
         return
     if FLAGS.config is None:
-        raise app.UsageError("--config is required (e.g. --config=configs/demo.py)")
+        raise UsageError("--config is required (e.g. --config=configs/demo.py)"
+                         + (f"; --mode={FLAGS.mode} reads it from --workdir=DIR when given"
+                            if FLAGS.mode in WORKDIR_MODES else ""))
     config_file = config_flags.get_config_filename(FLAGS["config"])
     if not os.path.exists(config_file.split(":")[0]):
         raise FileNotFoundError(f"config file {config_file} does not exist")
     if FLAGS.workdir is None and FLAGS.mode != "compare_torch":
-        raise app.UsageError("--workdir is required")
+        raise UsageError("--workdir is required")
     from kpn_jax import parallel
 
     if FLAGS.multihost or (FLAGS.num_processes and FLAGS.num_processes > 1):
         parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                         FLAGS.process_id, auto=FLAGS.multihost)
     config = FLAGS.config
+    if FLAGS.mode in WORKDIR_MODES:
+        config = _workdir_config(config, config_file)
+    if FLAGS.mode == "evaluate":
+        from kpn_jax import input_pipeline, workdir_config
+
+        # Before any dataset is built: is it the one the workdir was trained on?
+        workdir_config.check_dataset(FLAGS.workdir, input_pipeline.resolve_dataset_name(config),
+                                     None, None, config.model.pooling, FLAGS.allow_other_data)
     if FLAGS.mode in ("train", "evaluate", "fit_gmm"):
         from data_prep import synthetic_knee
 
@@ -85,7 +105,7 @@ def _run(argv) -> None:
     elif FLAGS.mode == "evaluate":
         from kpn_jax import train
 
-        train.evaluate_checkpoint(config, FLAGS.workdir)
+        train.evaluate_checkpoint(config, FLAGS.workdir, allow_other_data=FLAGS.allow_other_data)
     elif FLAGS.mode == "fit_gmm":
         from kpn_jax import train
 
@@ -100,6 +120,29 @@ def _run(argv) -> None:
         from kpn_jax.interop import compare_torch
 
         compare_torch.main_with_config(config)
+
+
+def _workdir_config(config, config_file: str):
+    """evaluate/predict: the workdir's own config (model, data, preprocessing) with the
+    explicit ``--config.*`` overrides; a ``--config`` file's other values are not used."""
+    from kpn_jax import workdir_config
+
+    if config_file.startswith(os.path.join(REPO, "configs", "workdir.py") + ":"):
+        return config  # already the workdir's config, overrides applied by the flag
+    saved_path = os.path.join(os.path.expanduser(FLAGS.workdir), workdir_config.CONFIG_FILE)
+    if not os.path.exists(saved_path):
+        return config  # not trained by this version: the given config is all there is
+    from configs import workdir as workdir_configs
+
+    saved = workdir_configs.get_config(FLAGS.workdir)
+    overrides = config_flags.get_override_values(FLAGS["config"])
+    config, ignored = workdir_config.with_overrides(saved, config, overrides)
+    if ignored:
+        print(f"note: --mode={FLAGS.mode} uses {saved_path} (model, data, preprocessing) and "
+              f"only the explicit --config.* overrides; {config_file} differs in "
+              f"{len(ignored)} field(s), not used: {'; '.join(ignored[:3])}"
+              f"{' ...' if len(ignored) > 3 else ''}", file=sys.stderr, flush=True)
+    return config
 
 
 def _sides() -> list[str] | None:
@@ -123,8 +166,37 @@ def _run_landmarks(config) -> None:
         raise ValueError(f"--mode={FLAGS.mode} does not apply to a landmark config")
 
 
+def _flag_value(argv, name: str) -> str | None:
+    """The value of ``--name=V`` or ``--name V`` in ``argv`` (the last one), else None."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg.startswith(f"--{name}="):
+            value = arg.split("=", 1)[1]
+        elif arg == f"--{name}" and i + 1 < len(argv):
+            value = argv[i + 1]
+    return value
+
+
+def with_workdir_config(argv: list[str]) -> list[str]:
+    """``--mode=evaluate|predict --workdir=W`` without ``--config``: adds
+    ``--config=configs/workdir.py:W`` so that ``--config.*`` overrides apply to the
+    workdir's own config."""
+    mode, workdir = _flag_value(argv, "mode"), _flag_value(argv, "workdir")
+    if mode not in WORKDIR_MODES or not workdir or _flag_value(argv, "config") is not None:
+        return argv
+    saved = os.path.join(os.path.expanduser(workdir), "config.json")
+    if not os.path.exists(saved):
+        print(f"error: --mode={mode} without --config reads the workdir's config, but {saved} "
+              f"does not exist: is {workdir} a trained workdir? (or give --config=FILE)",
+              file=sys.stderr)
+        sys.exit(2)
+    return [argv[0], f"--config={os.path.join(REPO, 'configs', 'workdir.py')}:{workdir}",
+            *argv[1:]]
+
+
 def parse_flags(argv):
     """absl flag parsing with a config typo reported in one line, not a traceback."""
+    argv = with_workdir_config(list(argv))
     for arg in argv[1:]:
         if arg.startswith("--config="):
             path = arg.split("=", 1)[1].split(":")[0]
@@ -154,6 +226,9 @@ def _exit_now(code: int) -> None:
 def main(argv) -> None:
     try:
         _run(argv)
+    except UsageError as error:
+        print(f"error: {error} (every flag: python run.py --help)", file=sys.stderr)
+        _exit_now(2)
     except KeyboardInterrupt:
         # The trainers saved a checkpoint and said so; no traceback.
         print("stopped by Ctrl-C", file=sys.stderr)

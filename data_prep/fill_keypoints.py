@@ -204,9 +204,11 @@ def fill_keypoints(data_dir, dataset: str, detector_workdir, mode: str = "missin
     except FileNotFoundError:
         pass
     config_cls, builder_cls = _builder_class()
-    builder = builder_cls(source_builder=source_builder, detector=detector, batch_size=batch_size,
-                          config=config_cls(name=params.config_name, params=params),
-                          data_dir=str(data_dir))
+    with tfds_util.without_custom_config_warning():
+        builder = builder_cls(source_builder=source_builder, detector=detector,
+                              batch_size=batch_size,
+                              config=config_cls(name=params.config_name, params=params),
+                              data_dir=str(data_dir))
     tfds_util.prepare(builder)
     summary = {"dataset": name, "source": dataset, "mode": mode, "detector": detector.workdir,
                "checkpoint": detector.checkpoint, "splits": builder.counts}

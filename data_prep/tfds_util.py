@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import json
 import logging
@@ -48,11 +49,49 @@ def rewrite_uncompressed(directory: str | os.PathLike) -> None:
         os.replace(temporary, path)
 
 
+class _DropCustomConfigWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Using custom data configuration")
+
+
+@contextlib.contextmanager
+def without_custom_config_warning():
+    """Constructs builders without TFDS's "Using custom data configuration: <repr>" warning:
+    every configuration of these builders is made from options, so the warning (with the
+    config's repr) would print on every run."""
+    absl_logger = logging.getLogger("absl")
+    dropper = _DropCustomConfigWarning()
+    absl_logger.addFilter(dropper)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(dropper)
+
+
+def download_and_prepare(builder, **kwargs) -> None:
+    """``builder.download_and_prepare`` (array_record) in words that fit a generated or local
+    dataset: one line saying what is built where, not TFDS's "Downloading and preparing
+    dataset Unknown size" lines, and progress bars only on a terminal (their carriage
+    returns and cursor codes would fill a log file)."""
+    import sys
+
+    import tensorflow_datasets as tfds
+
+    # Instance attributes shadow TFDS's two bold download messages (nothing is downloaded).
+    builder._log_download_bytes = lambda: None
+    builder._log_download_done = lambda: None
+    if not sys.stderr.isatty():
+        tfds.disable_progress_bar()
+    print(f"building {builder.name}/{builder.builder_config.name if builder.builder_config else ''}"
+          f" in {builder.data_dir}", flush=True)
+    builder.download_and_prepare(file_format=FILE_FORMAT, **kwargs)
+
+
 def prepare(builder) -> None:
     """Writes ``builder``'s splits as uncompressed array_record files (no-op when built)."""
     if (Path(builder.data_dir) / "dataset_info.json").exists():
         return
-    builder.download_and_prepare(file_format=FILE_FORMAT)
+    download_and_prepare(builder)
     rewrite_uncompressed(builder.data_dir)
 
 
@@ -128,12 +167,10 @@ def build_with_summary(builder, dataset_name: str, manual_dir: str | os.PathLike
         logging.info("%s exists already; %s", builder.data_dir, rebuild_hint)
         return json.loads(summary_path.read_text()) if summary_path.exists() else {}
     if manual_dir is None:
-        builder.download_and_prepare(file_format=FILE_FORMAT)
+        download_and_prepare(builder)
     else:
-        builder.download_and_prepare(
-            file_format=FILE_FORMAT,
-            download_config=tfds.download.DownloadConfig(
-                manual_dir=str(Path(manual_dir).expanduser())))
+        download_and_prepare(builder, download_config=tfds.download.DownloadConfig(
+            manual_dir=str(Path(manual_dir).expanduser())))
     rewrite_uncompressed(builder.data_dir)
     summary = summary_as_json(builder.summary)
     summary["dataset"] = dataset_name

@@ -95,11 +95,12 @@ def flatten_metrics(result: dict, split: str) -> dict:
     return flat
 
 
-def write_split_report(workdir, split: str, result: dict, records=None, method_name="kpn-jax") -> Path:
-    """Writes ``workdir/report/`` for ``split`` (tables, json, plots)."""
+def write_split_report(report_dir, split: str, result: dict, records=None,
+                       method_name="kpn-jax") -> Path:
+    """Writes ``report_dir`` (a workdir's ``report/``) for ``split`` (tables, json, plots)."""
     from kpn_jax import reporting
 
-    report_dir = Path(workdir) / "report"
+    report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     reporting.write_report(report_dir, split, result, metrics_records=records, method_name=method_name)
     return report_dir

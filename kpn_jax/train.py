@@ -25,7 +25,7 @@ from kpn_jax import checkpointing, evaluate as eval_lib
 from kpn_jax import gmm as gmm_lib
 from kpn_jax import grades as grades_lib
 from kpn_jax import input_pipeline, kernels as kernels_lib, keypoints as kp_lib, losses, parallel
-from kpn_jax import trainer
+from kpn_jax import trainer, workdir_config
 from kpn_jax.trainer import MetricLog, TrainState
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -356,7 +356,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if jax.process_index() == 0:
         (workdir / DATA_INFO).write_text(json.dumps(
             {"dataset": handle.name, "image_size": handle.image_size,
-             "keypoint_schema": handle.keypoint_schema}))
+             "keypoint_schema": handle.keypoint_schema,
+             "data_dir": workdir_config.absolute_data_dir(config.data_dir)}))
     kernels = kernels_lib.for_config(config)
     loading = input_pipeline.loading_for_config(config)
     model = create_model(config, handle.keypoint_schema, kernels)
@@ -463,9 +464,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 
 def evaluate_splits(config, workdir: Path, splits: dict, eval_step, state, which: str, checker,
-                    mesh, gmm, records, loading: input_pipeline.Loading) -> dict:
+                    mesh, gmm, records, loading: input_pipeline.Loading,
+                    other_dataset: str | None = None) -> dict:
     """Evaluates ``state`` (the ``which`` checkpoint) on each ``{split: source}``, writes
-    ``report/`` and prints the results; returns ``{split: metrics}``."""
+    ``report/`` (``report/<other_dataset>/`` for data other than the training data) and
+    prints the results; returns ``{split: metrics}``."""
+    report_dir = workdir / "report" / (other_dataset or "")
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     step = int(jax.device_get(state.step))
     results = {}
@@ -477,24 +481,37 @@ def evaluate_splits(config, workdir: Path, splits: dict, eval_step, state, which
         result["checkpoint"] = {"which": which, "step": step}
         results[split] = result
         if jax.process_index() == 0:
-            eval_lib.write_split_report(workdir, split, result, records, config.method_name)
-        _print(f"{split} ({which} checkpoint, step {step}): "
+            eval_lib.write_split_report(report_dir, split, result, records, config.method_name)
+        oarsi = result.get("oarsi_average", {}).get("accuracy")
+        _print(f"{split}{f' of {other_dataset}' if other_dataset else ''} ({which} checkpoint, "
+               f"step {step}): "
                + " ".join(f"{grades_lib.PAPER_NAMES[t]} {result[t]['accuracy']:.3f}"
                           for t in config.tasks)
-               + f" | OARSI avg {result['oarsi_average'].get('accuracy', float('nan')):.3f}")
+               # The OARSI average only where every OARSI grade was trained and graded.
+               + (f" | OARSI avg {oarsi:.3f}" if oarsi is not None and math.isfinite(oarsi)
+                  else ""))
         _print(f"{split} majority-class accuracy (always the most frequent grade): "
                + " ".join(f"{grades_lib.PAPER_NAMES[t]} {result['majority_accuracy'][t]:.3f}"
                           for t in config.tasks if t in result["majority_accuracy"]))
     if jax.process_index() == 0 and results:
-        _print(f"Report written to {workdir / 'report'}")
-        table = workdir / "report" / "results.md"
+        _print(f"Report written to {report_dir}")
+        table = report_dir / "results.md"
         if table.exists():
             _print(table.read_text())
     return results
 
 
-def evaluate_checkpoint(config, workdir: str, split: str | None = None) -> dict:
-    """``--mode=evaluate``: the best (else latest) checkpoint of ``workdir`` on ``split``."""
+def evaluate_checkpoint(config, workdir: str, split: str | None = None,
+                        allow_other_data: bool = False) -> dict:
+    """``--mode=evaluate``: the best (else latest) checkpoint of ``workdir`` on ``split``.
+
+    The dataset must be the one the workdir was trained on (``data_info.json``) unless
+    ``allow_other_data``; then the results go to ``report/<dataset>/`` and the training
+    data's report is left as it is.
+
+    Raises:
+      workdir_config.OtherDataError: another dataset, not allowed.
+    """
     validate_config(config)
     workdir = Path(workdir).expanduser().resolve()
     if not (workdir / "checkpoints").exists():
@@ -505,6 +522,9 @@ def evaluate_checkpoint(config, workdir: str, split: str | None = None) -> dict:
     split = split or config.eval_split
     mesh = parallel.make_mesh()
     handle = input_pipeline.open_dataset(config)
+    other_dataset = workdir_config.check_dataset(workdir, handle.name, handle.image_size,
+                                                 handle.keypoint_schema, config.model.pooling,
+                                                 allow_other_data)
     schema = kp_lib.get_schema(handle.keypoint_schema)
     kernels = kernels_lib.for_config(config)
     model = create_model(config, handle.keypoint_schema, kernels)
@@ -521,7 +541,7 @@ def evaluate_checkpoint(config, workdir: str, split: str | None = None) -> dict:
     records = trainer.read_records(workdir / "metrics.jsonl") if jax.process_index() == 0 else None
     results = evaluate_splits(config, workdir, {split: handle.split(split)}, eval_step, state,
                               which, checker, mesh, gmm, records,
-                              input_pipeline.loading_for_config(config))
+                              input_pipeline.loading_for_config(config), other_dataset)
     checkpoints.close()
     return results[split]
 

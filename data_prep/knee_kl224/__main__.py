@@ -41,10 +41,11 @@ def build(args) -> dict:
     options = builder_lib.KneeKl224Options(image_size=args.image_size, landmarks=args.landmarks,
                                            fix_polarity=not args.keep_polarity)
     name = tfds_util.config_name(options, args.config_name)
-    builder = builder_lib.KneeKl224(
-        data_dir=str(Path(args.data_dir).expanduser()),
-        config=tfds_util.builder_config(builder_lib.KneeKl224Config, name, options),
-        landmarks_csv=args.landmarks_csv)
+    with tfds_util.without_custom_config_warning():
+        builder = builder_lib.KneeKl224(
+            data_dir=str(Path(args.data_dir).expanduser()),
+            config=tfds_util.builder_config(builder_lib.KneeKl224Config, name, options),
+            landmarks_csv=args.landmarks_csv)
     return tfds_util.build_with_summary(builder, f"knee_kl224/{name}", manual_dir=args.manual_dir)
 
 

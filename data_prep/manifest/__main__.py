@@ -55,10 +55,11 @@ def build(args) -> dict:
         pts_units=args.pts_units, unlabeled_subjects=args.unlabeled_subjects,
         split_seed=args.split_seed)
     name = tfds_util.config_name(options, args.config_name)
-    builder = builder_lib.Manifest(
-        data_dir=str(Path(args.data_dir).expanduser()),
-        config=tfds_util.builder_config(builder_lib.ManifestConfig, name, options),
-        manifest_path=args.manifest, image_root=args.image_root, strict=args.strict)
+    with tfds_util.without_custom_config_warning():
+        builder = builder_lib.Manifest(
+            data_dir=str(Path(args.data_dir).expanduser()),
+            config=tfds_util.builder_config(builder_lib.ManifestConfig, name, options),
+            manifest_path=args.manifest, image_root=args.image_root, strict=args.strict)
     return tfds_util.build_with_summary(
         builder, f"manifest/{name}", extra={"manifest": str(Path(args.manifest).resolve())},
         rebuild_hint="delete it (or use --config_name) to rebuild")

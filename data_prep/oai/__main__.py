@@ -116,11 +116,12 @@ def build(args) -> dict:
     detector = load_detector(args)
     options = options_from_args(args, detector)
     name = tfds_util.config_name(options, args.config_name)
-    builder = builder_lib.Oai(
-        data_dir=str(Path(args.data_dir).expanduser()),
-        config=tfds_util.builder_config(builder_lib.OaiConfig, name, options),
-        readings_files=args.readings, pts_dir=args.pts_dir, kneel_csv=args.kneel_csv,
-        num_workers=args.num_workers, detector=detector)
+    with tfds_util.without_custom_config_warning():
+        builder = builder_lib.Oai(
+            data_dir=str(Path(args.data_dir).expanduser()),
+            config=tfds_util.builder_config(builder_lib.OaiConfig, name, options),
+            readings_files=args.readings, pts_dir=args.pts_dir, kneel_csv=args.kneel_csv,
+            num_workers=args.num_workers, detector=detector)
     return tfds_util.build_with_summary(builder, f"oai/{name}", manual_dir=args.manual_dir)
 
 

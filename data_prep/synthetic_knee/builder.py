@@ -230,8 +230,9 @@ def make_builder(data_dir: str | os.PathLike, params: SyntheticKneeParams, num_w
     # TFDS refuses a config object named like the registered (default) one: name it.
     config = (params.config_name if params == SyntheticKneeParams()
               else config_cls(name=params.config_name, params=params))
-    return builder_cls(config=config, data_dir=str(Path(data_dir).expanduser()),
-                       num_workers=int(num_workers))
+    with tfds_util.without_custom_config_warning():
+        return builder_cls(config=config, data_dir=str(Path(data_dir).expanduser()),
+                           num_workers=int(num_workers))
 
 
 def read_summary(data_dir: str | os.PathLike, name: str) -> dict:
