@@ -21,8 +21,8 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the
 flags.DEFINE_enum("mode", "train",
                   ["train", "evaluate", "predict", "fit_gmm", "compare_torch", "report"],
                   "What to do.")
-flags.DEFINE_list("workdirs", [], "report: finished workdirs (globs allowed); runs with the same "
-                  "config.method_name are seeds of one row.")
+flags.DEFINE_list("workdirs", [], "report: finished workdirs (globs allowed); runs whose "
+                  "configs differ only in the seed (and paths, threads, logging) are one row.")
 flags.DEFINE_string("split", "test", "report: which split's results to tabulate.")
 flags.DEFINE_list("images", [], "predict: comma-separated image files (PNG, JPEG, 16-bit PNG "
                   "or DICOM), folders (every image file in them) or glob patterns "

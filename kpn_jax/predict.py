@@ -125,7 +125,12 @@ def draw_overlay(image: np.ndarray, keypoints: np.ndarray | None, schema: kp_lib
     for task, entry in prediction["grades"].items():
         lines.append(f"{grades_lib.PAPER_NAMES[task]:<6} {entry['grade']}  ({max(entry['probabilities']):.2f})")
     if prediction.get("coherence_log_prob") is not None:
-        lines.append(f"\ncoherence log p: {prediction['coherence_log_prob']:.1f}")
+        # The score needs its meaning beside it: a bare log-density reads like a probability.
+        lines.append(f"\ncoherence log p: {prediction['coherence_log_prob']:.1f}\n"
+                     "  (GMM log-density of the predicted\n"
+                     "  grades: how usual this grade\n"
+                     "  combination is among expert-\n"
+                     "  graded knees; lower = rarer)")
     lines.append(f"keypoints: {prediction['keypoints']['source']}")
     text.text(0.0, 0.95, "\n".join(lines), va="top", family="monospace", fontsize=10)
     figure.savefig(path)

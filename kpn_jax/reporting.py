@@ -209,19 +209,22 @@ def results_table_markdown(rows: Mapping[str, Mapping], title: str | None = None
     return "\n".join(lines) + "\n"
 
 
-def results_table_csv(rows: Mapping[str, Mapping], metrics: Sequence[str] = TABLE_METRICS) -> str:
+def results_table_csv(rows: Mapping[str, Mapping], metrics: Sequence[str] = TABLE_METRICS,
+                      workdirs: Mapping[str, Sequence[str]] | None = None) -> str:
     """The numbers of :func:`results_table_markdown`, machine-readable, full precision.
 
     One row per (method, metric); columns ``method, metric`` then the task
     keys of :data:`COLUMNS` (``kl ... oarsi_average``). When any value is a
     ``(mean, std)`` pair, ``{column}_std`` columns follow. Missing values are
-    empty cells.
+    empty cells. With ``workdirs`` (method -> its runs' workdirs), a last column
+    ``workdirs`` lists them, separated by ``;``.
     """
     _check_rows(rows)
     values = {(method, metric): [cell_value(result, c, metric) for c in COLUMNS]
               for method, result in rows.items() for metric in metrics}
     with_std = any(isinstance(v, tuple) for row in values.values() for v in row)
     header = ["method", "metric", *COLUMNS] + ([f"{c}_std" for c in COLUMNS] if with_std else [])
+    header += ["workdirs"] if workdirs is not None else []
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
@@ -230,7 +233,8 @@ def results_table_csv(rows: Mapping[str, Mapping], metrics: Sequence[str] = TABL
         stds = []
         if with_std:
             stds = [repr(v[1]) if isinstance(v, tuple) else "" for v in row]
-        writer.writerow([method, metric, *means, *stds])
+        tail = [";".join(workdirs.get(method, []))] if workdirs is not None else []
+        writer.writerow([method, metric, *means, *stds, *tail])
     return buffer.getvalue()
 
 
@@ -615,17 +619,35 @@ def write_report(report_dir, split: str, evaluate_dict: Mapping, metrics_records
 
 # ----------------------------------------------------------------------------- across workdirs
 # ``--mode=report``: the paper's tables from finished workdirs, mean ± std over seeds. Each
-# workdir holds ``config.json`` (its ``method_name`` labels the row) and
-# ``report/results.json``; workdirs with the same method name are seeds of one row.
+# workdir holds ``config.json`` and ``report/results.json``; workdirs whose configs are equal
+# but for the seed (and the settings below) are seeds of one row, one experiment.
 
 NOT_METRICS = ("checkpoint", "majority_accuracy")
 
+# Config fields that do not make another experiment: the seed, where files are, how fast a
+# run goes and how often it logs or keeps checkpoints.
+NOT_EXPERIMENT_FIELDS = ("seed", "data_dir", "num_data_threads", "num_data_workers",
+                         "keep_checkpoints", "eval_batch_size", "log_every_steps",
+                         "checkpoint_every_steps", "model.kernels", "eval_split")
+
 
 def expand_workdirs(patterns: Sequence[str]) -> list[Path]:
-    """Workdir paths from names or glob patterns, in the given order, without duplicates."""
+    """Workdir paths from names or glob patterns, in the given order, without duplicates.
+
+    Raises:
+      FileNotFoundError: a pattern that matches nothing, or a name that does not exist.
+    """
     found: list[Path] = []
     for pattern in patterns:
-        matches = sorted(glob.glob(str(Path(pattern).expanduser()))) or [pattern]
+        expanded = str(Path(pattern).expanduser())
+        if any(c in pattern for c in "*?["):
+            matches = sorted(glob.glob(expanded))
+            if not matches:
+                raise FileNotFoundError(f"no workdir matches {pattern}")
+        elif Path(expanded).exists():
+            matches = [expanded]
+        else:
+            raise FileNotFoundError(f"workdir {pattern} does not exist")
         for match in matches:
             path = Path(match)
             if path not in found:
@@ -633,8 +655,29 @@ def expand_workdirs(patterns: Sequence[str]) -> list[Path]:
     return found
 
 
-def load_run(workdir: Path, split: str) -> tuple[str, int, dict]:
-    """``(method name, seed, evaluate() dict of split)`` of one finished workdir.
+def _flatten(tree: Mapping, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+    return flat
+
+
+def experiment_fields(config: Mapping) -> dict:
+    """A saved config's fields that define its experiment (flattened, ``'model.depth'``):
+    everything but :data:`NOT_EXPERIMENT_FIELDS`; ``experiment`` (configs/paper.py's
+    family arguments) without its ``seed=``."""
+    fields = {k: v for k, v in _flatten(config).items() if k not in NOT_EXPERIMENT_FIELDS}
+    if isinstance(fields.get("experiment"), str):
+        fields["experiment"] = ",".join(part for part in fields["experiment"].split(",")
+                                        if not part.startswith("seed="))
+    return fields
+
+
+def load_run(workdir: Path, split: str) -> tuple[dict, int, dict]:
+    """``(saved config, seed, evaluate() dict of split)`` of one finished workdir.
 
     Raises:
       FileNotFoundError / ValueError: naming the workdir and what is missing.
@@ -646,44 +689,90 @@ def load_run(workdir: Path, split: str) -> tuple[str, int, dict]:
     results = json.loads(results_path.read_text())
     if split not in results:
         raise ValueError(f"{results_path} has no {split!r} split (it has {sorted(results)})")
-    config = json.loads(config_path.read_text()) if config_path.exists() else {}
-    return config.get("method_name") or workdir.name, int(config.get("seed", 0)), results[split]
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path} not found: without it the run's experiment "
+                                f"is unknown")
+    config = json.loads(config_path.read_text())
+    return config, int(config.get("seed", 0)), results[split]
 
 
-def collect(workdirs: Sequence[Path], split: str = "test") -> dict[str, list[dict]]:
-    """Method name -> the evaluate() dicts of its seeds, in first-seen order."""
-    rows: dict[str, list[dict]] = {}
+def _value_text(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "(" + ", ".join(_value_text(v) for v in value) + ")"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def row_names(experiments: Sequence[dict]) -> list[str]:
+    """One name per experiment (its :func:`experiment_fields`): its ``method_name``, and
+    where other experiments share that name, what differs from them (``'kpn-jax
+    (coherence.enabled=False)'``)."""
+    methods = [str(fields.get("method_name") or "run") for fields in experiments]
+    names = []
+    for i, fields in enumerate(experiments):
+        peers = [experiments[j] for j, m in enumerate(methods) if m == methods[i]]
+        if len(peers) == 1:
+            names.append(methods[i])
+            continue
+        keys = sorted({k for peer in peers for k in set(peer) | set(fields)})
+        differing = [k for k in keys if len({_value_text(peer.get(k, "-")) for peer in peers}) > 1]
+        shown = [f"{k}={_value_text(fields.get(k, '-'))}" for k in differing]
+        names.append(f"{methods[i]} ({', '.join(shown[:4])}{', ...' if len(shown) > 4 else ''})")
+    return names
+
+
+def collect(workdirs: Sequence[Path], split: str = "test") -> dict[str, list[tuple[Path, dict]]]:
+    """Row name -> ``(workdir, evaluate() dict)`` of each of its seeds, rows in first-seen order.
+
+    Raises:
+      ValueError: two workdirs of one experiment with the same seed (one run counted twice).
+      FileNotFoundError: none has finished.
+    """
+    groups: dict[tuple, list[tuple[Path, int, dict]]] = {}
+    fields_of: dict[tuple, dict] = {}
     unfinished = []
     for workdir in workdirs:
-        if not (Path(workdir) / "report" / "results.json").exists():
+        workdir = Path(workdir)
+        if not (workdir / "report" / "results.json").exists():
             unfinished.append(str(workdir))  # a sweep still running: tabulate what is done
             continue
-        method, _, result = load_run(Path(workdir), split)
+        config, seed, result = load_run(workdir, split)
+        fields = experiment_fields(config)
+        key = tuple(sorted((k, _value_text(v)) for k, v in fields.items()))
+        for other, other_seed, _ in groups.get(key, []):
+            if other_seed == seed:
+                raise ValueError(f"{other} and {workdir} are the same experiment with the same "
+                                 f"seed {seed}: one run would count twice in its row; leave one "
+                                 f"out of --workdirs")
         # Bookkeeping beside the metrics (which checkpoint, chance levels) is not averaged.
         result = {k: v for k, v in result.items() if k not in NOT_METRICS}
-        rows.setdefault(method, []).append(result)
+        groups.setdefault(key, []).append((workdir, seed, result))
+        fields_of[key] = fields
     if unfinished:
         print(f"skipped {len(unfinished)} unfinished workdir(s): {', '.join(unfinished)}", flush=True)
-    if not rows:
+    if not groups:
         raise FileNotFoundError(f"none of the {len(workdirs)} workdirs has finished "
                                 "(no report/results.json)")
-    return rows
+    names = row_names([fields_of[key] for key in groups])
+    return {name: [(workdir, result) for workdir, _, result in runs]
+            for name, runs in zip(names, groups.values())}
 
 
 def write_experiment_report(workdirs: Sequence[str], output_dir: str, split: str = "test",
                             title: str | None = None) -> Path:
     """Writes ``table.md``, ``table.csv`` and ``bars_{metric}.png`` for ``workdirs``; returns table.md."""
     runs = collect(expand_workdirs(workdirs), split)
-    rows = {method: (aggregate_seeds(results) if len(results) > 1 else results[0])
-            for method, results in runs.items()}
+    rows = {name: (aggregate_seeds([r for _, r in seeds]) if len(seeds) > 1 else seeds[0][1])
+            for name, seeds in runs.items()}
+    row_workdirs = {name: [str(w) for w, _ in seeds] for name, seeds in runs.items()}
     out = Path(output_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    seeds = ", ".join(f"{method}: {len(results)}" for method, results in runs.items())
     caption = title or f"{split} split, mean ± std over seeds"
     markdown = results_table_markdown(rows, title=caption)
-    markdown += f"\nSeeds per row: {seeds}.\n"
+    markdown += "\nWorkdirs of each row (its seeds):\n\n" + "".join(
+        f"- {_escape_markdown(name)} ({len(dirs)}): {', '.join(dirs)}\n"
+        for name, dirs in row_workdirs.items())
     (out / "table.md").write_text(markdown)
-    (out / "table.csv").write_text(results_table_csv(rows))
+    (out / "table.csv").write_text(results_table_csv(rows, workdirs=row_workdirs))
     for metric in TABLE_METRICS:
         plot_results_bars(rows, out / f"bars_{metric}.png", metric=metric,
                                     title=f"{caption}: {METRIC_TITLES[metric]}")

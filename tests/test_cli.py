@@ -35,9 +35,11 @@ def fake_workdir(tmp_path):
     workdir = tmp_path / "workdir"
     (workdir / "checkpoints").mkdir(parents=True)
     (workdir / "data_info.json").write_text(json.dumps(
-        {"dataset": "synthetic_knee/x", "image_size": 64, "keypoint_schema": "kneel16"}))
-    (workdir / "config.json").write_text(json.dumps({"model": {"depth": 34, "pooling": "keypoints"},
-                                                     "tasks": ["kl"]}))
+        {"dataset": "oai/x", "image_size": 64, "keypoint_schema": "kneel16"}))
+    (workdir / "config.json").write_text(json.dumps({"dataset": "oai/x",
+                                                     "model": {"depth": 34, "pooling": "keypoints"},
+                                                     "tasks": ["kl"],
+                                                     "coherence": {"enabled": False}}))
     return workdir
 
 
@@ -61,7 +63,9 @@ def test_missing_built_dataset(tmp_path):
 
 
 def test_checkpoint_of_another_architecture(fake_workdir):
-    result = run_cli("--config=configs/demo.py", f"--workdir={fake_workdir}", "--mode=evaluate")
+    # evaluate takes the model from the workdir; an explicit override cannot change it.
+    result = run_cli("--config=configs/demo.py", f"--workdir={fake_workdir}", "--mode=evaluate",
+                     "--config.model.depth=50")
     assert_one_line_error(result, "model.depth")
 
 
