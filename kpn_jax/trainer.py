@@ -44,6 +44,12 @@ class TrainState(train_state.TrainState):
 
     batch_stats: Any = None
 
+    @classmethod
+    def create(cls, **kwargs):
+        # flax starts ``step`` at a Python 0, which a jit returns weakly typed; a strong
+        # int32 keeps one train-step signature from the first step and from any resume.
+        return super().create(**kwargs).replace(step=jnp.zeros((), jnp.int32))
+
 
 class TrainingStopped(FloatingPointError):
     """The guard refused an update (non-finite or diverging loss); the message says which."""
@@ -53,8 +59,12 @@ class TrainingStopped(FloatingPointError):
 
 
 def initial_health() -> dict[str, jax.Array]:
-    """The guard's device state: the first refused step (0 = none) and the lowest loss."""
-    return {"refused_at": jnp.zeros((), jnp.int32), "lowest_loss": jnp.full((), jnp.inf),
+    """The guard's device state: the first refused step (0 = none) and the lowest loss.
+
+    Every leaf has the dtype :func:`guarded_update` returns (a weakly typed ``inf`` would
+    give the second step another signature and compile the train step twice)."""
+    return {"refused_at": jnp.zeros((), jnp.int32),
+            "lowest_loss": jnp.full((), jnp.inf, jnp.float32),
             "refused_loss": jnp.zeros((), jnp.float32)}
 
 
@@ -75,7 +85,8 @@ def guarded_update(state, new_state, loss: jax.Array, grads, health: dict,
     done = (state.step + 1).astype(jnp.int32)
     first_refusal = (health["refused_at"] == 0) & ~healthy
     health = {"refused_at": jnp.where(first_refusal, done, health["refused_at"]),
-              "lowest_loss": jnp.where(healthy, jnp.minimum(health["lowest_loss"], loss),
+              "lowest_loss": jnp.where(healthy, jnp.minimum(health["lowest_loss"],
+                                                            loss.astype(jnp.float32)),
                                        health["lowest_loss"]),
               "refused_loss": jnp.where(first_refusal, loss.astype(jnp.float32),
                                         health["refused_loss"])}

@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.compiles import train_step_compiles
+
 from kpn_jax import landmarks_predict
 from kpn_jax.models import landmarks as lm
 
@@ -158,12 +160,17 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("landmarks")
     workdir = root / "workdir"
     config = _tiny_config(root / "data", num_steps=40)
-    landmarks_train.train_and_evaluate_landmarks(config, str(workdir))
+    # One compile of the train step per run, fresh and resumed: the carried state keeps its
+    # dtypes.
+    _, compiles = train_step_compiles(
+        lambda: landmarks_train.train_and_evaluate_landmarks(config, str(workdir)))
+    assert compiles == 1
     config.num_steps = 50  # a longer schedule: a config change the user must allow
     with pytest.raises(ValueError, match="allow_config_change"):
         landmarks_train.train_and_evaluate_landmarks(config, str(workdir))
-    results = landmarks_train.train_and_evaluate_landmarks(config, str(workdir),
-                                                           allow_config_change=True)
+    results, compiles = train_step_compiles(lambda: landmarks_train.train_and_evaluate_landmarks(
+        config, str(workdir), allow_config_change=True))
+    assert compiles == 1
     assert (workdir / "config.before_step40.json").exists()
     return config, workdir, results
 

@@ -8,6 +8,7 @@ import pytest
 
 from data_prep import synthetic_knee
 from kpn_jax import checkpointing, train
+from tests.compiles import train_step_compiles
 
 pytestmark = pytest.mark.slow  # end-to-end training runs
 
@@ -65,7 +66,9 @@ def test_train_writes_the_workdir_and_resumes_exactly(data_dir, tmp_path):
     # Uninterrupted: 6 steps = one epoch of 48/8; the GMM term switches on after half an epoch.
     config = tiny_config(data_dir, max_steps=6, **{"coherence.warmup_epochs": 0.5})
     full = tmp_path / "full"
-    results = train.train_and_evaluate(config, str(full))
+    # One compile of the train step per run: the carried state keeps its dtypes.
+    results, compiles = train_step_compiles(lambda: train.train_and_evaluate(config, str(full)))
+    assert compiles == 1
 
     for name in ("config.json", "data_info.json", "gmm.npz", "metrics.jsonl",
                  "report/results.md", "report/results.json", "report/learning_curves.png",
@@ -92,8 +95,10 @@ def test_train_writes_the_workdir_and_resumes_exactly(data_dir, tmp_path):
     train.train_and_evaluate(tiny_config(data_dir, max_steps=3,
                                          **{"coherence.warmup_epochs": 0.5}), str(stopped))
     assert latest_params(stopped, config)[0] == 3
-    train.train_and_evaluate(tiny_config(data_dir, max_steps=6, num_data_workers=2,
-                                         **{"coherence.warmup_epochs": 0.5}), str(stopped))
+    _, compiles = train_step_compiles(lambda: train.train_and_evaluate(
+        tiny_config(data_dir, max_steps=6, num_data_workers=2,
+                    **{"coherence.warmup_epochs": 0.5}), str(stopped)))
+    assert compiles == 1  # and once on a resume
     step_a, params_a = latest_params(full, config)
     step_b, params_b = latest_params(stopped, config)
     assert step_a == step_b == 6
