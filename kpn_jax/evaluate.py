@@ -13,32 +13,49 @@ from kpn_jax import grades as grades_lib
 from kpn_jax import input_pipeline, metrics, trainer
 
 
-def predicted_grades(outputs: dict, tasks) -> tuple[jax.Array, jax.Array]:
+def task_probabilities(outputs: dict, tasks) -> dict:
+    """Model outputs -> task -> softmax ``[B, C]`` for the trained tasks."""
+    return {task: jax.nn.softmax(outputs[task].astype(jnp.float32), axis=-1) for task in tasks}
+
+
+def predicted_grades(outputs: dict, tasks, probabilities: dict | None = None
+                     ) -> tuple[jax.Array, jax.Array]:
     """Model outputs -> (argmax grades int32 [B, 7] with -1 for absent tasks, P float32 [B, 29]).
 
-    P holds each present task's softmax and zeros for absent tasks.
+    P holds each present task's softmax (``probabilities``, default from ``outputs``) and
+    zeros for absent tasks.
     """
-    batch = next(iter(outputs[t] for t in tasks)).shape[0]
+    probabilities = probabilities or task_probabilities(outputs, tasks)
+    batch = next(iter(probabilities.values())).shape[0]
     grades, blocks = [], []
     for task in grades_lib.TASKS:
         if task in tasks:
-            logits = outputs[task].astype(jnp.float32)
-            grades.append(jnp.argmax(logits, axis=-1).astype(jnp.int32))
-            blocks.append(jax.nn.softmax(logits, axis=-1))
+            grades.append(jnp.argmax(probabilities[task], axis=-1).astype(jnp.int32))
+            blocks.append(probabilities[task])
         else:
             grades.append(jnp.full((batch,), grades_lib.MISSING, jnp.int32))
             blocks.append(jnp.zeros((batch, grades_lib.NUM_CLASSES[task]), jnp.float32))
     return jnp.stack(grades, axis=-1), jnp.concatenate(blocks, axis=-1)
 
 
-def make_eval_step(model, tasks, dtype=jnp.float32, compiler_options=None) -> Callable:
+def make_eval_step(model, tasks, dtype=jnp.float32, compiler_options=None,
+                   hflip: bool = False) -> Callable:
     """Jitted ``(variables, batch) -> (pred_grades [B,7], probabilities [B,29])``
-    (``compiler_options``: the backend kernels', see :mod:`kpn_jax.kernels`)."""
+    (``compiler_options``: the backend kernels', see :mod:`kpn_jax.kernels`). With
+    ``hflip`` each knee's probabilities are the mean over it and its left-right mirror
+    (keypoints mirrored with it; for grades without a side)."""
 
     def step(variables, batch):
         images = batch["image"].astype(dtype) / 255.0
-        outputs = model.apply(variables, images, batch["keypoints"].astype(jnp.float32), train=False)
-        return predicted_grades(outputs, tasks)
+        keypoints = batch["keypoints"].astype(jnp.float32)
+        outputs = model.apply(variables, images, keypoints, train=False)
+        if not hflip:
+            return predicted_grades(outputs, tasks)
+        # Pixel centres at integer x: column j of a W-wide image lands at W - 1 - j.
+        mirrored_keypoints = keypoints.at[..., 0].set(images.shape[2] - 1 - keypoints[..., 0])
+        mirrored = model.apply(variables, images[:, :, ::-1], mirrored_keypoints, train=False)
+        straight, flipped = task_probabilities(outputs, tasks), task_probabilities(mirrored, tasks)
+        return predicted_grades(outputs, tasks, {t: (straight[t] + flipped[t]) / 2 for t in tasks})
 
     return jax.jit(step, compiler_options=compiler_options or None)
 

@@ -55,12 +55,15 @@ def class_weights(grades, tasks: Sequence[str] = grades_lib.TASKS) -> dict[str, 
 
 
 def weighted_cross_entropy(logits: jax.Array, labels: jax.Array,
-                           class_weights: jax.Array | None = None) -> jax.Array:
+                           class_weights: jax.Array | None = None,
+                           label_smoothing: float = 0.0) -> jax.Array:
     """Class-weighted mean cross entropy over present labels.
 
     ``sum_i w[y_i] CE_i / sum_i w[y_i]`` over ``i`` with ``y_i != -1``: the
     reduction of torch ``F.cross_entropy(weight=w, ignore_index=-1)``. Returns
     0 with zero gradient when no label is present (torch returns NaN there).
+    With ``label_smoothing`` ``e``, ``CE_i`` is against ``(1 - e) onehot(y_i) + e / C``
+    (each example still weighted by ``w[y_i]``).
 
     Args:
       logits: ``[B, C]``.
@@ -88,6 +91,8 @@ def weighted_cross_entropy(logits: jax.Array, labels: jax.Array,
     present = labels >= 0
     safe_labels = jnp.where(present, labels, 0).astype(jnp.int32)
     nll = -jnp.take_along_axis(log_probs, safe_labels[:, None], axis=-1)[:, 0]      # [B]
+    if label_smoothing:
+        nll = (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(log_probs, axis=-1)
     weight = jnp.where(present, class_weights[safe_labels], 0.0)                     # [B]
     total_weight = jnp.sum(weight)
     has_weight = total_weight > 0
@@ -149,7 +154,8 @@ def total_loss(outputs: Mapping[str, jax.Array | Mapping[str, jax.Array]], grade
                lambda_gmm: float = 1.0, use_gmm: bool | jax.Array = True,
                labeled_mask: jax.Array | None = None,
                tasks: Sequence[str] = grades_lib.TASKS,
-               aux_regression_weight: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+               aux_regression_weight: float = 1.0,
+               label_smoothing: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
     """``L = lambda_cls * L_cls + lambda_gmm * L_gmm (+ aux regression)``.
 
     Args:
@@ -169,6 +175,7 @@ def total_loss(outputs: Mapping[str, jax.Array | Mapping[str, jax.Array]], grade
       tasks: tasks in the classification term.
       aux_regression_weight: weight of the regression MSE (only when
         ``outputs`` has ``'regression'``).
+      label_smoothing: of the classification targets (:func:`weighted_cross_entropy`).
 
     Returns:
       ``(loss, metrics)``; metrics hold scalars ``'loss'``, ``'cls'``,
@@ -187,7 +194,7 @@ def total_loss(outputs: Mapping[str, jax.Array | Mapping[str, jax.Array]], grade
     for task in tasks:
         labels = jnp.where(labeled_mask, grades[:, grades_lib.TASKS.index(task)], -1)
         weights = None if class_weights is None else class_weights[task]
-        task_loss = weighted_cross_entropy(outputs[task], labels, weights)
+        task_loss = weighted_cross_entropy(outputs[task], labels, weights, label_smoothing)
         metrics[f"cls/{task}"] = task_loss
         cls = cls + task_loss
     metrics["cls"] = cls

@@ -96,7 +96,9 @@ def restore_variables(config, workdir: Path, image_size: int, schema_name: str,
         which = "best" if checkpoints.best_step() is not None else "latest"
     state = checkpoints.restore(state, which=which)
     checkpoints.close()
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    from kpn_jax import trainer
+
+    variables = trainer.eval_variables(state)
     return model, variables, {"which": which, "step": int(jax.device_get(state.step))}
 
 
@@ -202,7 +204,8 @@ def predict_files(config, workdir: str, images: Sequence[str], keypoint_files: S
     model, variables, checkpoint = restore_variables(config, workdir, image_size, schema.name)
     gmm = gmm_lib.load(workdir / "gmm.npz") if (workdir / "gmm.npz").exists() else None
     eval_step = eval_lib.make_eval_step(model, tuple(config.tasks), train.DTYPES[config.dtype],
-                                        kernels_lib.for_config(config).compiler_options)
+                                        kernels_lib.for_config(config).compiler_options,
+                                        hflip=config.eval_hflip)
     batch = {
         "image": np.stack([img[..., None] for img, _ in prepared]),
         "keypoints": np.stack([k if k is not None else np.zeros((schema.num_points, 2), np.float32)

@@ -30,6 +30,10 @@ from kpn_jax.trainer import MetricLog, TrainState
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DATA_INFO = "data_info.json"  # image size and keypoint schema of the training data
+# Config fields added after workdirs were trained, with the value that is the behaviour
+# before them: resuming an older workdir with these values is no config change.
+ADDED_FIELDS = {"lr_schedule": "step", "lr_warmup_epochs": 0.0, "label_smoothing": 0.0,
+                "ema_decay": 0.0, "augment.hflip": False, "eval_hflip": False}
 
 
 # ----------------------------------------------------------------------------- config
@@ -64,6 +68,21 @@ def validate_config(config) -> None:
     if not config.learning_rate > 0 or not math.isfinite(config.learning_rate):
         raise ValueError(f"config.learning_rate must be a positive number, got "
                          f"{config.learning_rate!r}")
+    if config.lr_schedule not in ("step", "cosine"):
+        raise ValueError(f"config.lr_schedule must be 'step' or 'cosine', got {config.lr_schedule!r}")
+    if not 0 <= config.lr_warmup_epochs < config.num_epochs:
+        raise ValueError(f"config.lr_warmup_epochs must be in [0, num_epochs), got "
+                         f"{config.lr_warmup_epochs!r}")
+    if config.lr_warmup_epochs and config.lr_schedule != "cosine":
+        raise ValueError("config.lr_warmup_epochs needs config.lr_schedule='cosine'")
+    if not 0 <= config.label_smoothing < 1:
+        raise ValueError(f"config.label_smoothing must be in [0, 1), got {config.label_smoothing!r}")
+    if not 0 <= config.ema_decay < 1:
+        raise ValueError(f"config.ema_decay must be in [0, 1) (0 = off), got {config.ema_decay!r}")
+    for name, on in (("augment.hflip", config.augment.hflip), ("eval_hflip", config.eval_hflip)):
+        if on and any(task != "kl" for task in config.tasks):
+            raise ValueError(f"config.{name} mirrors knees, which swaps lateral and medial: only "
+                             f"for tasks=('kl',), not {tuple(config.tasks)}")
     if not 0 < config.lr_decay_factor <= 1:
         raise ValueError(f"config.lr_decay_factor must be in (0, 1], got {config.lr_decay_factor!r}")
     if not config.weight_decay >= 0:
@@ -148,25 +167,33 @@ def create_model(config, keypoint_schema: str = "kneel16",
     return kpn.create_model(pooling=m.pooling, **kwargs)
 
 
+def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
+    """``config.lr_schedule``: the paper's steps (``lr_decay_epochs``), or a cosine decay to
+    0 at epoch ``num_epochs`` after a linear warm-up of ``lr_warmup_epochs``."""
+    if config.lr_schedule == "cosine":
+        total = max(1, int(config.num_epochs * steps_per_epoch))
+        warmup = int(config.lr_warmup_epochs * steps_per_epoch)
+        if warmup:
+            return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, total)
+        return optax.cosine_decay_schedule(config.learning_rate, total)
+    boundaries = {int(e * steps_per_epoch): config.lr_decay_factor for e in config.lr_decay_epochs}
+    return optax.piecewise_constant_schedule(config.learning_rate, boundaries)
+
+
 def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
-    """Adam with the paper's weight decay and step schedule.
+    """Adam with the paper's weight decay and the schedule of ``config.lr_schedule``.
 
     ``weight_decay_style='l2'`` adds ``wd * w`` to the gradient before Adam, as
     torch's ``Adam(weight_decay=...)`` (the paper's PyTorch setting) does.
     """
-    boundaries = {int(e * steps_per_epoch): config.lr_decay_factor for e in config.lr_decay_epochs}
-    schedule = optax.piecewise_constant_schedule(config.learning_rate, boundaries)
+    schedule = learning_rate_schedule(config, steps_per_epoch)
     if config.weight_decay_style == "decoupled":
         return optax.adamw(schedule, weight_decay=config.weight_decay)
     return optax.chain(optax.add_decayed_weights(config.weight_decay), optax.adam(schedule))
 
 
 def learning_rate_at(config, steps_per_epoch: int, step: int) -> float:
-    lr = config.learning_rate
-    for epoch in config.lr_decay_epochs:
-        if step >= int(epoch * steps_per_epoch):
-            lr *= config.lr_decay_factor
-    return lr
+    return float(learning_rate_schedule(config, steps_per_epoch)(step))
 
 
 def init_variables(model, image_size: int, num_points: int, seed: int) -> dict:
@@ -180,8 +207,9 @@ def create_state(config, model, tx, image_size: int, num_points: int, mesh) -> T
 
     def make():
         variables = init_variables(model, image_size, num_points, config.seed)
-        return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
-                                 batch_stats=variables.get("batch_stats", {}))
+        state = TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                                  batch_stats=variables.get("batch_stats", {}))
+        return state.replace(ema=trainer.variables_of(state)) if config.ema_decay else state
 
     state = jax.jit(make, out_shardings=parallel.replicated_sharding(mesh))()
     if config.init_from:
@@ -193,6 +221,8 @@ def create_state(config, model, tx, image_size: int, num_points: int, mesh) -> T
             {"params": state.params, "batch_stats": state.batch_stats}, backbone)
         state = state.replace(params=merged["params"], batch_stats=merged["batch_stats"],
                               opt_state=tx.init(merged["params"]))
+        if config.ema_decay:
+            state = state.replace(ema=trainer.variables_of(state))
         state = parallel.replicate(state, mesh)
     return state
 
@@ -219,7 +249,7 @@ def make_train_step(config, model, class_weights: dict, gmm, warmup_steps: int =
         images, keypoints = augment_lib.augment(
             rng, images, batch["keypoints"].astype(jnp.float32),
             max_translation_px=aug.max_translation_px, max_rotation_deg=aug.max_rotation_deg,
-            scale_range=tuple(aug.scale_range))
+            scale_range=tuple(aug.scale_range), hflip=bool(aug.hflip))
         images = images.astype(dtype)
 
         def loss_fn(params):
@@ -230,13 +260,16 @@ def make_train_step(config, model, class_weights: dict, gmm, warmup_steps: int =
                 outputs, batch["grades"], class_weights, gmm=gmm, tau=coherence.tau,
                 lambda_cls=config.lambda_cls, lambda_gmm=coherence.lambda_gmm,
                 use_gmm=step_index >= warmup_steps, labeled_mask=batch["labeled"], tasks=tasks,
-                aux_regression_weight=config.aux_regression_weight)
+                aux_regression_weight=config.aux_regression_weight,
+                label_smoothing=config.label_smoothing)
             return loss, (aux, updates["batch_stats"])
 
         (loss, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
         new_state, health = trainer.guarded_update(state, new_state, loss, grads, health,
                                                    config.divergence_factor)
+        if config.ema_decay:
+            new_state = trainer.update_ema(new_state, config.ema_decay)
         return new_state, dict(aux), health
 
     return jax.jit(step, donate_argnums=(0,), compiler_options=compiler_options or None)
@@ -338,7 +371,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     checkpoints = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
     trainer.write_config(workdir, config_to_dict(config),
                          lambda saved: checkpointing.check_config_compatible(saved, config),
-                         allow_config_change, checkpoints.latest_step())
+                         allow_config_change, checkpoints.latest_step(), ADDED_FIELDS)
     schema = kp_lib.get_schema(handle.keypoint_schema)
     epoch_examples = len(labeled) if config.epoch_basis == "labeled" else len(handle.split("train"))
     steps_per_epoch = max(1, math.ceil(epoch_examples / config.batch_size))
@@ -380,7 +413,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     train_step = make_train_step(config, model, class_weights, gmm, warmup_steps,
                                  kernels.compiler_options)
     eval_step = eval_lib.make_eval_step(model, tuple(config.tasks), DTYPES[config.dtype],
-                                        kernels.compiler_options)
+                                        kernels.compiler_options, hflip=config.eval_hflip)
 
     _print(f"kpn-jax: {config.model.pooling} pooling, ResNet-{config.model.depth} "
            f"(width {config.model.width}), {handle.name} at {handle.image_size} px, "
@@ -394,7 +427,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     def run_validation(step: int, state) -> None:
         if validation is None or len(validation) == 0:
             return
-        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        variables = trainer.eval_variables(state)
         predictions = eval_lib.predict_split(eval_step, variables, validation, checker, mesh,
                                              config.eval_batch_size, loading)
         result = eval_lib.split_metrics(predictions, tuple(config.tasks), gmm)
@@ -470,7 +503,7 @@ def evaluate_splits(config, workdir: Path, splits: dict, eval_step, state, which
     ``report/`` (``report/<other_dataset>/`` for data other than the training data) and
     prints the results; returns ``{split: metrics}``."""
     report_dir = workdir / "report" / (other_dataset or "")
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    variables = trainer.eval_variables(state)
     step = int(jax.device_get(state.step))
     results = {}
     for split, source in splits.items():
@@ -537,7 +570,7 @@ def evaluate_checkpoint(config, workdir: str, split: str | None = None,
                                                   config.model.pooling == "keypoints")
     gmm = gmm_lib.load(workdir / "gmm.npz") if (workdir / "gmm.npz").exists() else None
     eval_step = eval_lib.make_eval_step(model, tuple(config.tasks), DTYPES[config.dtype],
-                                        kernels.compiler_options)
+                                        kernels.compiler_options, hflip=config.eval_hflip)
     records = trainer.read_records(workdir / "metrics.jsonl") if jax.process_index() == 0 else None
     results = evaluate_splits(config, workdir, {split: handle.split(split)}, eval_step, state,
                               which, checker, mesh, gmm, records,

@@ -26,7 +26,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +43,9 @@ class TrainState(train_state.TrainState):
     """flax's TrainState plus BatchNorm statistics."""
 
     batch_stats: Any = None
+    # ``{'params', 'batch_stats'}``: their exponential moving average (config.ema_decay), or
+    # None (no leaves: checkpoints without it keep their structure).
+    ema: Any = None
 
     @classmethod
     def create(cls, **kwargs):
@@ -53,6 +56,27 @@ class TrainState(train_state.TrainState):
 
 class TrainingStopped(FloatingPointError):
     """The guard refused an update (non-finite or diverging loss); the message says which."""
+
+
+def variables_of(state) -> dict:
+    """The model variables a state trains: ``{'params', 'batch_stats'}``."""
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def eval_variables(state) -> dict:
+    """What evaluation and prediction use: the weights' moving average when the state
+    keeps one, else the trained weights."""
+    return state.ema if state.ema is not None else variables_of(state)
+
+
+def update_ema(state, decay: float):
+    """``state`` with ``ema <- d * ema + (1 - d) * variables``, ``d = min(decay, (1 + t) /
+    (10 + t))`` at step ``t``: early averages forget the random start quickly."""
+    step = state.step.astype(jnp.float32)
+    d = jnp.minimum(jnp.float32(decay), (1.0 + step) / (10.0 + step))
+    ema = jax.tree.map(lambda average, value: (d * average + (1.0 - d) * value).astype(value.dtype),
+                       state.ema, variables_of(state))
+    return state.replace(ema=ema)
 
 
 # ----------------------------------------------------------------------------- guard
@@ -182,16 +206,25 @@ def print_once(message: str) -> None:
 
 
 def write_config(workdir: Path, config_dict: dict, saved_check: Callable[[dict], None],
-                 allow_change: bool, resume_step: int | None) -> None:
+                 allow_change: bool, resume_step: int | None,
+                 absent_means: Mapping[str, Any] | None = None) -> None:
     """Records the run's config in ``workdir/config.json``, keeping every earlier one.
 
     ``saved_check(saved)`` raises when the saved config describes another model. Any other
     difference on a resume is refused unless ``allow_change``; then the earlier config is
-    kept as ``config.before_step<N>.json``.
+    kept as ``config.before_step<N>.json``. ``absent_means`` gives fields added after a
+    config was saved (dotted names) the value that meant the old behaviour: a saved config
+    without the field equals one with that value.
     """
     path = workdir / "config.json"
     if path.exists():
         saved = json.loads(path.read_text())
+        for dotted, value in (absent_means or {}).items():
+            *parents, last = dotted.split(".")
+            target = saved
+            for part in parents:
+                target = target.setdefault(part, {})
+            target.setdefault(last, value)
         saved_check(saved)
         changed = config_differences(saved, config_dict)
         if changed:

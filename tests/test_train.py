@@ -58,7 +58,8 @@ def latest_params(workdir, config):
     ckpt = checkpointing.Checkpointer(workdir)
     state = ckpt.restore(state)
     ckpt.close()
-    leaves = jax.tree_util.tree_flatten_with_path({"p": state.params, "b": state.batch_stats})[0]
+    leaves = jax.tree_util.tree_flatten_with_path({"p": state.params, "b": state.batch_stats,
+                                                   "ema": state.ema})[0]
     return int(state.step), {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
 
 
@@ -135,3 +136,24 @@ def test_another_architecture_in_the_workdir_is_refused(data_dir, tmp_path):
     with pytest.raises(checkpointing.CheckpointMismatchError, match="model.depth"):
         train.train_and_evaluate(tiny_config(data_dir, max_steps=2, **{"model.depth": 34}),
                                  str(tmp_path / "w"))
+
+
+def test_recipe_options_train_and_resume_exactly_with_the_moving_average(data_dir, tmp_path):
+    """KL only, mirrored knees, cosine with warm-up, label smoothing and a moving average of
+    the weights: the average is checkpointed (a resumed run ends equal to an uninterrupted
+    one) and is what evaluation uses."""
+    options = {"tasks": ("kl",), "coherence.enabled": False, "augment.hflip": True,
+               "eval_hflip": True, "lr_schedule": "cosine", "lr_warmup_epochs": 0.5,
+               "label_smoothing": 0.1, "ema_decay": 0.9}
+    config = tiny_config(data_dir, max_steps=4, **options)
+    results = train.train_and_evaluate(config, str(tmp_path / "full"))
+    train.train_and_evaluate(tiny_config(data_dir, max_steps=2, **options), str(tmp_path / "cut"))
+    train.train_and_evaluate(config, str(tmp_path / "cut"))
+    step_a, params_a = latest_params(tmp_path / "full", config)
+    step_b, params_b = latest_params(tmp_path / "cut", config)
+    assert step_a == step_b == 4
+    assert any(key.startswith("['ema']") for key in params_a)  # the average is checkpointed
+    for key in params_a:
+        np.testing.assert_allclose(params_a[key], params_b[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    evaluated = train.evaluate_checkpoint(config, str(tmp_path / "full"), "validation")
+    assert evaluated["kl"]["accuracy"] == pytest.approx(results["validation"]["kl"]["accuracy"])

@@ -1,0 +1,127 @@
+"""Training-recipe options: cosine schedule with warm-up, label smoothing, a moving average of
+the weights, mirrored knees in training and evaluation (grades without a side)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kpn_jax import evaluate, losses, train, trainer
+
+
+def _config(**fields):
+    from configs import default
+
+    config = default.get_config()
+    for dotted, value in fields.items():
+        target = config
+        *parents, last = dotted.split(".")
+        for part in parents:
+            target = target[part]
+        target[last] = value
+    return config
+
+
+def test_cosine_schedule_with_warm_up_matches_its_formula():
+    config = _config(lr_schedule="cosine", lr_warmup_epochs=2.0, num_epochs=10,
+                     learning_rate=1e-3)
+    steps_per_epoch, warmup, total = 5, 10, 50
+    for step in (0, 3, 10, 20, 35, 50):
+        if step < warmup:
+            want = 1e-3 * step / warmup
+        else:
+            want = 1e-3 * 0.5 * (1 + np.cos(np.pi * (step - warmup) / (total - warmup)))
+        assert train.learning_rate_at(config, steps_per_epoch, step) == pytest.approx(want, abs=1e-9)
+    plain = _config(lr_schedule="cosine", num_epochs=10, learning_rate=1e-3)
+    assert train.learning_rate_at(plain, 5, 0) == pytest.approx(1e-3)
+    assert train.learning_rate_at(plain, 5, 25) == pytest.approx(5e-4)
+
+
+def test_step_schedule_is_unchanged():
+    config = _config(learning_rate=1e-3, lr_decay_epochs=(2, 4), lr_decay_factor=0.5)
+    assert [train.learning_rate_at(config, 10, s) for s in (0, 19, 20, 39, 40)] == pytest.approx(
+        [1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4])
+
+
+def test_label_smoothing_matches_float64():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2, (12, 5))
+    labels = rng.integers(-1, 5, 12)
+    weights = rng.uniform(0.5, 2.0, 5)
+    e = 0.1
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    present = labels >= 0
+    target = np.full((12, 5), e / 5)
+    target[np.arange(12), np.maximum(labels, 0)] += 1 - e
+    per_example = -(target * log_p).sum(-1)
+    w = np.where(present, weights[np.maximum(labels, 0)], 0.0)
+    want = (w * per_example).sum() / w.sum()
+    got = losses.weighted_cross_entropy(logits.astype(np.float32), labels,
+                                        weights.astype(np.float32), label_smoothing=e)
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    np.testing.assert_allclose(
+        float(losses.weighted_cross_entropy(logits.astype(np.float32), labels, None, 0.0)),
+        float(losses.weighted_cross_entropy(logits.astype(np.float32), labels)))
+
+
+class _State:
+    def __init__(self, step, params, batch_stats, ema):
+        self.step, self.params, self.batch_stats, self.ema = step, params, batch_stats, ema
+
+    def replace(self, **changes):
+        fields = dict(step=self.step, params=self.params, batch_stats=self.batch_stats,
+                      ema=self.ema)
+        fields.update(changes)
+        return _State(**fields)
+
+
+def test_moving_average_of_the_weights_follows_its_formula():
+    params = {"w": jnp.asarray([1.0, 2.0])}
+    stats = {"mean": jnp.asarray([4.0])}
+    ema = {"params": {"w": jnp.asarray([0.0, 0.0])}, "batch_stats": {"mean": jnp.asarray([0.0])}}
+    for step, decay in ((0, 0.1), (100, 0.9)):    # early: (1 + t) / (10 + t) is smaller
+        state = _State(jnp.asarray(step, jnp.int32), params, stats, ema)
+        updated = trainer.update_ema(state, 0.9)
+        np.testing.assert_allclose(updated.ema["params"]["w"], (1 - decay) * np.array([1.0, 2.0]),
+                                   rtol=1e-6)
+        np.testing.assert_allclose(updated.ema["batch_stats"]["mean"], [(1 - decay) * 4.0],
+                                   rtol=1e-6)
+        assert trainer.eval_variables(updated) is updated.ema
+    assert trainer.eval_variables(_State(0, params, stats, None)) == {"params": params,
+                                                                      "batch_stats": stats}
+
+
+def test_mirroring_is_refused_for_grades_with_a_side():
+    for field in ("augment.hflip", "eval_hflip"):
+        with pytest.raises(ValueError, match=f"config.{field} mirrors knees"):
+            train.validate_config(_config(**{field: True, "coherence.enabled": False}))
+        train.validate_config(_config(**{field: True, "coherence.enabled": False,
+                                         "tasks": ("kl",)}))
+    with pytest.raises(ValueError, match="lr_warmup_epochs needs"):
+        train.validate_config(_config(lr_warmup_epochs=1.0))
+    with pytest.raises(ValueError, match="ema_decay"):
+        train.validate_config(_config(ema_decay=1.0))
+
+
+def test_mirrored_evaluation_averages_a_knee_and_its_mirror():
+    from kpn_jax.models import kpn
+
+    model = kpn.create_model("keypoints", depth=18, width=8, tasks=("kl",))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (2, 64, 64, 1)).astype(np.uint8)
+    keypoints = rng.uniform(10, 50, (2, 16, 2)).astype(np.float32)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 1)),
+                           jnp.full((1, 16, 2), 32.0), train=False)
+    batch = {"image": images, "keypoints": keypoints}
+    pred, probabilities = evaluate.make_eval_step(model, ("kl",), hflip=True)(variables, batch)
+
+    def kl_probabilities(image, points):
+        out = model.apply(variables, jnp.asarray(image, jnp.float32) / 255.0, points, train=False)
+        return jax.nn.softmax(out["kl"], axis=-1)
+
+    mirrored_points = keypoints.copy()
+    mirrored_points[..., 0] = 63 - keypoints[..., 0]
+    want = (kl_probabilities(images, keypoints)
+            + kl_probabilities(images[:, :, ::-1], mirrored_points)) / 2
+    np.testing.assert_allclose(probabilities[:, :5], want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(pred[:, 0], np.argmax(want, axis=-1))
