@@ -7,6 +7,7 @@ under a ``data_dir``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -42,6 +43,18 @@ def stores_png(info) -> bool:
     import tensorflow_datasets as tfds
 
     return isinstance(info.features["image"], tfds.features.Image)
+
+
+def preprocessing(data_dir: str | os.PathLike, name: str) -> dict:
+    """What a build did to each image beyond cropping, mirroring and resizing, from the
+    ``build_summary.json`` beside the data, so that predict can do the same to a file:
+    ``{'fix_polarity': bool}`` (kneeKL224 inverts crops whose grey levels are inverted)."""
+    try:
+        summary_path = dataset_dir(data_dir, name) / "build_summary.json"
+    except FileNotFoundError:
+        return {"fix_polarity": False}
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    return {"fix_polarity": bool(summary.get("polarity_fixed", False))}
 
 
 def rebuild_hint(data_dir: str | os.PathLike, name: str) -> str:

@@ -1,9 +1,12 @@
 """Grade new radiographs with a trained workdir: JSON grades + an overlay picture per image.
 
 Each image is taken as a knee ROI framed like the training data (for the
-synthetic knees and kneeKL224: the joint centred, femur above, tibia below). A
-left knee (``side='L'``) is mirrored to the right-knee orientation, the image is
-padded to a square and resized to the training size, and its keypoints follow.
+synthetic knees and kneeKL224: the joint centred, femur above, tibia below) and
+prepared as the training data's build prepared its images: grey levels inverted
+where the build fixed inverted crops (``data_info.json``'s ``preprocessing``), a
+left knee mirrored to the right-knee orientation (side from ``--sides``, else a
+kneeKL224-style file name ``<id>L.png``, else right, with a printed note), padded
+to a square and resized to the training size; its keypoints follow.
 Keypoints come from a file (CSV of ``x,y`` rows in the image's pixels, or a
 kneel16/BoneFinder ``.pts``) or, when none is given, from a trained landmark
 detector.
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -20,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kpn_jax import checkpointing
+from kpn_jax import checkpointing, image_io
 from kpn_jax import gmm as gmm_lib
 from kpn_jax import grades as grades_lib
 from kpn_jax import kernels as kernels_lib
@@ -164,15 +168,24 @@ def predict_files(config, workdir: str, images: Sequence[str], keypoint_files: S
     image_size, schema = int(info["image_size"]), kp_lib.get_schema(info["keypoint_schema"])
     if keypoint_files and len(keypoint_files) != len(images):
         raise ValueError(f"--keypoints has {len(keypoint_files)} files for {len(images)} images")
-    sides = list(sides) if sides else ["R"] * len(images)
-    if len(sides) != len(images):
+    if sides and len(sides) != len(images):
         raise ValueError(f"--sides has {len(sides)} values for {len(images)} images")
+    sides, side_sources = knee_sides(images, sides)
+    assumed = [path for path, source in zip(images, side_sources) if source == "assumed"]
+    if assumed:
+        print(f"side unknown for {len(assumed)} image(s) (first: {assumed[0]}): taken as right "
+              f"knees; give --sides=R,L,... or name files like kneeKL224's (<id>L.png)",
+              flush=True)
+    fix_polarity = bool(info.get("preprocessing", {}).get("fix_polarity", False))
     needs_keypoints = config.model.pooling == "keypoints"
 
-    prepared, sources, readable, skipped = [], [], [], []
+    prepared, sources, readable, skipped, polarity_inverted = [], [], [], [], []
     for i, path in enumerate(images):
         try:
             image = load_image_uint8(path)
+            inverted = fix_polarity and image_io.centre_minus_border(image) < 0
+            if inverted:  # as the training data's build did (data_info.json preprocessing)
+                image = 255 - image
             keypoints, source = None, "none"
             if keypoint_files:
                 keypoints = read_keypoint_file(keypoint_files[i], schema)
@@ -189,12 +202,14 @@ def predict_files(config, workdir: str, images: Sequence[str], keypoint_files: S
         prepared.append((roi_image, roi_keypoints))
         sources.append(source)
         readable.append(i)
+        polarity_inverted.append(bool(inverted))
     if not readable:
         raise ValueError(skipped[0][1] if len(skipped) == 1 else
                          f"none of the {len(images)} images could be read; the first: "
                          f"{skipped[0][0]}: {skipped[0][1]}")
     images = [images[i] for i in readable]
     sides = [sides[i] for i in readable]
+    side_sources = [side_sources[i] for i in readable]
 
     if needs_keypoints and any(k is None for _, k in prepared):
         detected = _detect_keypoints([img for img, _ in prepared], landmark_workdir, image_size)
@@ -228,7 +243,8 @@ def predict_files(config, workdir: str, images: Sequence[str], keypoint_files: S
                                 "probabilities": [round(float(p), 5) for p in probabilities[i, start:stop]]}
         roi_image, roi_keypoints = prepared[i]
         result = {
-            "image": str(path), "side": sides[i], "grades": grades,
+            "image": str(path), "side": sides[i], "side_from": side_sources[i],
+            "polarity_inverted": polarity_inverted[i], "grades": grades,
             "coherence_log_prob": None if log_probs[i] is None else float(log_probs[i]),
             "keypoints": {"source": sources[i], "schema": schema.name,
                           "roi_pixels": None if roi_keypoints is None else np.round(roi_keypoints, 2).tolist()},
@@ -247,6 +263,30 @@ def predict_files(config, workdir: str, images: Sequence[str], keypoint_files: S
         print(f"{len(skipped)} of {len(images) + len(skipped)} images skipped; listed in "
               f"{out_dir / 'predictions.csv'}", flush=True)
     return results
+
+
+# kneeKL224's file names: the OAI subject id and the side letter (9001695L.png).
+_SIDE_IN_NAME = re.compile(r"^\d+(?P<side>[LR])$")
+
+
+def knee_sides(images: Sequence[str], sides: Sequence[str] | None) -> tuple[list[str], list[str]]:
+    """Each image's side and where it came from: ``--sides`` ('flag'), a kneeKL224-style file
+    name ending in the side letter ('file name'), else right ('assumed').
+
+    Raises:
+      ValueError: a side other than R or L.
+    """
+    if sides:
+        bad = [s for s in sides if s not in ("R", "L")]
+        if bad:
+            raise ValueError(f"--sides: expected R or L for each image, got {bad[0]!r}")
+        return list(sides), ["flag"] * len(images)
+    found, sources = [], []
+    for path in images:
+        match = _SIDE_IN_NAME.match(Path(path).stem)
+        found.append(match.group("side") if match else "R")
+        sources.append("file name" if match else "assumed")
+    return found, sources
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom", "")

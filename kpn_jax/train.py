@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from kpn_jax import augment as augment_lib
-from kpn_jax import checkpointing, evaluate as eval_lib
+from kpn_jax import checkpointing, datasets, evaluate as eval_lib
 from kpn_jax import gmm as gmm_lib
 from kpn_jax import grades as grades_lib
 from kpn_jax import input_pipeline, kernels as kernels_lib, keypoints as kp_lib, losses, parallel
@@ -390,7 +390,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         (workdir / DATA_INFO).write_text(json.dumps(
             {"dataset": handle.name, "image_size": handle.image_size,
              "keypoint_schema": handle.keypoint_schema,
-             "data_dir": workdir_config.absolute_data_dir(config.data_dir)}))
+             "data_dir": workdir_config.absolute_data_dir(config.data_dir),
+             "preprocessing": datasets.preprocessing(os.path.expanduser(config.data_dir),
+                                                     handle.name)}))
     kernels = kernels_lib.for_config(config)
     loading = input_pipeline.loading_for_config(config)
     model = create_model(config, handle.keypoint_schema, kernels)

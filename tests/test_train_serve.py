@@ -1,0 +1,71 @@
+"""No train/serve skew: grading kneeKL224 PNG crops with predict gives exactly what
+evaluating the dataset built from the same files gives (left knees, inverted grey levels,
+resizing, mirrored test-time evaluation, the weights' moving average)."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+KNEE_KL224 = Path(__file__).resolve().parents[2] / "shared" / "data" / "kneeKL224"
+# Validation crops: left and right knees, and crops whose grey levels are inverted.
+VALIDATION = ["val/0/9625187L.png", "val/0/9775753R.png", "val/2/9558684L.png",
+              "val/2/9579255R.png", "val/0/9006140L.png", "val/0/9006140R.png"]
+
+
+@pytest.mark.skipif(not KNEE_KL224.is_dir(), reason="needs ../shared/data/kneeKL224")
+def test_predict_on_png_crops_equals_evaluate_on_their_built_dataset(tmp_path):
+    from configs import kneekl224
+    from data_prep.knee_kl224 import __main__ as build_cli
+    from kpn_jax import evaluate, input_pipeline, parallel, predict, train
+
+    manual = tmp_path / "kneeKL224"
+    train_files = sorted((KNEE_KL224 / "train" / "1").glob("*.png"))[:8]
+    for source in [*train_files, *(KNEE_KL224 / name for name in VALIDATION)]:
+        target = manual / source.relative_to(KNEE_KL224)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target)
+    data_dir = tmp_path / "data"
+    build_cli.build(build_cli.parse_args([f"--manual_dir={manual}", f"--data_dir={data_dir}",
+                                          "--image_size=64", "--landmarks=none"]))
+
+    config = kneekl224.get_config()
+    config.data_dir = str(data_dir)
+    config.dataset = "knee_kl224/" + next(p.name for p in (data_dir / "knee_kl224").iterdir())
+    config.model.width = 4
+    config.batch_size = 4
+    config.eval_batch_size = 4
+    config.max_steps = 2
+    config.ema_decay = 0.5
+    workdir = tmp_path / "workdir"
+    train.train_and_evaluate(config, str(workdir))
+
+    # Evaluate: the built validation split through the evaluation step.
+    handle = input_pipeline.open_dataset(config)
+    source = handle.split("validation")
+    model, variables, _ = predict.restore_variables(config, workdir, 64, handle.keypoint_schema)
+    eval_step = evaluate.make_eval_step(model, ("kl",), hflip=config.eval_hflip)
+    checker = input_pipeline.make_example_checker(64, 16, False)
+    evaluated = evaluate.predict_split(eval_step, variables, source, checker,
+                                       parallel.make_mesh(), 4)
+    ids = [i.decode() if isinstance(i, bytes) else str(i)
+           for i in input_pipeline.read_field(source, "image_id")]
+    by_id = {image_id: (evaluated["pred"][k, 0], evaluated["probabilities"][k, :5])
+             for k, image_id in enumerate(ids)}
+    assert sorted(by_id) == sorted(Path(name).stem for name in VALIDATION)
+
+    # Predict: the PNG files as a user has them, sides from their names.
+    results = predict.predict_files(config, str(workdir), [str(manual / "val" / "*" / "*.png")],
+                                    None, output_dir=str(tmp_path / "predictions"))
+    assert len(results) == len(VALIDATION)
+    for result in results:
+        stem = Path(result["image"]).stem
+        grade, probabilities = by_id[stem]
+        assert result["side"] == stem[-1] and result["side_from"] == "file name"
+        assert result["grades"]["kl"]["grade"] == grade, stem
+        np.testing.assert_allclose(result["grades"]["kl"]["probabilities"], probabilities,
+                                   atol=2e-5, err_msg=stem)
+    assert sum(r["polarity_inverted"] for r in results) == 4   # the four inverted crops
