@@ -47,6 +47,9 @@ flags.DEFINE_bool("multihost", False, "Multi-host with the cluster auto-detected
 # Errors a user can fix: print one line and exit non-zero instead of a traceback.
 USER_ERRORS = (ValueError, OSError, KeyError, FloatingPointError)
 REPO = os.path.dirname(os.path.abspath(__file__))
+# After SIGTERM the run saves and exits with 128 + 15, what a shell reports for a process the
+# signal ended, so schedulers see the usual code for a stopped job.
+EXIT_SIGTERM = 143
 # Modes that use a trained workdir's own config when no --config is given.
 WORKDIR_MODES = ("evaluate", "predict")
 
@@ -101,7 +104,8 @@ def _run(argv) -> None:
     elif FLAGS.mode == "train":
         from kpn_jax import train
 
-        train.train_and_evaluate(config, FLAGS.workdir, FLAGS.allow_config_change)
+        train.train_and_evaluate(config, FLAGS.workdir, FLAGS.allow_config_change,
+                                 stop_requested=_stop_on_sigterm())
     elif FLAGS.mode == "evaluate":
         from kpn_jax import train
 
@@ -145,6 +149,23 @@ def _workdir_config(config, config_file: str):
     return config
 
 
+def _stop_on_sigterm():
+    """SIGTERM, a scheduler's stop (SLURM, Kubernetes, spot VMs), as a flag the trainer reads
+    before each step: it then saves a checkpoint and stops (exit 143). Single process only:
+    processes that saw the signal at different steps would save different steps, so with
+    several processes SIGTERM keeps its default (the run ends; the last checkpoint stays)."""
+    import signal
+    import threading
+
+    import jax
+
+    if jax.process_count() > 1:
+        return None
+    requested = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: requested.set())
+    return requested.is_set
+
+
 def _sides() -> list[str] | None:
     """``--sides='R,L'`` -> ``['R', 'L']``; ``None`` when not given."""
     return [s.strip() for s in FLAGS.sides.split(",") if s.strip()] if FLAGS.sides else None
@@ -156,7 +177,8 @@ def _run_landmarks(config) -> None:
 
     if FLAGS.mode == "train":
         landmarks_train.train_and_evaluate_landmarks(config, FLAGS.workdir,
-                                                     FLAGS.allow_config_change)
+                                                     FLAGS.allow_config_change,
+                                                     stop_requested=_stop_on_sigterm())
     elif FLAGS.mode == "evaluate":
         landmarks_train.evaluate_landmarks(config, FLAGS.workdir)
     elif FLAGS.mode == "predict":
@@ -229,8 +251,11 @@ def main(argv) -> None:
     except UsageError as error:
         print(f"error: {error} (every flag: python run.py --help)", file=sys.stderr)
         _exit_now(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         # The trainers saved a checkpoint and said so; no traceback.
+        if type(interrupt).__name__ == "StopRequested":
+            print("stopped by SIGTERM (exit 143); the same command resumes", file=sys.stderr)
+            _exit_now(EXIT_SIGTERM)
         print("stopped by Ctrl-C", file=sys.stderr)
         _exit_now(130)
     except USER_ERRORS as error:

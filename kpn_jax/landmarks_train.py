@@ -551,7 +551,8 @@ _print = trainer.print_once
 
 
 def train_and_evaluate_landmarks(config: ml_collections.ConfigDict, workdir: str,
-                                 allow_config_change: bool = False) -> dict:
+                                 allow_config_change: bool = False,
+                                 stop_requested=None) -> dict:
     """Trains the detector, keeps the best checkpoint on ``dev``, reports every evaluation set.
 
     Resumes from ``workdir/checkpoints/latest`` when present (see :mod:`kpn_jax.trainer`).
@@ -658,7 +659,7 @@ def train_and_evaluate_landmarks(config: ml_collections.ConfigDict, workdir: str
         checkpoints=checkpoints, log=log, log_every=config.log_every_steps,
         checkpoint_every=config.checkpoint_every_steps, evaluate_every=config.eval_every_steps,
         evaluate=run_dev_evaluation, window_record=window_record,
-        refusal_message=refusal_message)
+        refusal_message=refusal_message, stop_requested=stop_requested)
     if dev_sets and config.best_metric and checkpoints.best_step() is None:
         run_dev_evaluation(int(jax.device_get(state.step)), state)
         checkpoints.wait()

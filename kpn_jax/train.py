@@ -345,12 +345,14 @@ _print = trainer.print_once
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       allow_config_change: bool = False) -> dict:
+                       allow_config_change: bool = False, stop_requested=None) -> dict:
     """Trains, evaluates on validation, keeps the best checkpoint, tests it, writes the report.
 
     Resumes from ``workdir/checkpoints/latest``; a run killed at any moment and started
     again ends as an uninterrupted one would (see :mod:`kpn_jax.trainer`). A resume with a
     config that differs from the workdir's is refused unless ``allow_config_change``.
+    ``stop_requested`` (``() -> bool``, asked before each step; run.py's SIGTERM flag) stops
+    the run there with a checkpoint saved, raising :class:`kpn_jax.trainer.StopRequested`.
 
     Returns the final ``{split: evaluate()-dict}`` of the best checkpoint.
     """
@@ -485,7 +487,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         checkpoints=checkpoints, log=log, log_every=config.log_every_steps,
         checkpoint_every=config.checkpoint_every_steps,
         evaluate_every=max(1, int(config.eval_every_epochs * steps_per_epoch)),
-        evaluate=run_validation, window_record=window_record, refusal_message=refusal_message)
+        evaluate=run_validation, window_record=window_record, refusal_message=refusal_message,
+        stop_requested=stop_requested)
 
     which = "best" if checkpoints.best_step() is not None else "latest"
     splits = {split: handle.sources[split] for split in ("validation", "test")

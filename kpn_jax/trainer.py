@@ -23,6 +23,7 @@ a full disk) and started again with the same command ends with the same ``metric
 from __future__ import annotations
 
 import json
+import sys
 import math
 import time
 from pathlib import Path
@@ -52,6 +53,11 @@ class TrainState(train_state.TrainState):
         # flax starts ``step`` at a Python 0, which a jit returns weakly typed; a strong
         # int32 keeps one train-step signature from the first step and from any resume.
         return super().create(**kwargs).replace(step=jnp.zeros((), jnp.int32))
+
+
+class StopRequested(KeyboardInterrupt):
+    """A stop asked for from outside (SIGTERM from a scheduler): raised at a step boundary,
+    after which :func:`fit` saves as for Ctrl-C."""
 
 
 class TrainingStopped(FloatingPointError):
@@ -285,7 +291,8 @@ def fit(*, state, health: dict, train_step: Callable, batches: Iterator[dict],
         total_steps: int, checkpoints, log: MetricLog, log_every: int, checkpoint_every: int,
         evaluate_every: int, evaluate: Callable[[int, Any], None],
         window_record: Callable[[int, list[dict], float], tuple[dict, str]],
-        refusal_message: Callable[[int, float], str]):
+        refusal_message: Callable[[int, float], str],
+        stop_requested: Callable[[], bool] | None = None):
     """Runs steps ``start_step .. total_steps - 1``; returns the final state.
 
     Args:
@@ -297,10 +304,14 @@ def fit(*, state, health: dict, train_step: Callable, batches: Iterator[dict],
       window_record: ``(done, per-step aux values, seconds) -> (metrics record, progress
         line)`` for a log window.
       refusal_message: ``(step, loss) -> str``, why the guard stopped the run.
+      stop_requested: ``() -> bool``, asked before each step (a SIGTERM flag); when it
+        says yes the run stops there, with the previous step's logging, evaluation and
+        checkpoint done.
 
     Raises:
       TrainingStopped: the guard refused an update; nothing after it was saved.
-      KeyboardInterrupt: after saving ``latest`` and the resume sidecar.
+      KeyboardInterrupt: after saving ``latest`` and the resume sidecar (``StopRequested``
+        for a ``stop_requested`` stop).
     """
     resume = _read_resume(checkpoints, start_step) if start_step else {}
     window = list(resume.get("window", []))  # host floats restored; device arrays appended
@@ -335,6 +346,8 @@ def fit(*, state, health: dict, train_step: Callable, batches: Iterator[dict],
             evaluate(done, state)
             evaluation_due = False
         for step in range(start_step, total_steps):
+            if stop_requested is not None and stop_requested():
+                raise StopRequested(f"stop requested before step {step}")
             # The device is idle while the host fetches or copies a batch only once the
             # previous step has finished; what overlaps a running step costs nothing. (A step
             # that ends midway through a fetch is not counted: a slight underestimate.)
@@ -375,8 +388,8 @@ def fit(*, state, health: dict, train_step: Callable, batches: Iterator[dict],
         checkpoints.save(now, state)
         checkpoints.wait()
         _write_resume(checkpoints, now, values, log_due, evaluation_due)
-        print_once(f"Interrupted: saved a checkpoint at step {now}; run the same command to "
-                   f"resume")
+        print_once(f"{'Stopped on request' if isinstance(sys.exc_info()[1], StopRequested) else 'Interrupted'}"
+                   f": saved a checkpoint at step {now}; run the same command to resume")
         raise
     finally:
         if hasattr(batches, "close"):  # stops the input pipeline's worker processes

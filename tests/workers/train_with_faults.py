@@ -3,10 +3,12 @@
 Used by tests/test_faults.py. The events are the moments a run writes something: every
 metrics record, every checkpoint save started, every best-checkpoint save and the report.
 
-  python train_with_faults.py CONFIG.json WORKDIR [--kill_at N] [--signal kill|int]
+  python train_with_faults.py CONFIG.json WORKDIR [--kill_at N] [--signal kill|int|term]
 
 ``--signal=kill`` is SIGKILL (nothing runs after it); ``int`` raises KeyboardInterrupt
-there, as Ctrl-C would. Prints ``events N`` at the end of a complete run.
+there, as Ctrl-C would; ``term`` sends SIGTERM to itself with run.py's handler installed
+(the run stops before its next step and exits 143). Prints ``events N`` at the end of a
+complete run.
 """
 
 import argparse
@@ -24,7 +26,7 @@ def main() -> None:
     parser.add_argument("config")
     parser.add_argument("workdir")
     parser.add_argument("--kill_at", type=int, default=0)
-    parser.add_argument("--signal", default="kill", choices=("kill", "int"))
+    parser.add_argument("--signal", default="kill", choices=("kill", "int", "term"))
     args = parser.parse_args()
 
     import ml_collections
@@ -38,6 +40,9 @@ def main() -> None:
         if events["n"] == args.kill_at:
             if args.signal == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if args.signal == "term":
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
             raise KeyboardInterrupt
 
     def after(method):
@@ -58,9 +63,14 @@ def main() -> None:
     checkpointing.Checkpointer.save_best = before(after(checkpointing.Checkpointer.save_best))
     reporting.write_report = before(reporting.write_report)
 
+    import run  # the repository's run.py: its SIGTERM handler
+
     config = ml_collections.ConfigDict(json.loads(Path(args.config).read_text()))
     try:
-        train.train_and_evaluate(config, args.workdir)
+        train.train_and_evaluate(config, args.workdir, stop_requested=run._stop_on_sigterm())
+    except trainer.StopRequested:
+        sys.stdout.flush()
+        os._exit(run.EXIT_SIGTERM)
     except KeyboardInterrupt:
         sys.stdout.flush()
         os._exit(130)
