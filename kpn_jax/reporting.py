@@ -641,13 +641,16 @@ def expand_workdirs(patterns: Sequence[str]) -> list[Path]:
     for pattern in patterns:
         expanded = str(Path(pattern).expanduser())
         if any(c in pattern for c in "*?["):
-            matches = sorted(glob.glob(expanded))
+            # Folders only: logs or tables beside the workdirs are not runs.
+            matches = sorted(m for m in glob.glob(expanded) if Path(m).is_dir())
             if not matches:
                 raise FileNotFoundError(f"no workdir matches {pattern}")
-        elif Path(expanded).exists():
+        elif Path(expanded).is_dir():
             matches = [expanded]
         else:
-            raise FileNotFoundError(f"workdir {pattern} does not exist")
+            raise FileNotFoundError(f"workdir {pattern} does not exist"
+                                    + (" (a file, not a folder)" if Path(expanded).exists()
+                                       else ""))
         for match in matches:
             path = Path(match)
             if path not in found:

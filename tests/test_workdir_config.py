@@ -108,6 +108,7 @@ def test_a_row_is_one_experiment_named_by_what_differs(tmp_path, capsys):
     _finished_run(tmp_path / "cl_s0", 0.6, seed=0)
     _finished_run(tmp_path / "cl_s1", 0.7, seed=1, data_dir="elsewhere", log_every_steps=3)
     _finished_run(tmp_path / "nocl_s0", 0.2, **{"seed": 0, "coherence.enabled": False})
+    (tmp_path / "cl_s0.log").write_text("a log beside the workdirs is not a run")
     table = reporting.write_experiment_report([str(tmp_path / "*")], str(tmp_path / "out"))
     markdown = table.read_text()
     with_cl = "kpn-jax (coherence.enabled=True)"
