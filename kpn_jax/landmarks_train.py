@@ -44,7 +44,7 @@ from kpn_jax import checkpointing, input_pipeline, parallel
 from kpn_jax import kernels as kernels_lib
 from kpn_jax import keypoints as kp_lib
 from kpn_jax.models import landmarks as lm
-from kpn_jax import trainer
+from kpn_jax import trainer, workdir_lock
 from kpn_jax.train import DTYPES, config_to_dict
 from kpn_jax.trainer import MetricLog, TrainState
 
@@ -572,103 +572,104 @@ def train_and_evaluate_landmarks(config: ml_collections.ConfigDict, workdir: str
     parallel.check_batch_size(stream.global_batch, mesh, "the sources' batch sizes")
     workdir = Path(workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    checkpoints = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
-    trainer.write_config(workdir, config_to_dict(config),
-                         lambda saved: check_config_compatible(saved, config),
-                         allow_config_change, checkpoints.latest_step())
-    if jax.process_index() == 0:
-        (workdir / DATA_INFO).write_text(json.dumps(
-            {"task": TASK, "image_size": image_size, "input_size": input_size,
-             "keypoint_schema": schema.name,
-             "sources": {s.name: {"dataset": s.handle.name, "train": len(s.train),
-                                  "dev": len(s.dev), "eval": len(s.eval)}
-                         for s in sources.values()}}, indent=1))
+    with workdir_lock.held(workdir, jax.process_index() == 0):
+        checkpoints = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
+        trainer.write_config(workdir, config_to_dict(config),
+                             lambda saved: check_config_compatible(saved, config),
+                             allow_config_change, checkpoints.latest_step())
+        if jax.process_index() == 0:
+            (workdir / DATA_INFO).write_text(json.dumps(
+                {"task": TASK, "image_size": image_size, "input_size": input_size,
+                 "keypoint_schema": schema.name,
+                 "sources": {s.name: {"dataset": s.handle.name, "train": len(s.train),
+                                      "dev": len(s.dev), "eval": len(s.eval)}
+                             for s in sources.values()}}, indent=1))
 
-    kernels = kernels_lib.for_config(config)
-    model = create_model(config, schema.num_points, kernels)
-    tx = make_optimizer(config)
-    state = create_state(config, model, tx, input_size, mesh)
-    start_step = 0
-    if checkpoints.latest_step() is not None:
-        state = checkpoints.restore(state)
-        start_step = int(jax.device_get(state.step))
-        _print(f"Resuming from {workdir}/checkpoints/latest at step {start_step}")
-    log = MetricLog(workdir, start_step)
+        kernels = kernels_lib.for_config(config)
+        model = create_model(config, schema.num_points, kernels)
+        tx = make_optimizer(config)
+        state = create_state(config, model, tx, input_size, mesh)
+        start_step = 0
+        if checkpoints.latest_step() is not None:
+            state = checkpoints.restore(state)
+            start_step = int(jax.device_get(state.step))
+            _print(f"Resuming from {workdir}/checkpoints/latest at step {start_step}")
+        log = MetricLog(workdir, start_step)
 
-    checker = input_pipeline.make_example_checker(image_size, schema.num_points, True)
-    train_step = make_train_step(config, model, input_size, kernels.compiler_options)
-    predict_fn = make_predict_fn(model, input_size, DTYPES[config.dtype])
-    dev_sets = evaluation_sets(sources, ("dev",))
-    _print(f"kpn-jax landmarks: ResNet-{config.model.depth} trunk (width {config.model.width}, "
-           f"{config.model.stages} stages) at {input_size} px; "
-           + ", ".join(f"{s.name} {s.handle.name}: {len(s.train)} train / {len(s.dev)} dev / "
-                       f"{len(s.eval)} {s.eval_split}, {s.batch_size} per batch"
-                       for s in sources.values())
-           + f"; {config.num_steps} steps, {jax.device_count()} device(s)")
+        checker = input_pipeline.make_example_checker(image_size, schema.num_points, True)
+        train_step = make_train_step(config, model, input_size, kernels.compiler_options)
+        predict_fn = make_predict_fn(model, input_size, DTYPES[config.dtype])
+        dev_sets = evaluation_sets(sources, ("dev",))
+        _print(f"kpn-jax landmarks: ResNet-{config.model.depth} trunk (width {config.model.width}, "
+               f"{config.model.stages} stages) at {input_size} px; "
+               + ", ".join(f"{s.name} {s.handle.name}: {len(s.train)} train / {len(s.dev)} dev / "
+                           f"{len(s.eval)} {s.eval_split}, {s.batch_size} per batch"
+                           for s in sources.values())
+               + f"; {config.num_steps} steps, {jax.device_count()} device(s)")
 
-    def run_dev_evaluation(step: int, state) -> None:
-        if not dev_sets:
-            return
-        variables = {"params": state.params, "batch_stats": state.batch_stats}
-        results = evaluate_sets(predict_fn, variables, dev_sets, mesh, config, schema.point_names)
-        flat = flat_metrics(results)
-        log.write(step, flat)
-        _print(f"  dev @ step {step}: " + " | ".join(
-            f"{k} mean {s['mean']:.2f} px, median {s['median']:.2f}, <=3px {s['within_3px']:.1f}%"
-            for k, (s, _) in results.items()))
-        if not config.best_metric:
-            return
-        if config.best_metric not in flat:
-            raise ValueError(f"config.best_metric {config.best_metric!r} is not among the dev "
-                             f"metrics {sorted(flat)}")
-        value = flat[config.best_metric]
-        if not math.isfinite(value):
-            raise ValueError(f"config.best_metric {config.best_metric!r} is {value} at step {step}")
-        best = checkpoints.best_record()
-        if best is None or value < best["value"]:
-            checkpoints.save_best(step, state, config.best_metric, value)
+        def run_dev_evaluation(step: int, state) -> None:
+            if not dev_sets:
+                return
+            variables = {"params": state.params, "batch_stats": state.batch_stats}
+            results = evaluate_sets(predict_fn, variables, dev_sets, mesh, config, schema.point_names)
+            flat = flat_metrics(results)
+            log.write(step, flat)
+            _print(f"  dev @ step {step}: " + " | ".join(
+                f"{k} mean {s['mean']:.2f} px, median {s['median']:.2f}, <=3px {s['within_3px']:.1f}%"
+                for k, (s, _) in results.items()))
+            if not config.best_metric:
+                return
+            if config.best_metric not in flat:
+                raise ValueError(f"config.best_metric {config.best_metric!r} is not among the dev "
+                                 f"metrics {sorted(flat)}")
+            value = flat[config.best_metric]
+            if not math.isfinite(value):
+                raise ValueError(f"config.best_metric {config.best_metric!r} is {value} at step {step}")
+            best = checkpoints.best_record()
+            if best is None or value < best["value"]:
+                checkpoints.save_best(step, state, config.best_metric, value)
 
-    def window_record(done: int, values: list[dict], elapsed: float) -> tuple[dict, str]:
-        record = {f"train/{k}": float(np.mean([v[k] for v in values])) for k in values[0]}
-        record["train/images_per_sec"] = len(values) * stream.global_batch / max(elapsed, 1e-9)
-        record["train/lr"] = float(tx_learning_rate(config, done - 1))
-        eta = (config.num_steps - done) * elapsed / max(1, len(values))
-        return record, (
-            f"step {done}/{config.num_steps} | {record['train/images_per_sec']:.1f} img/s"
-            f" | ETA {trainer.format_duration(eta)} | loss {record['train/loss']:.3f} "
-            f"coord {record['train/coord']:.3f} heatmap {record['train/heatmap']:.3f} | "
-            f"train radial error {record['train/radial_error_px']:.2f} px")
+        def window_record(done: int, values: list[dict], elapsed: float) -> tuple[dict, str]:
+            record = {f"train/{k}": float(np.mean([v[k] for v in values])) for k in values[0]}
+            record["train/images_per_sec"] = len(values) * stream.global_batch / max(elapsed, 1e-9)
+            record["train/lr"] = float(tx_learning_rate(config, done - 1))
+            eta = (config.num_steps - done) * elapsed / max(1, len(values))
+            return record, (
+                f"step {done}/{config.num_steps} | {record['train/images_per_sec']:.1f} img/s"
+                f" | ETA {trainer.format_duration(eta)} | loss {record['train/loss']:.3f} "
+                f"coord {record['train/coord']:.3f} heatmap {record['train/heatmap']:.3f} | "
+                f"train radial error {record['train/radial_error_px']:.2f} px")
 
-    def refusal_message(step: int, loss: float) -> str:
-        latest = checkpoints.latest_step()
-        where = (f"resume from {workdir}/checkpoints/latest (step {latest})" if latest is not None
-                 else "no checkpoint was written")
-        return (f"training stopped at step {step}: loss {loss:.4g} (non-finite or diverging); "
-                f"the update was not applied. Lower config.learning_rate or check the data; "
-                f"{where}")
+        def refusal_message(step: int, loss: float) -> str:
+            latest = checkpoints.latest_step()
+            where = (f"resume from {workdir}/checkpoints/latest (step {latest})" if latest is not None
+                     else "no checkpoint was written")
+            return (f"training stopped at step {step}: loss {loss:.4g} (non-finite or diverging); "
+                    f"the update was not applied. Lower config.learning_rate or check the data; "
+                    f"{where}")
 
-    state = trainer.fit(
-        state=state, health=parallel.replicate(trainer.initial_health(), mesh),
-        train_step=lambda st, batch, health, step: train_step(st, batch, health,
-                                                               jnp.asarray(step, jnp.int32)),
-        batches=input_pipeline.train_iterator(stream, checker, start_step,
-                                              input_pipeline.loading_for_config(config)),
-        to_device=lambda local: parallel.global_batch(
-            {k: local[k] for k in ("image", "keypoints", "keypoints_valid")}, mesh),
-        start_step=start_step, total_steps=config.num_steps,
-        checkpoints=checkpoints, log=log, log_every=config.log_every_steps,
-        checkpoint_every=config.checkpoint_every_steps, evaluate_every=config.eval_every_steps,
-        evaluate=run_dev_evaluation, window_record=window_record,
-        refusal_message=refusal_message, stop_requested=stop_requested)
-    if dev_sets and config.best_metric and checkpoints.best_step() is None:
-        run_dev_evaluation(int(jax.device_get(state.step)), state)
-        checkpoints.wait()
+        state = trainer.fit(
+            state=state, health=parallel.replicate(trainer.initial_health(), mesh),
+            train_step=lambda st, batch, health, step: train_step(st, batch, health,
+                                                                   jnp.asarray(step, jnp.int32)),
+            batches=input_pipeline.train_iterator(stream, checker, start_step,
+                                                  input_pipeline.loading_for_config(config)),
+            to_device=lambda local: parallel.global_batch(
+                {k: local[k] for k in ("image", "keypoints", "keypoints_valid")}, mesh),
+            start_step=start_step, total_steps=config.num_steps,
+            checkpoints=checkpoints, log=log, log_every=config.log_every_steps,
+            checkpoint_every=config.checkpoint_every_steps, evaluate_every=config.eval_every_steps,
+            evaluate=run_dev_evaluation, window_record=window_record,
+            refusal_message=refusal_message, stop_requested=stop_requested)
+        if dev_sets and config.best_metric and checkpoints.best_step() is None:
+            run_dev_evaluation(int(jax.device_get(state.step)), state)
+            checkpoints.wait()
 
-    results = final_evaluation(config, workdir, sources, model, state, checkpoints, input_size,
-                               schema, mesh)
-    log.close()
-    checkpoints.close()
-    return results
+        results = final_evaluation(config, workdir, sources, model, state, checkpoints, input_size,
+                                   schema, mesh)
+        log.close()
+        checkpoints.close()
+        return results
 
 
 def tx_learning_rate(config, step: int) -> float:

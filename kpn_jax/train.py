@@ -25,7 +25,7 @@ from kpn_jax import checkpointing, datasets, evaluate as eval_lib
 from kpn_jax import gmm as gmm_lib
 from kpn_jax import grades as grades_lib
 from kpn_jax import input_pipeline, kernels as kernels_lib, keypoints as kp_lib, losses, parallel
-from kpn_jax import trainer, workdir_config
+from kpn_jax import trainer, workdir_config, workdir_lock
 from kpn_jax.trainer import MetricLog, TrainState
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -370,135 +370,137 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         check_coherence_data(config, labeled_grades)
     workdir = Path(workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    checkpoints = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
-    trainer.write_config(workdir, config_to_dict(config),
-                         lambda saved: checkpointing.check_config_compatible(saved, config),
-                         allow_config_change, checkpoints.latest_step(), ADDED_FIELDS)
-    schema = kp_lib.get_schema(handle.keypoint_schema)
-    epoch_examples = len(labeled) if config.epoch_basis == "labeled" else len(handle.split("train"))
-    steps_per_epoch = max(1, math.ceil(epoch_examples / config.batch_size))
-    total_steps = steps_per_epoch * config.num_epochs
-    if config.max_steps:
-        total_steps = min(total_steps, config.max_steps)
-    warmup_steps = int(config.coherence.warmup_epochs * steps_per_epoch)
+    with workdir_lock.held(workdir, jax.process_index() == 0):
+        checkpoints = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
+        trainer.write_config(workdir, config_to_dict(config),
+                             lambda saved: checkpointing.check_config_compatible(saved, config),
+                             allow_config_change, checkpoints.latest_step(), ADDED_FIELDS)
+        schema = kp_lib.get_schema(handle.keypoint_schema)
+        epoch_examples = len(labeled) if config.epoch_basis == "labeled" else len(handle.split("train"))
+        steps_per_epoch = max(1, math.ceil(epoch_examples / config.batch_size))
+        total_steps = steps_per_epoch * config.num_epochs
+        if config.max_steps:
+            total_steps = min(total_steps, config.max_steps)
+        warmup_steps = int(config.coherence.warmup_epochs * steps_per_epoch)
 
-    class_weights = None
-    if config.class_weighting == "prevalence":
-        class_weights = {k: jnp.asarray(v) for k, v in
-                         losses.class_weights(labeled_grades, tuple(config.tasks)).items()}
-    gmm = fit_or_load_gmm(config, workdir, labeled_grades) if config.coherence.enabled else None
+        class_weights = None
+        if config.class_weighting == "prevalence":
+            class_weights = {k: jnp.asarray(v) for k, v in
+                             losses.class_weights(labeled_grades, tuple(config.tasks)).items()}
+        gmm = fit_or_load_gmm(config, workdir, labeled_grades) if config.coherence.enabled else None
 
-    if jax.process_index() == 0:
-        (workdir / DATA_INFO).write_text(json.dumps(
-            {"dataset": handle.name, "image_size": handle.image_size,
-             "keypoint_schema": handle.keypoint_schema,
-             "data_dir": workdir_config.absolute_data_dir(config.data_dir),
-             "preprocessing": datasets.preprocessing(os.path.expanduser(config.data_dir),
-                                                     handle.name)}))
-    kernels = kernels_lib.for_config(config)
-    loading = input_pipeline.loading_for_config(config)
-    model = create_model(config, handle.keypoint_schema, kernels)
-    tx = make_optimizer(config, steps_per_epoch)
-    state = create_state(config, model, tx, handle.image_size, schema.num_points, mesh)
-    start_step = 0
-    if checkpoints.latest_step() is not None:
-        state = checkpoints.restore(state)
-        start_step = int(jax.device_get(state.step))
-        _print(f"Resuming from {workdir}/checkpoints/latest at step {start_step}")
-    log = MetricLog(workdir, start_step)
+        if jax.process_index() == 0:
+            (workdir / DATA_INFO).write_text(json.dumps(
+                {"dataset": handle.name, "image_size": handle.image_size,
+                 "keypoint_schema": handle.keypoint_schema,
+                 "data_dir": workdir_config.absolute_data_dir(config.data_dir),
+                 "preprocessing": datasets.preprocessing(os.path.expanduser(config.data_dir),
+                                                         handle.name)}))
+        kernels = kernels_lib.for_config(config)
+        loading = input_pipeline.loading_for_config(config)
+        model = create_model(config, handle.keypoint_schema, kernels)
+        tx = make_optimizer(config, steps_per_epoch)
+        state = create_state(config, model, tx, handle.image_size, schema.num_points, mesh)
+        start_step = 0
+        if checkpoints.latest_step() is not None:
+            state = checkpoints.restore(state)
+            start_step = int(jax.device_get(state.step))
+            _print(f"Resuming from {workdir}/checkpoints/latest at step {start_step}")
+        log = MetricLog(workdir, start_step)
 
-    need_keypoints = config.model.pooling == "keypoints"
-    checker = input_pipeline.make_example_checker(handle.image_size, schema.num_points, need_keypoints)
-    stream = input_pipeline.MixedStream(
-        input_pipeline.Pool([(handle.split("train"), labeled)]), unlabeled_pool,
-        config.batch_size, batch_unlabeled, total_steps, config.seed,
-        jax.process_index(), jax.process_count())
-    images_per_step = stream.global_sizes[0] + stream.global_sizes[1]
-    train_step = make_train_step(config, model, class_weights, gmm, warmup_steps,
-                                 kernels.compiler_options)
-    eval_step = eval_lib.make_eval_step(model, tuple(config.tasks), DTYPES[config.dtype],
-                                        kernels.compiler_options, hflip=config.eval_hflip)
+        need_keypoints = config.model.pooling == "keypoints"
+        checker = input_pipeline.make_example_checker(handle.image_size, schema.num_points,
+                                                      need_keypoints)
+        stream = input_pipeline.MixedStream(
+            input_pipeline.Pool([(handle.split("train"), labeled)]), unlabeled_pool,
+            config.batch_size, batch_unlabeled, total_steps, config.seed,
+            jax.process_index(), jax.process_count())
+        images_per_step = stream.global_sizes[0] + stream.global_sizes[1]
+        train_step = make_train_step(config, model, class_weights, gmm, warmup_steps,
+                                     kernels.compiler_options)
+        eval_step = eval_lib.make_eval_step(model, tuple(config.tasks), DTYPES[config.dtype],
+                                            kernels.compiler_options, hflip=config.eval_hflip)
 
-    _print(f"kpn-jax: {config.model.pooling} pooling, ResNet-{config.model.depth} "
-           f"(width {config.model.width}), {handle.name} at {handle.image_size} px, "
-           f"{len(labeled)} labelled train examples"
-           + (f" + {len(unlabeled_pool)} in the unlabelled pool, GMM K={gmm.num_components}"
-              if gmm is not None else "")
-           + f"; {steps_per_epoch} steps/epoch, {total_steps} steps, {jax.device_count()} device(s)"
-           + (f"; data read by {loading.num_workers} worker process(es)" if loading.num_workers
-              else "; data read in this process"))
+        _print(f"kpn-jax: {config.model.pooling} pooling, ResNet-{config.model.depth} "
+               f"(width {config.model.width}), {handle.name} at {handle.image_size} px, "
+               f"{len(labeled)} labelled train examples"
+               + (f" + {len(unlabeled_pool)} in the unlabelled pool, GMM K={gmm.num_components}"
+                  if gmm is not None else "")
+               + f"; {steps_per_epoch} steps/epoch, {total_steps} steps, {jax.device_count()} device(s)"
+               + (f"; data read by {loading.num_workers} worker process(es)" if loading.num_workers
+                  else "; data read in this process"))
 
-    def run_validation(step: int, state) -> None:
-        if validation is None or len(validation) == 0:
-            return
-        variables = trainer.eval_variables(state)
-        predictions = eval_lib.predict_split(eval_step, variables, validation, checker, mesh,
-                                             config.eval_batch_size, loading)
-        result = eval_lib.split_metrics(predictions, tuple(config.tasks), gmm)
-        flat = eval_lib.flatten_metrics(result, "validation")
-        flat["epoch"] = step / steps_per_epoch
-        log.write(step, flat)
-        summary = " ".join(f"{grades_lib.PAPER_NAMES[t]} {result[t]['accuracy']:.3f}"
-                           for t in config.tasks)
-        oarsi = ("" if metric != "validation/oarsi_average/accuracy" else
-                 f" | OARSI avg {result['oarsi_average']['accuracy']:.3f}")
-        _print(f"  validation @ step {step}: acc {summary}{oarsi}")
-        value = flat.get(metric)
-        if value is None or not math.isfinite(value):
-            raise ValueError(f"the best-checkpoint metric {metric} is {value} at step {step} "
-                             f"(no validation example graded for it?); set config.best_metric "
-                             f"to a metric the validation split has")
-        best = checkpoints.best_record()
-        if best is None or value > best["value"]:
-            checkpoints.save_best(step, state, metric, value)
+        def run_validation(step: int, state) -> None:
+            if validation is None or len(validation) == 0:
+                return
+            variables = trainer.eval_variables(state)
+            predictions = eval_lib.predict_split(eval_step, variables, validation, checker, mesh,
+                                                 config.eval_batch_size, loading)
+            result = eval_lib.split_metrics(predictions, tuple(config.tasks), gmm)
+            flat = eval_lib.flatten_metrics(result, "validation")
+            flat["epoch"] = step / steps_per_epoch
+            log.write(step, flat)
+            summary = " ".join(f"{grades_lib.PAPER_NAMES[t]} {result[t]['accuracy']:.3f}"
+                               for t in config.tasks)
+            oarsi = ("" if metric != "validation/oarsi_average/accuracy" else
+                     f" | OARSI avg {result['oarsi_average']['accuracy']:.3f}")
+            _print(f"  validation @ step {step}: acc {summary}{oarsi}")
+            value = flat.get(metric)
+            if value is None or not math.isfinite(value):
+                raise ValueError(f"the best-checkpoint metric {metric} is {value} at step {step} "
+                                 f"(no validation example graded for it?); set config.best_metric "
+                                 f"to a metric the validation split has")
+            best = checkpoints.best_record()
+            if best is None or value > best["value"]:
+                checkpoints.save_best(step, state, metric, value)
 
-    def window_record(done: int, values: list[dict], elapsed: float) -> tuple[dict, str]:
-        steps = len(values)
-        images_per_sec = steps * images_per_step / max(elapsed, 1e-9)
-        record = {f"train/{k}": float(np.mean([v[k] for v in values])) for k in values[0]}
-        record.update({"epoch": done / steps_per_epoch, "train/images_per_sec": images_per_sec,
-                       "train/lr": learning_rate_at(config, steps_per_epoch, done - 1),
-                       "train/gmm_on": float(done - 1 >= warmup_steps) if gmm is not None else 0.0})
-        eta = (total_steps - done) * elapsed / max(1, steps)
-        loss_text = " ".join(f"{k.split('/')[1]} {record[k]:.3f}" for k in
-                             ("train/loss", "train/cls", "train/gmm") if k in record)
-        return record, (f"step {done}/{total_steps} | epoch {done / steps_per_epoch:.2f} | "
-                        f"{images_per_sec:.1f} img/s | ETA {trainer.format_duration(eta)} | "
-                        f"{loss_text}")
+        def window_record(done: int, values: list[dict], elapsed: float) -> tuple[dict, str]:
+            steps = len(values)
+            images_per_sec = steps * images_per_step / max(elapsed, 1e-9)
+            record = {f"train/{k}": float(np.mean([v[k] for v in values])) for k in values[0]}
+            record.update({"epoch": done / steps_per_epoch, "train/images_per_sec": images_per_sec,
+                           "train/lr": learning_rate_at(config, steps_per_epoch, done - 1),
+                           "train/gmm_on": float(done - 1 >= warmup_steps) if gmm is not None else 0.0})
+            eta = (total_steps - done) * elapsed / max(1, steps)
+            loss_text = " ".join(f"{k.split('/')[1]} {record[k]:.3f}" for k in
+                                 ("train/loss", "train/cls", "train/gmm") if k in record)
+            return record, (f"step {done}/{total_steps} | epoch {done / steps_per_epoch:.2f} | "
+                            f"{images_per_sec:.1f} img/s | ETA {trainer.format_duration(eta)} | "
+                            f"{loss_text}")
 
-    def refusal_message(step: int, loss: float) -> str:
-        latest = checkpoints.latest_step()
-        where = (f"resume from {workdir}/checkpoints/latest (step {latest}) after the change"
-                 if latest is not None else "no checkpoint was written; start again after the "
-                 "change")
-        why = ("a non-finite loss or gradient" if not math.isfinite(loss) else
-               f"a loss of {loss:.4g}, over {config.divergence_factor:g} times the lowest so far")
-        return (f"training stopped at step {step}: {why}; the update was not applied. Lower "
-                f"config.learning_rate, use dtype float32, or check the data; {where}")
+        def refusal_message(step: int, loss: float) -> str:
+            latest = checkpoints.latest_step()
+            where = (f"resume from {workdir}/checkpoints/latest (step {latest}) after the change"
+                     if latest is not None else "no checkpoint was written; start again after the "
+                     "change")
+            why = ("a non-finite loss or gradient" if not math.isfinite(loss) else
+                   f"a loss of {loss:.4g}, over {config.divergence_factor:g} times the lowest so far")
+            return (f"training stopped at step {step}: {why}; the update was not applied. Lower "
+                    f"config.learning_rate, use dtype float32, or check the data; {where}")
 
-    state = trainer.fit(
-        state=state, health=parallel.replicate(trainer.initial_health(), mesh),
-        train_step=lambda st, batch, health, step: train_step(st, batch, health,
-                                                               jnp.asarray(step, jnp.int32)),
-        batches=input_pipeline.train_iterator(stream, checker, start_step, loading),
-        to_device=lambda local: parallel.global_batch(
-            {k: local[k] for k in ("image", "keypoints", "grades", "labeled")}, mesh),
-        start_step=start_step, total_steps=total_steps,
-        checkpoints=checkpoints, log=log, log_every=config.log_every_steps,
-        checkpoint_every=config.checkpoint_every_steps,
-        evaluate_every=max(1, int(config.eval_every_epochs * steps_per_epoch)),
-        evaluate=run_validation, window_record=window_record, refusal_message=refusal_message,
-        stop_requested=stop_requested)
+        state = trainer.fit(
+            state=state, health=parallel.replicate(trainer.initial_health(), mesh),
+            train_step=lambda st, batch, health, step: train_step(st, batch, health,
+                                                                   jnp.asarray(step, jnp.int32)),
+            batches=input_pipeline.train_iterator(stream, checker, start_step, loading),
+            to_device=lambda local: parallel.global_batch(
+                {k: local[k] for k in ("image", "keypoints", "grades", "labeled")}, mesh),
+            start_step=start_step, total_steps=total_steps,
+            checkpoints=checkpoints, log=log, log_every=config.log_every_steps,
+            checkpoint_every=config.checkpoint_every_steps,
+            evaluate_every=max(1, int(config.eval_every_epochs * steps_per_epoch)),
+            evaluate=run_validation, window_record=window_record, refusal_message=refusal_message,
+            stop_requested=stop_requested)
 
-    which = "best" if checkpoints.best_step() is not None else "latest"
-    splits = {split: handle.sources[split] for split in ("validation", "test")
-              if split in handle.sources and len(handle.sources[split])}
-    results = evaluate_splits(config, workdir, splits, eval_step,
-                              checkpoints.restore(state, which=which), which, checker, mesh, gmm,
-                              log.records(), loading)
-    log.close()
-    checkpoints.close()
-    return results
+        which = "best" if checkpoints.best_step() is not None else "latest"
+        splits = {split: handle.sources[split] for split in ("validation", "test")
+                  if split in handle.sources and len(handle.sources[split])}
+        results = evaluate_splits(config, workdir, splits, eval_step,
+                                  checkpoints.restore(state, which=which), which, checker, mesh, gmm,
+                                  log.records(), loading)
+        log.close()
+        checkpoints.close()
+        return results
 
 
 def evaluate_splits(config, workdir: Path, splits: dict, eval_step, state, which: str, checker,
