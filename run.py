@@ -58,10 +58,50 @@ class UsageError(Exception):
     """A missing or contradictory flag: one line, exit 2 (the flags: --help)."""
 
 
+def _log_file() -> str | None:
+    """``WORKDIR/run.log`` for the modes that write a workdir, else None."""
+    if FLAGS.workdir is None or FLAGS.mode in ("report", "compare_torch"):
+        return None
+    return os.path.join(os.path.expanduser(FLAGS.workdir), "run.log")
+
+
+def _route_library_errors(log_file: str | None) -> None:
+    """Library log records go to ``log_file`` too; errors and tracebacks only there. orbax's
+    background threads log every failed write with its traceback (dozens for one full disk);
+    the console keeps warnings and the one line :func:`main` prints."""
+    import logging as std_logging
+
+    std_logging.raiseExceptions = False  # a log file on a full disk must not add tracebacks
+    logging.get_absl_handler().addFilter(
+        lambda record: record.levelno < std_logging.ERROR and not record.exc_info)
+    if log_file:
+        handler = std_logging.FileHandler(log_file, delay=True)  # opened on the first record
+        handler.setLevel(std_logging.WARNING)
+        handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(name)s "
+                                                   "%(threadName)s: %(message)s"))
+        std_logging.getLogger().addHandler(handler)
+
+
+def _append_traceback(log_file: str | None) -> str | None:
+    """Appends the exception being handled to ``log_file``; returns it, or None when it
+    could not be written (no workdir yet, a full disk)."""
+    import traceback
+
+    if not log_file or not os.path.isdir(os.path.dirname(log_file)):
+        return None
+    try:
+        with open(log_file, "a", encoding="utf-8") as f:
+            f.write(traceback.format_exc())
+    except OSError:
+        return None
+    return log_file
+
+
 def _run(argv) -> None:
     if not FLAGS["verbosity"].present:
         # Library INFO logs (orbax, grain, tfds) drown the progress lines; --verbosity=0 shows them.
         logging.set_verbosity(logging.WARNING)
+    _route_library_errors(_log_file())
     if len(argv) > 1:
         raise UsageError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.mode == "report":
@@ -259,9 +299,11 @@ def main(argv) -> None:
         print("stopped by Ctrl-C", file=sys.stderr)
         _exit_now(130)
     except USER_ERRORS as error:
-        logging.debug("error", exc_info=True)
-        message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-        print(f"error: {type(error).__name__}: {message}", file=sys.stderr)
+        from kpn_jax import failures
+
+        written = _append_traceback(_log_file())
+        workdir = os.path.expanduser(FLAGS.workdir) if FLAGS.workdir else None
+        print(f"error: {failures.one_line(error, workdir, written)}", file=sys.stderr)
         _exit_now(1)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 MODEL_KEYS_THAT_CHANGE_SHAPES = ("pooling", "depth", "width", "aggregation", "densify_k",
                                  "feature_layer", "aux_regression", "input_mode")
@@ -116,7 +117,9 @@ class Checkpointer:
                 target = target.with_name(f"{target.name}_{os.getpid()}")
             source.rename(target)
         manager.reload()
-        print(f"WARNING: checkpoint {source} is damaged ({_first_line(error)}); moved to "
+        # The storage library's message (a TensorStore repr) goes to the log, not the console.
+        logging.error("checkpoint %s is damaged: %s", source, error)
+        print(f"WARNING: checkpoint {source} is damaged ({_short_reason(error)}); moved to "
               f"{target}, trying the previous one", flush=True)
 
     def wait(self) -> None:
@@ -138,6 +141,14 @@ def _readable_metadata(manager, step: int) -> bool:
     except (OSError, ValueError):
         return False
     return True
+
+
+def _short_reason(error: Exception) -> str:
+    """Why a checkpoint could not be read, in words (not the storage library's repr)."""
+    text = _first_line(error)
+    if len(text) <= 100 and "tensorstore" not in text.lower() and "{" not in text:
+        return text
+    return "a file of it is missing, cut short or unreadable"
 
 
 def _first_line(error: Exception) -> str:
