@@ -9,6 +9,7 @@ step), so restoring the state is all a resume needs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -47,7 +48,7 @@ class Checkpointer:
         the state of a step is a pure function of the run, so it holds the same arrays."""
         if step in self.latest.all_steps():
             return
-        self.latest.save(step, args=ocp.args.StandardSave(state))
+        self.latest.save(step, args=ocp.args.StandardSave(saved_items(state)))
 
     def best_record(self) -> dict | None:
         path = self.root / "best.json"
@@ -58,7 +59,7 @@ class Checkpointer:
         the two) is saved again."""
         if step in self.best.all_steps():
             self.best.delete(step)
-        self.best.save(step, args=ocp.args.StandardSave(state), force=True)
+        self.best.save(step, args=ocp.args.StandardSave(saved_items(state)), force=True)
         self.best.wait_until_finished()
         if jax.process_index() == 0:
             (self.root / "best.json").write_text(
@@ -80,14 +81,15 @@ class Checkpointer:
         steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
         if not steps or steps == [None]:
             raise FileNotFoundError(f"no {which} checkpoint under {self.root / which}")
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_template)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, saved_items(state_template))
         errors = []
         for candidate in steps:
             try:
                 intact = _readable_metadata(manager, candidate)
                 if not intact:
                     raise FileNotFoundError("its metadata is missing or unreadable")
-                return manager.restore(candidate, args=ocp.args.StandardRestore(abstract))
+                restored = manager.restore(candidate, args=ocp.args.StandardRestore(abstract))
+                return state_template.replace(**restored)
             except (ValueError, KeyError, TypeError) as error:
                 # With readable metadata, a refused template means another model.
                 if _is_structure_mismatch(error):
@@ -129,6 +131,14 @@ class Checkpointer:
     def close(self) -> None:
         self.latest.close()
         self.best.close()
+
+
+def saved_items(state) -> dict:
+    """What a checkpoint holds of a train state: its array fields by name, leaving out those
+    that are None (a state without a moving average of the weights is saved, and read
+    back, as states were before that field existed)."""
+    return {field.name: getattr(state, field.name) for field in dataclasses.fields(state)
+            if field.metadata.get("pytree_node", True) and getattr(state, field.name) is not None}
 
 
 def _readable_metadata(manager, step: int) -> bool:
