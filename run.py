@@ -71,7 +71,16 @@ def _route_library_errors(log_file: str | None) -> None:
     the console keeps warnings and the one line :func:`main` prints."""
     import logging as std_logging
 
+    import threading
+
     std_logging.raiseExceptions = False  # a log file on a full disk must not add tracebacks
+
+    def log_thread_exception(args) -> None:  # background threads' exceptions: the log too
+        std_logging.getLogger("kpn_jax").error(
+            "exception in thread %s", getattr(args.thread, "name", "?"),
+            exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+    threading.excepthook = log_thread_exception
     logging.get_absl_handler().addFilter(
         lambda record: record.levelno < std_logging.ERROR and not record.exc_info)
     if log_file:

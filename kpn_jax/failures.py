@@ -27,7 +27,7 @@ def _chain(error: BaseException):
         error = error.__cause__ or error.__context__
 
 
-def first_line(error: BaseException, limit: int = 300) -> str:
+def first_line(error: BaseException, limit: int = 1000) -> str:
     """The first line of ``error``'s message, at most ``limit`` characters."""
     text = str(error).strip()
     return text.splitlines()[0][:limit] if text else type(error).__name__
