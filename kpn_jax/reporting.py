@@ -49,6 +49,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from kpn_jax import workdir_config
 from kpn_jax.grades import NUM_CLASSES, PAPER_NAMES, TASKS
 
 # Table columns in the paper's Table 2 order: the 7 tasks, then the OARSI mean.
@@ -658,21 +659,12 @@ def expand_workdirs(patterns: Sequence[str]) -> list[Path]:
     return found
 
 
-def _flatten(tree: Mapping, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
-    return flat
-
-
 def experiment_fields(config: Mapping) -> dict:
     """A saved config's fields that define its experiment (flattened, ``'model.depth'``):
     everything but :data:`NOT_EXPERIMENT_FIELDS`; ``experiment`` (configs/paper.py's
     family arguments) without its ``seed=``."""
-    fields = {k: v for k, v in _flatten(config).items() if k not in NOT_EXPERIMENT_FIELDS}
+    fields = {k: v for k, v in workdir_config.flatten(config).items()
+              if k not in NOT_EXPERIMENT_FIELDS}
     if isinstance(fields.get("experiment"), str):
         fields["experiment"] = ",".join(part for part in fields["experiment"].split(",")
                                         if not part.startswith("seed="))

@@ -106,7 +106,7 @@ def with_overrides(saved: ml_collections.ConfigDict, given: ml_collections.Confi
     for dotted in overrides:
         set_field(config, dotted, get(given, dotted))
     ignored = []
-    flat_saved, flat_given = _flatten(saved.to_dict()), _flatten(given.to_dict())
+    flat_saved, flat_given = flatten(saved.to_dict()), flatten(given.to_dict())
     for dotted in sorted(set(flat_saved) | set(flat_given)):
         if dotted in overrides or dotted in RUN_SETTINGS or dotted in ("method_name",):
             continue
@@ -124,13 +124,14 @@ def _normal(value: Any) -> Any:
     return tuple(_normal(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def _flatten(tree: Mapping, prefix: str = "") -> dict:
+def flatten(tree: Mapping, prefix: str = "") -> dict:
+    """A nested config dict as ``{'model.depth': 18, ...}`` (lists as tuples)."""
     flat = {}
     for key, value in tree.items():
         if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
-            flat[f"{prefix}{key}"] = value
+            flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
     return flat
 
 
