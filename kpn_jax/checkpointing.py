@@ -18,6 +18,8 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from kpn_jax import failures
+
 MODEL_KEYS_THAT_CHANGE_SHAPES = ("pooling", "depth", "width", "aggregation", "densify_k",
                                  "feature_layer", "aux_regression", "input_mode")
 
@@ -162,8 +164,7 @@ def _short_reason(error: Exception) -> str:
 
 
 def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__
+    return failures.first_line(error, limit=300)
 
 
 def _is_structure_mismatch(error: Exception) -> bool:

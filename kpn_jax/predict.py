@@ -29,9 +29,7 @@ from kpn_jax import gmm as gmm_lib
 from kpn_jax import grades as grades_lib
 from kpn_jax import kernels as kernels_lib
 from kpn_jax import keypoints as kp_lib
-from kpn_jax import parallel
-
-DATA_INFO = "data_info.json"
+from kpn_jax import parallel, workdir_config
 
 
 def read_keypoint_file(path: str | Path, schema: kp_lib.KeypointSchema) -> np.ndarray:
@@ -158,10 +156,10 @@ def predict_files(config, workdir: str, images: Sequence[str], keypoint_files: S
     if not images:
         raise ValueError("--images is empty: give image files, folders or glob patterns")
     images = expand_image_paths(images)
-    info_path = workdir / DATA_INFO
-    if not info_path.exists():
-        raise FileNotFoundError(f"{info_path} not found: is {workdir} a trained workdir?")
-    info = json.loads(info_path.read_text())
+    info = workdir_config.data_info(workdir)
+    if not info:
+        raise FileNotFoundError(f"{workdir / workdir_config.DATA_INFO} not found: is {workdir} a "
+                                f"trained workdir?")
     if (workdir / "config.json").exists():
         checkpointing.check_config_compatible(json.loads((workdir / "config.json").read_text()),
                                               config)
