@@ -3,6 +3,8 @@
   python run.py --config=configs/demo.py --workdir=workdirs/demo            # train (resumes)
   python run.py --workdir=workdirs/demo --mode=evaluate --config.eval_split=test  # its own config
   python run.py --workdir=workdirs/demo --mode=predict --images=knee.png --keypoints=knee.csv
+  python run.py --mode=predict --images=knees/      # the shipped kneeKL224 KL grader + detector
+  python run.py --workdir=workdirs/demo --mode=export --output=my_model   # a small model folder
   python run.py --config=configs/default.py --workdir=DIR --mode=fit_gmm
   python run.py --config=configs/default.py --config.model.depth=34 ...   # any config override
 """
@@ -17,9 +19,12 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
                                 lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the report.")
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the report; for "
+                    "evaluate/predict also a model folder (--mode=export); without it they use "
+                    "the shipped kneeKL224 KL grader.")
 flags.DEFINE_enum("mode", "train",
-                  ["train", "evaluate", "predict", "fit_gmm", "compare_torch", "report"],
+                  ["train", "evaluate", "predict", "export", "fit_gmm", "compare_torch",
+                   "report"],
                   "What to do.")
 flags.DEFINE_list("workdirs", [], "report: finished workdirs (globs allowed); runs whose "
                   "configs differ only in the seed (and paths, threads, logging) are one row.")
@@ -30,10 +35,13 @@ flags.DEFINE_list("images", [], "predict: comma-separated image files (PNG, JPEG
 flags.DEFINE_list("keypoints", [], "predict: one keypoint file per image (CSV of x,y rows or "
                   "BoneFinder .pts); empty = the landmark detector of --landmark_workdir.")
 flags.DEFINE_string("sides", "", "predict: side of each image, e.g. 'R,L' (default R).")
-flags.DEFINE_string("output", "", "predict: output folder (default WORKDIR/predictions); "
-                    "report: folder for the tables and charts.")
-flags.DEFINE_string("landmark_workdir", "", "predict: workdir of a trained landmark detector, "
-                    "used for images without --keypoints.")
+flags.DEFINE_string("output", "", "predict: output folder (default WORKDIR/predictions, "
+                    "./predictions for a model folder); evaluate: report folder (default "
+                    "WORKDIR/report, ./report for a model folder); export: the model folder "
+                    "to write; report: folder for the tables and charts.")
+flags.DEFINE_string("landmark_workdir", "", "predict: workdir or model folder of a trained "
+                    "landmark detector, used for images without --keypoints (with the "
+                    "shipped grader: the shipped detector).")
 flags.DEFINE_bool("allow_other_data", False, "evaluate: allow a dataset other than the "
                   "workdir's training data (its results go to WORKDIR/report/<dataset>/).")
 flags.DEFINE_bool("allow_config_change", False, "train: resume a workdir with a config that "
@@ -51,7 +59,7 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 # signal ended, so schedulers see the usual code for a stopped job.
 EXIT_SIGTERM = 143
 # Modes that use a trained workdir's own config when no --config is given.
-WORKDIR_MODES = ("evaluate", "predict")
+WORKDIR_MODES = ("evaluate", "predict", "export")
 
 
 class UsageError(Exception):
@@ -158,7 +166,8 @@ def _run(argv) -> None:
     elif FLAGS.mode == "evaluate":
         from kpn_jax import train
 
-        train.evaluate_checkpoint(config, FLAGS.workdir, allow_other_data=FLAGS.allow_other_data)
+        train.evaluate_checkpoint(config, FLAGS.workdir, allow_other_data=FLAGS.allow_other_data,
+                                  report_dir=FLAGS.output or None)
     elif FLAGS.mode == "fit_gmm":
         from kpn_jax import train
 
@@ -168,7 +177,14 @@ def _run(argv) -> None:
 
         predict.predict_files(config, FLAGS.workdir, FLAGS.images, FLAGS.keypoints or None,
                               sides=_sides(), output_dir=FLAGS.output or None,
-                              landmark_workdir=FLAGS.landmark_workdir or None)
+                              landmark_workdir=_landmark_workdir())
+    elif FLAGS.mode == "export":
+        from kpn_jax import predict
+
+        if not FLAGS.output:
+            raise UsageError("--mode=export needs --output=DIR (the model folder to write)")
+        written = predict.export_grader(config, FLAGS.workdir, FLAGS.output)
+        print(f"model folder written to {written}")
     elif FLAGS.mode == "compare_torch":
         from kpn_jax.interop import compare_torch
 
@@ -215,6 +231,17 @@ def _stop_on_sigterm():
     return requested.is_set
 
 
+def _landmark_workdir() -> str | None:
+    """predict: the detector for images without keypoint files: ``--landmark_workdir``, else
+    with the shipped grader the shipped detector."""
+    from kpn_jax import model_folder
+
+    if FLAGS.landmark_workdir:
+        return FLAGS.landmark_workdir
+    shipped = os.path.realpath(os.path.expanduser(FLAGS.workdir)) == str(model_folder.SHIPPED_GRADER)
+    return str(model_folder.SHIPPED_DETECTOR) if shipped and not FLAGS.keypoints else None
+
+
 def _sides() -> list[str] | None:
     """``--sides='R,L'`` -> ``['R', 'L']``; ``None`` when not given."""
     return [s.strip() for s in FLAGS.sides.split(",") if s.strip()] if FLAGS.sides else None
@@ -233,6 +260,11 @@ def _run_landmarks(config) -> None:
     elif FLAGS.mode == "predict":
         landmarks_predict.predict_landmark_files(FLAGS.workdir, FLAGS.images, sides=_sides(),
                                                output_dir=FLAGS.output or None)
+    elif FLAGS.mode == "export":
+        if not FLAGS.output:
+            raise UsageError("--mode=export needs --output=DIR (the model folder to write)")
+        written = landmarks_predict.export_detector(FLAGS.workdir, FLAGS.output)
+        print(f"model folder written to {written}")
     else:
         raise ValueError(f"--mode={FLAGS.mode} does not apply to a landmark config")
 
@@ -253,6 +285,13 @@ def with_workdir_config(argv: list[str]) -> list[str]:
     ``--config=configs/workdir.py:W`` so that ``--config.*`` overrides apply to the
     workdir's own config."""
     mode, workdir = _flag_value(argv, "mode"), _flag_value(argv, "workdir")
+    if mode in ("evaluate", "predict") and not workdir and _flag_value(argv, "config") is None:
+        from kpn_jax import model_folder
+
+        workdir = str(model_folder.SHIPPED_GRADER)
+        print(f"--mode={mode} without --workdir: the shipped kneeKL224 KL grader ({workdir}; "
+              f"model card: {model_folder.SHIPPED_DIR / 'MODEL_CARD.md'})", file=sys.stderr)
+        argv = [*argv, f"--workdir={workdir}"]
     if mode not in WORKDIR_MODES or not workdir or _flag_value(argv, "config") is not None:
         return argv
     saved = os.path.join(os.path.expanduser(workdir), "config.json")

@@ -48,16 +48,24 @@ class Detector:
 
 
 def load_detector(workdir: str | os.PathLike, which: str = "auto") -> Detector:
-    """Loads a trained detector from its workdir (``config.json``, ``data_info.json``, checkpoints).
+    """Loads a trained detector from its workdir (``config.json``, ``data_info.json``,
+    checkpoints) or from a model folder (:mod:`kpn_jax.model_folder`, e.g. the shipped
+    :data:`kpn_jax.model_folder.SHIPPED_DETECTOR`).
 
     Args:
-      which: ``'best'``, ``'latest'`` or ``'auto'`` (best when there is one).
+      which: ``'best'``, ``'latest'`` or ``'auto'`` (best when there is one); a model folder
+        holds one set of weights.
 
     Raises:
       FileNotFoundError: no detector there.
-      ValueError: the workdir holds another kind of run.
+      ValueError: the workdir holds another kind of run; a damaged model folder.
     """
+    from kpn_jax import model_folder
+
     workdir = Path(workdir).expanduser().resolve()
+    exported = model_folder.is_model_folder(workdir)
+    if exported:
+        manifest = model_folder.read_manifest(workdir, kind="landmarks")
     for name in ("config.json", DATA_INFO):
         if not (workdir / name).exists():
             raise FileNotFoundError(f"{workdir} is not a landmark-detector workdir ({name} "
@@ -69,22 +77,49 @@ def load_detector(workdir: str | os.PathLike, which: str = "auto") -> Detector:
     info = json.loads((workdir / DATA_INFO).read_text())
     schema = kp_lib.get_schema(info["keypoint_schema"])
     model = create_model(config, schema.num_points)
-    mesh = parallel.make_mesh(jax.local_devices()[:1])
-    state = create_state(config, model, make_optimizer(config), info["input_size"], mesh)
-    checkpoints = checkpointing.Checkpointer(workdir, keep=config.get("keep_checkpoints", 2))
-    try:
-        if which == "auto":
-            which = "best" if checkpoints.best_step() is not None else "latest"
-        state = checkpoints.restore(state, which=which)
-    finally:
-        checkpoints.close()
-    variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
-    return Detector(model=model, variables=variables, input_size=int(info["input_size"]),
+    input_size = int(info["input_size"])
+    if exported:
+        template = jax.eval_shape(lambda: model.init(
+            jax.random.PRNGKey(0), np.zeros((1, input_size, input_size, 1), np.float32),
+            train=False))
+        variables = model_folder.read_variables(workdir, template)
+        checkpoint = {"which": "exported", **manifest.get("checkpoint", {})}
+    else:
+        mesh = parallel.make_mesh(jax.local_devices()[:1])
+        state = create_state(config, model, make_optimizer(config), input_size, mesh)
+        checkpoints = checkpointing.Checkpointer(workdir, keep=config.get("keep_checkpoints", 2))
+        try:
+            if which == "auto":
+                which = "best" if checkpoints.best_step() is not None else "latest"
+            state = checkpoints.restore(state, which=which)
+        finally:
+            checkpoints.close()
+        variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+        checkpoint = {"which": which, "step": int(jax.device_get(state.step))}
+    return Detector(model=model, variables=variables, input_size=input_size,
                     image_size=int(info["image_size"]), keypoint_schema=schema.name,
-                    workdir=str(workdir),
-                    checkpoint={"which": which, "step": int(jax.device_get(state.step))},
-                    _predict=make_predict_fn(model, int(info["input_size"]),
-                                             DTYPES[config.dtype]))
+                    workdir=str(workdir), checkpoint=checkpoint,
+                    _predict=make_predict_fn(model, input_size, DTYPES[config.dtype]))
+
+
+def export_detector(workdir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """``--mode=export`` of a detector workdir: its best (else latest) weights, config and
+    data facts as a model folder, with the dev/validation errors its report measured."""
+    from kpn_jax import model_folder
+
+    workdir = Path(workdir).expanduser().resolve()
+    detector = load_detector(workdir)
+    description = {"dataset": "kneel16 keypoints"}
+    for report in sorted((workdir / "report").glob("landmarks_*_*.json")):
+        measured = json.loads(report.read_text())
+        description[report.stem] = {k: measured.get(k) for k in
+                                    ("mean", "median", "within_2px", "within_3px", "within_5px",
+                                     "images") if k in measured}
+    return model_folder.write(
+        out_dir, kind="landmarks",
+        config=json.loads((workdir / "config.json").read_text()),
+        data_info=json.loads((workdir / DATA_INFO).read_text()),
+        variables=detector.variables, checkpoint=detector.checkpoint, description=description)
 
 
 def detect(workdir_or_detector, images, batch_size: int = 32) -> np.ndarray:

@@ -29,7 +29,7 @@ from kpn_jax import gmm as gmm_lib
 from kpn_jax import grades as grades_lib
 from kpn_jax import kernels as kernels_lib
 from kpn_jax import keypoints as kp_lib
-from kpn_jax import parallel, workdir_config
+from kpn_jax import model_folder, parallel, workdir_config
 
 
 def read_keypoint_file(path: str | Path, schema: kp_lib.KeypointSchema) -> np.ndarray:
@@ -84,14 +84,19 @@ def prepare_image(image: np.ndarray, keypoints: np.ndarray | None, side: str, im
 
 def restore_variables(config, workdir: Path, image_size: int, schema_name: str,
                        which: str | None = None):
-    """``(model, variables, {'which', 'step'})`` of ``which`` checkpoint ('best' or
-    'latest'; ``None`` = best, else latest)."""
+    """``(model, variables, checkpoint)``: the weights of a model folder
+    (:mod:`kpn_jax.model_folder`), or of a workdir's ``which`` checkpoint ('best' or
+    'latest'; ``None`` = best, else latest); ``checkpoint`` says which (``{'which', 'step'}``)."""
     from kpn_jax import train
 
     model = train.create_model(config, schema_name)
+    schema = kp_lib.get_schema(schema_name)
+    if model_folder.is_model_folder(workdir):
+        variables, checkpoint = train.exported_variables(config, model, Path(workdir), image_size,
+                                                         schema.num_points)
+        return model, variables, checkpoint
     mesh = parallel.make_mesh(jax.devices()[:1])
     tx = train.make_optimizer(config, 1)
-    schema = kp_lib.get_schema(schema_name)
     state = train.abstract_state(config, model, tx, image_size, schema.num_points, mesh)
     checkpoints = checkpointing.Checkpointer(workdir)
     if which is None:
@@ -102,6 +107,35 @@ def restore_variables(config, workdir: Path, image_size: int, schema_name: str,
 
     variables = trainer.eval_variables(state)
     return model, variables, {"which": which, "step": int(jax.device_get(state.step))}
+
+
+def export_grader(config, workdir: str | Path, out_dir: str | Path) -> Path:
+    """``--mode=export``: the workdir's best (else latest) evaluation weights, whole config,
+    data facts and GMM as a model folder (:func:`kpn_jax.model_folder.write`)."""
+    workdir = Path(workdir).expanduser().resolve()
+    info = workdir_config.data_info(workdir)
+    if not info:
+        raise FileNotFoundError(f"{workdir / workdir_config.DATA_INFO} not found: is {workdir} a "
+                                "trained workdir?")
+    _, variables, checkpoint = restore_variables(config, workdir, int(info["image_size"]),
+                                                 info["keypoint_schema"])
+    description = {"method_name": config.method_name, "dataset": info.get("dataset")}
+    results = workdir / "report" / "results.json"
+    if results.exists():  # what the workdir's own evaluation measured, for the model card
+        measured = json.loads(results.read_text())
+        description["metrics"] = {split: {task: {k: measured[split][task].get(k)
+                                                 for k in ("accuracy", "balanced_accuracy",
+                                                           "rmse", "kappa", "count")}
+                                          for task in config.tasks if task in measured[split]}
+                                  for split in measured if isinstance(measured[split], dict)}
+    extra = {"gmm.npz": workdir / "gmm.npz"} if (workdir / "gmm.npz").exists() else {}
+    exported_config = config.to_dict()
+    # The training machine's data folder means nothing elsewhere: TFDS's default instead
+    # (evaluate takes --config.data_dir).
+    exported_config["data_dir"] = "~/tensorflow_datasets"
+    return model_folder.write(out_dir, kind="grader", config=exported_config, data_info=info,
+                              variables=jax.device_get(variables), checkpoint=checkpoint,
+                              extra_files=extra, description=description)
 
 
 def draw_overlay(image: np.ndarray, keypoints: np.ndarray | None, schema: kp_lib.KeypointSchema,
@@ -209,7 +243,9 @@ def predict_files(config, workdir: str, images: Sequence[str], keypoint_files: S
     sides = [sides[i] for i in readable]
     side_sources = [side_sources[i] for i in readable]
 
-    if needs_keypoints and any(k is None for _, k in prepared):
+    # Keypoints are detected where the model pools at them, and for the overlay whenever a
+    # detector is given (a global-pooling model does not need them to grade).
+    if (needs_keypoints or landmark_workdir) and any(k is None for _, k in prepared):
         detected = _detect_keypoints([img for img, _ in prepared], landmark_workdir, image_size)
         prepared = [(img, kps if kps is not None else detected[i]) for i, (img, kps) in enumerate(prepared)]
         sources = [s if s == "file" else "detected" for s in sources]
@@ -228,7 +264,9 @@ def predict_files(config, workdir: str, images: Sequence[str], keypoint_files: S
     log_probs = (np.asarray(gmm_lib.log_prob(gmm, jnp.asarray(probabilities)))
                  if gmm is not None else [None] * len(images))
 
-    out_dir = Path(output_dir).expanduser() if output_dir else workdir / "predictions"
+    default_out = (Path("predictions").resolve() if model_folder.is_model_folder(workdir)
+                   else workdir / "predictions")  # a model folder may be read-only
+    out_dir = Path(output_dir).expanduser() if output_dir else default_out
     out_dir.mkdir(parents=True, exist_ok=True)
     offsets = grades_lib.one_hot_offsets()
     results = []
@@ -319,16 +357,21 @@ def expand_image_paths(entries: Sequence[str]) -> list[str]:
 
 
 def write_summary_csv(path: Path, results: list[dict], skipped: list[tuple[str, str]]) -> None:
-    """One row per image: its grades, or why it was skipped."""
+    """One row per image: its grades and their probabilities (``kl_p0`` ... ``kl_p4``),
+    or why it was skipped."""
     tasks = [t for t in grades_lib.TASKS if any(t in r["grades"] for r in results)]
+    probability_columns = [(t, g) for t in tasks for g in range(grades_lib.NUM_CLASSES[t])]
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["image", "side", *tasks, "keypoints", "error"])
+        writer.writerow(["image", "side", *tasks, *(f"{t}_p{g}" for t, g in probability_columns),
+                         "keypoints", "error"])
         for r in results:
             writer.writerow([r["image"], r["side"], *(r["grades"][t]["grade"] for t in tasks),
+                             *(r["grades"][t]["probabilities"][g] for t, g in probability_columns),
                              r["keypoints"]["source"], ""])
         for image, reason in skipped:
-            writer.writerow([image, "", *([""] * len(tasks)), "", reason])
+            writer.writerow([image, "", *([""] * (len(tasks) + len(probability_columns))), "",
+                             reason])
 
 
 def _detect_keypoints(images: list[np.ndarray], landmark_workdir: str | None, image_size: int):

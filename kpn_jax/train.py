@@ -24,7 +24,8 @@ from kpn_jax import augment as augment_lib
 from kpn_jax import checkpointing, datasets, evaluate as eval_lib
 from kpn_jax import gmm as gmm_lib
 from kpn_jax import grades as grades_lib
-from kpn_jax import input_pipeline, kernels as kernels_lib, keypoints as kp_lib, losses, parallel
+from kpn_jax import input_pipeline, kernels as kernels_lib, keypoints as kp_lib, losses
+from kpn_jax import model_folder, parallel
 from kpn_jax import trainer, workdir_config, workdir_lock
 from kpn_jax.trainer import MetricLog, TrainState
 
@@ -495,30 +496,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         which = "best" if checkpoints.best_step() is not None else "latest"
         splits = {split: handle.sources[split] for split in ("validation", "test")
                   if split in handle.sources and len(handle.sources[split])}
-        results = evaluate_splits(config, workdir, splits, eval_step,
-                                  checkpoints.restore(state, which=which), which, checker, mesh, gmm,
-                                  log.records(), loading)
+        state = checkpoints.restore(state, which=which)
+        results = evaluate_splits(config, workdir / "report", splits, eval_step,
+                                  trainer.eval_variables(state),
+                                  {"which": which, "step": int(jax.device_get(state.step))},
+                                  checker, mesh, gmm, log.records(), loading)
         log.close()
         checkpoints.close()
         return results
 
 
-def evaluate_splits(config, workdir: Path, splits: dict, eval_step, state, which: str, checker,
-                    mesh, gmm, records, loading: input_pipeline.Loading,
+def evaluate_splits(config, report_dir: Path, splits: dict, eval_step, variables,
+                    checkpoint: dict, checker, mesh, gmm, records, loading: input_pipeline.Loading,
                     other_dataset: str | None = None) -> dict:
-    """Evaluates ``state`` (the ``which`` checkpoint) on each ``{split: source}``, writes
-    ``report/`` (``report/<other_dataset>/`` for data other than the training data) and
-    prints the results; returns ``{split: metrics}``."""
-    report_dir = workdir / "report" / (other_dataset or "")
-    variables = trainer.eval_variables(state)
-    step = int(jax.device_get(state.step))
+    """Evaluates ``variables`` (from ``checkpoint``: ``{'which', 'step'}``) on each
+    ``{split: source}``, writes ``report_dir`` and prints the results; returns
+    ``{split: metrics}``."""
+    which, step = checkpoint["which"], checkpoint["step"]
     results = {}
     for split, source in splits.items():
         predictions = eval_lib.predict_split(eval_step, variables, source, checker, mesh,
                                              config.eval_batch_size, loading)
         result = eval_lib.split_metrics(predictions, tuple(config.tasks), gmm)
         result["majority_accuracy"] = eval_lib.majority_baseline(predictions["true"])
-        result["checkpoint"] = {"which": which, "step": step}
+        result["checkpoint"] = dict(checkpoint)
         results[split] = result
         if jax.process_index() == 0:
             eval_lib.write_split_report(report_dir, split, result, records, config.method_name)
@@ -542,19 +543,23 @@ def evaluate_splits(config, workdir: Path, splits: dict, eval_step, state, which
 
 
 def evaluate_checkpoint(config, workdir: str, split: str | None = None,
-                        allow_other_data: bool = False) -> dict:
-    """``--mode=evaluate``: the best (else latest) checkpoint of ``workdir`` on ``split``.
+                        allow_other_data: bool = False, report_dir: str | None = None) -> dict:
+    """``--mode=evaluate``: the best (else latest) checkpoint of ``workdir``, or the weights
+    of a model folder (:mod:`kpn_jax.model_folder`), on ``split``.
 
-    The dataset must be the one the workdir was trained on (``data_info.json``) unless
+    The dataset must be the one the model was trained on (``data_info.json``) unless
     ``allow_other_data``; then the results go to ``report/<dataset>/`` and the training
-    data's report is left as it is.
+    data's report is left as it is. ``report_dir`` (default ``WORKDIR/report``; for a
+    model folder, which may be read-only, ``./report``) is where the report goes.
 
     Raises:
       workdir_config.OtherDataError: another dataset, not allowed.
+      model_folder.ModelFolderError: a damaged model folder.
     """
     validate_config(config)
     workdir = Path(workdir).expanduser().resolve()
-    if not (workdir / "checkpoints").exists():
+    exported = model_folder.is_model_folder(workdir)
+    if not exported and not (workdir / "checkpoints").exists():
         raise FileNotFoundError(f"no checkpoints in workdir {workdir}")
     config_path = workdir / "config.json"
     if config_path.exists():
@@ -568,22 +573,41 @@ def evaluate_checkpoint(config, workdir: str, split: str | None = None,
     schema = kp_lib.get_schema(handle.keypoint_schema)
     kernels = kernels_lib.for_config(config)
     model = create_model(config, handle.keypoint_schema, kernels)
-    tx = make_optimizer(config, 1)
-    state = abstract_state(config, model, tx, handle.image_size, schema.num_points, mesh)
-    checkpoints = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
-    which = "best" if checkpoints.best_step() is not None else "latest"
-    state = checkpoints.restore(state, which=which)
+    if exported:
+        variables, checkpoint = exported_variables(config, model, workdir, handle.image_size,
+                                                   schema.num_points)
+        report_root = Path(report_dir or "report").expanduser().resolve()
+    else:
+        tx = make_optimizer(config, 1)
+        state = abstract_state(config, model, tx, handle.image_size, schema.num_points, mesh)
+        checkpoints = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
+        which = "best" if checkpoints.best_step() is not None else "latest"
+        state = checkpoints.restore(state, which=which)
+        checkpoints.close()
+        variables = trainer.eval_variables(state)
+        checkpoint = {"which": which, "step": int(jax.device_get(state.step))}
+        report_root = Path(report_dir).expanduser().resolve() if report_dir else workdir / "report"
     checker = input_pipeline.make_example_checker(handle.image_size, schema.num_points,
                                                   config.model.pooling == "keypoints")
     gmm = gmm_lib.load(workdir / "gmm.npz") if (workdir / "gmm.npz").exists() else None
     eval_step = eval_lib.make_eval_step(model, tuple(config.tasks), DTYPES[config.dtype],
                                         kernels.compiler_options, hflip=config.eval_hflip)
-    records = trainer.read_records(workdir / "metrics.jsonl") if jax.process_index() == 0 else None
-    results = evaluate_splits(config, workdir, {split: handle.split(split)}, eval_step, state,
-                              which, checker, mesh, gmm, records,
-                              input_pipeline.loading_for_config(config), other_dataset)
-    checkpoints.close()
+    records = (trainer.read_records(workdir / "metrics.jsonl")
+               if jax.process_index() == 0 and (workdir / "metrics.jsonl").exists() else None)
+    results = evaluate_splits(config, report_root / (other_dataset or ""),
+                              {split: handle.split(split)}, eval_step,
+                              parallel.replicate(variables, mesh), checkpoint, checker, mesh, gmm,
+                              records, input_pipeline.loading_for_config(config), other_dataset)
     return results[split]
+
+
+def exported_variables(config, model, folder: Path, image_size: int, num_points: int):
+    """``(variables, checkpoint)`` of a model folder, checked against ``model``'s shapes."""
+    template = jax.eval_shape(lambda: init_variables(model, image_size, num_points, config.seed))
+    variables = model_folder.read_variables(folder, template)
+    manifest = model_folder.read_manifest(folder, kind="grader")
+    return variables, {"which": "exported", **manifest.get("checkpoint", {}),
+                       "model_folder": str(folder)}
 
 
 def abstract_state(config, model, tx, image_size, num_points, mesh):

@@ -41,12 +41,12 @@ def data_info(workdir: str | os.PathLike) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _with_tuples(value: Any) -> Any:
+def with_tuples(value: Any) -> Any:
     """JSON lists back to the tuples the configs hold (``tasks``, ``lr_decay_epochs``)."""
     if isinstance(value, dict):
-        return {k: _with_tuples(v) for k, v in value.items()}
+        return {k: with_tuples(v) for k, v in value.items()}
     if isinstance(value, list):
-        return tuple(_with_tuples(v) for v in value)
+        return tuple(with_tuples(v) for v in value)
     return value
 
 
@@ -72,7 +72,7 @@ def load(workdir: str | os.PathLike, base: ml_collections.ConfigDict) -> ml_coll
         raise FileNotFoundError(f"{path} not found: is {workdir} a trained workdir? (without "
                                 f"one, give --config=FILE)")
     config = ml_collections.ConfigDict(base.to_dict())
-    _update(config, _with_tuples(json.loads(path.read_text())))
+    _update(config, with_tuples(json.loads(path.read_text())))
     recorded_dir = data_info(workdir).get("data_dir")
     if recorded_dir:
         config.data_dir = recorded_dir

@@ -25,8 +25,10 @@ def test_files_folders_and_globs_expand_in_order(tmp_path):
 
 def test_summary_lists_grades_and_skipped_images(tmp_path):
     results = [{"image": "k1.png", "side": "R", "keypoints": {"source": "file"},
-                "grades": {"kl": {"grade": 2}}}]
+                "grades": {"kl": {"grade": 2, "probabilities": [0.1, 0.2, 0.5, 0.15, 0.05]}}}]
     predict.write_summary_csv(tmp_path / "p.csv", results, [("bad.png", "cannot read bad.png")])
     rows = list(csv.DictReader((tmp_path / "p.csv").open()))
     assert rows[0]["kl"] == "2" and rows[0]["error"] == ""
+    assert [float(rows[0][f"kl_p{g}"]) for g in range(5)] == [0.1, 0.2, 0.5, 0.15, 0.05]
+    assert rows[1]["kl_p2"] == ""
     assert rows[1]["image"] == "bad.png" and rows[1]["error"] == "cannot read bad.png"
