@@ -207,12 +207,20 @@ def flip_horizontal(keypoints: np.ndarray, width: int) -> np.ndarray:
     return flipped
 
 
+# How far (pixels) a keypoint of a file may lie outside its image: a point on the image's
+# edge may round just past it; anything further is not a point of that image.
+OUTSIDE_TOLERANCE_PX = 2.0
+
+
 def validate_keypoints(keypoints, schema: KeypointSchema = KNEEL16, name: str = "keypoints",
-                       image_shape: Sequence[int] | None = None) -> np.ndarray:
-    """Checks shape ``[..., N, 2]`` and finiteness; returns float32.
+                       image_shape: Sequence[int] | None = None,
+                       tolerance_px: float = OUTSIDE_TOLERANCE_PX) -> np.ndarray:
+    """Checks shape ``[..., N, 2]``, finiteness and, given ``image_shape``, that every point
+    lies inside the image (within ``tolerance_px``); returns float32.
 
     Raises:
-      ValueError: naming ``name`` when the shape is wrong or a value is NaN/inf.
+      ValueError: naming ``name`` when the shape is wrong, a value is NaN/inf or a point
+        lies outside the image.
     """
     arr = np.asarray(keypoints, dtype=np.float32)
     if arr.ndim < 2 or arr.shape[-2:] != (schema.num_points, 2):
@@ -224,9 +232,12 @@ def validate_keypoints(keypoints, schema: KeypointSchema = KNEEL16, name: str = 
                          f"(NaN or inf)")
     if image_shape is not None:
         height, width = image_shape[:2]
-        margin = 0.5 * max(height, width)
-        if (np.any(arr[..., 0] < -margin) or np.any(arr[..., 0] > width - 1 + margin)
-                or np.any(arr[..., 1] < -margin) or np.any(arr[..., 1] > height - 1 + margin)):
-            raise ValueError(f"{name}: keypoints lie far outside the {width}x{height} image; "
-                             "are they in pixels of this image?")
+        outside = ((arr[..., 0] < -tolerance_px) | (arr[..., 0] > width - 1 + tolerance_px)
+                   | (arr[..., 1] < -tolerance_px) | (arr[..., 1] > height - 1 + tolerance_px))
+        if np.any(outside):
+            index = tuple(int(i) for i in np.argwhere(outside)[0])
+            x, y = arr[index]
+            raise ValueError(f"{name}: keypoint {index[-1]} at ({x:.1f}, {y:.1f}) lies outside "
+                             f"the {width}x{height} image; are the keypoints in pixels of "
+                             "this image?")
     return arr

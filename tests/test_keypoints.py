@@ -223,9 +223,16 @@ def test_validate_keypoints():
     bad[3, 1] = np.nan
     with pytest.raises(ValueError, match=r"pts: keypoint \(3,\)"):
         kp.validate_keypoints(bad, name="pts")
-    with pytest.raises(ValueError, match="far outside"):
+    with pytest.raises(ValueError, match="outside the 64x64 image"):
         kp.validate_keypoints(points * 10, image_shape=(64, 64))
     kp.validate_keypoints(points, image_shape=(256, 256))
+    # Inside, on the edge (within the tolerance) and just past it.
+    edge = np.zeros((16, 2), np.float32)
+    edge[0] = (63 + kp.OUTSIDE_TOLERANCE_PX, 0)
+    kp.validate_keypoints(edge, image_shape=(64, 64))
+    edge[5] = (10, -kp.OUTSIDE_TOLERANCE_PX - 0.5)
+    with pytest.raises(ValueError, match=r"keypoint 5 at \(10\.0, -2\.5\) lies outside"):
+        kp.validate_keypoints(edge, image_shape=(64, 64))
 
 
 @pytest.mark.slow

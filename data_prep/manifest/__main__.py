@@ -1,15 +1,21 @@
 """Builds a dataset from a CSV manifest: ``python -m data_prep.manifest --manifest=CSV``.
 
 Writes ``<data_dir>/manifest/<config>/<version>/`` and ``build_summary.json`` beside it.
-Every row problem is reported with its row number (header = row 1) and the row is
-skipped; ``--strict`` stops at any problem instead. The columns are described in
+Every row problem is reported with its row number (header = row 1) after the build and
+the row is skipped; the command then exits 1 unless ``--allow_row_problems``;
+``--strict`` stops at the first problem instead. The dataset records the manifest's
+SHA-256: building again from an edited manifest under the same name is refused unless
+``--rebuild`` (which replaces the dataset). The columns are described in
 ``data_prep/manifest/builder.py`` and docs/DATASETS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -26,6 +32,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="folder of relative image/pts paths (default: the CSV's folder)")
     tfds_util.add_dataset_arguments(parser, config_name_note="; one name per manifest")
     parser.add_argument("--strict", action="store_true", help="any row problem is fatal")
+    parser.add_argument("--allow_row_problems", action="store_true",
+                        help="exit 0 although rows were skipped (they are still listed)")
+    parser.add_argument("--rebuild", action="store_true",
+                        help="replace a dataset of the same name built from another version "
+                             "of the manifest")
     parser.add_argument("--image_size", type=int, default=defaults.image_size)
     parser.add_argument("--roi_mm", type=float, default=defaults.roi_mm,
                         help="ROI side in mm, for images with a pixel spacing (default %(default)s)")
@@ -55,26 +66,70 @@ def build(args) -> dict:
         pts_units=args.pts_units, unlabeled_subjects=args.unlabeled_subjects,
         split_seed=args.split_seed)
     name = tfds_util.config_name(options, args.config_name)
+    manifest_sha256 = hashlib.sha256(Path(args.manifest).read_bytes()).hexdigest()
+    _check_existing_build(Path(args.data_dir).expanduser() / "manifest" / name, manifest_sha256,
+                          args.rebuild)
     with tfds_util.without_custom_config_warning():
         builder = builder_lib.Manifest(
             data_dir=str(Path(args.data_dir).expanduser()),
             config=tfds_util.builder_config(builder_lib.ManifestConfig, name, options),
             manifest_path=args.manifest, image_root=args.image_root, strict=args.strict)
     return tfds_util.build_with_summary(
-        builder, f"manifest/{name}", extra={"manifest": str(Path(args.manifest).resolve())},
-        rebuild_hint="delete it (or use --config_name) to rebuild")
+        builder, f"manifest/{name}", extra={"manifest": str(Path(args.manifest).resolve()),
+                                            "manifest_sha256": manifest_sha256},
+        rebuild_hint="the manifest is unchanged, so it is not rebuilt")
+
+
+def _check_existing_build(dataset_dir: Path, manifest_sha256: str, rebuild: bool) -> None:
+    """An existing build of another manifest version is replaced (``rebuild``) or refused;
+    one of this version is reused, and the user is told so.
+
+    Raises:
+      ManifestError: a build from another manifest version, without ``rebuild``.
+    """
+    from data_prep.manifest import builder as builder_lib
+
+    builds = sorted(p for p in dataset_dir.glob("*") if (p / "dataset_info.json").exists())
+    for build_dir in builds:
+        summary_path = build_dir / tfds_util.SUMMARY_FILE
+        recorded = (json.loads(summary_path.read_text()).get("manifest_sha256")
+                    if summary_path.exists() else None)
+        if recorded == manifest_sha256:
+            print(f"{build_dir} was built from this manifest (same SHA-256): reused, not rebuilt")
+            continue
+        if not rebuild:
+            raise builder_lib.ManifestError(
+                f"{build_dir} was built from another version of the manifest (SHA-256 "
+                f"{(recorded or 'not recorded')[:12]} then, {manifest_sha256[:12]} now): pass "
+                "--rebuild to replace it, or --config_name=NEW to build beside it")
+        print(f"replacing {build_dir} (built from another version of the manifest)")
+        shutil.rmtree(build_dir)
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from data_prep.manifest import builder as builder_lib
 
+    args = parse_args(argv)
     try:
-        summary = build(parse_args(argv))
+        summary = build(args)
     except builder_lib.ManifestError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    tfds_util.print_build_summary(summary)
+    problems = summary.get("row_problems", [])
+    tfds_util.print_build_summary(summary, {k: v for k, v in summary.items()
+                                            if k != "row_problems"})
+    if summary.get("subject_ids_merged"):
+        print(f"subject ids merged (they differ only in case or spaces): "
+              f"{summary['subject_ids_merged']}")
+    if problems:
+        print(f"{len(problems)} row problem(s), those rows were skipped:", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+        if not args.allow_row_problems:
+            print("error: rows were skipped (listed above): fix them, or pass "
+                  "--allow_row_problems to use the dataset without them", file=sys.stderr)
+            return 1
     return 0
 
 

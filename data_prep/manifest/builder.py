@@ -4,10 +4,12 @@ One row per knee. Columns (header names; others are ignored):
 
 - ``image`` (required): PNG, JPEG, 16-bit PNG, TIFF or DICOM, as acquired (not mirrored);
   relative paths are taken from the manifest's folder (or ``image_root``).
-- ``subject_id`` (required): the person; splits never separate a person's knees.
+- ``subject_id`` (required): the person; splits never separate a person's knees. Ids
+  that differ only in case or spaces are one person (the build summary lists them).
 - ``side`` (required): ``R``/``L`` (also right/left, 1/2 as in the OAI).
 - grades, any subset of ``kl, jsn_lateral, jsn_medial, ost_femur_lateral,
-  ost_femur_medial, ost_tibia_lateral, ost_tibia_medial``; blank = not graded.
+  ost_femur_medial, ost_tibia_lateral, ost_tibia_medial``; blank, ``NA``, ``N/A``, ``nan``,
+  ``none``, ``null``, ``missing``, ``-`` or ``.`` = not graded (that grade only).
 - keypoints (optional), either ``keypoints``: 32 numbers ``x0 y0 ... x15 y15`` (kneel16,
   pixels of the image as given; separated by spaces, commas or semicolons) or ``pts``:
   a ``.pts`` file (16 kneel16 points, or a BoneFinder shape; ``*_f.pts`` = found on the
@@ -106,7 +108,8 @@ class RowJob:
 
 
 def new_summary() -> dict:
-    return {"rows": 0, "row_problems": [], "planned": collections.Counter(),
+    return {"rows": 0, "row_problems": [], "subject_ids_merged": {},
+            "planned": collections.Counter(),
             "written": collections.Counter(), "with_keypoints": collections.Counter(),
             "unlabeled_rows_of_held_out_subjects": 0}
 
@@ -114,19 +117,25 @@ def new_summary() -> dict:
 summary_as_json = tfds_util.summary_as_json
 
 
+# How spreadsheets and hospital exports write "not graded" (compared case-insensitively).
+MISSING_SPELLINGS = frozenset({"", "na", "n/a", "nan", "none", "null", "missing", "-", "."})
+
+
 def parse_grade(text: str, task: str) -> int:
-    """A grade cell -> int; blank -> -1.
+    """A grade cell -> int; blank or a missing-value spelling (NA, N/A, nan, ...) -> -1.
 
     Raises:
-      ValueError: for a non-integer or out-of-range grade, naming the task's range.
+      ValueError: for a non-integer, infinite or out-of-range grade, naming the task's range.
     """
     text = text.strip()
-    if not text:
+    if text.lower() in MISSING_SPELLINGS:
         return grades_lib.MISSING
     try:
         value = float(text)
     except ValueError:
         raise ValueError(f"{text!r} is not a number") from None
+    if not np.isfinite(value):
+        raise ValueError(f"{text!r} is not a finite grade (blank or NA = not graded)")
     if value != int(value):
         raise ValueError(f"{text!r} is not a whole grade")
     if not 0 <= value < grades_lib.NUM_CLASSES[task]:
@@ -173,7 +182,7 @@ def _check_row(number: int, row: dict, root: Path):
         problem("image", "empty")
     elif not image_path.is_file():
         problem("image", f"file not found: {image_path}")
-    subject = (row.get("subject_id") or "").strip()
+    subject = " ".join((row.get("subject_id") or "").split())
     if not subject:
         problem("subject_id", "empty")
     side = _SIDES.get((row.get("side") or "").strip().lower())
@@ -222,6 +231,28 @@ def _check_row(number: int, row: dict, root: Path):
     return fields, problems
 
 
+def _has_keypoints(fields: dict) -> bool:
+    return fields["keypoints"] is not None or fields["pts_path"] is not None
+
+
+def _duplicate_problems(fields: dict, seen_ids: dict, seen_images: dict) -> list[str]:
+    """A row that repeats an earlier knee: the same ``image_id``, or the same whole image
+    (no keypoints to cut a knee from it) under another side."""
+    number, image_id = fields["row"], fields["image_id"]
+    first = seen_ids.get(image_id)
+    if first is not None:
+        sides = (f" (side {first['side']} there, {fields['side']} here: give each knee its own "
+                 "image_id)" if first["side"] != fields["side"] else "")
+        return [f"row {number}: image_id: {image_id!r} is also row {first['row']}{sides}"]
+    first = seen_images.get(fields["image_path"].resolve())
+    if first is not None and not (_has_keypoints(first) and _has_keypoints(fields)):
+        return [f"row {number}: image: {fields['image_path']} is also row {first['row']} "
+                f"(side {first['side']} there, {fields['side']} here); without keypoints on "
+                "both rows the whole image is one knee, so it cannot be listed twice (give "
+                "keypoints to cut each knee of a bilateral film)"]
+    return []
+
+
 def read_manifest_rows(manifest_path: str | os.PathLike) -> tuple[list[str], list[dict]]:
     """The manifest's header and rows (as text).
 
@@ -262,17 +293,29 @@ def plan_manifest(manifest_path: str | os.PathLike, options: ManifestOptions = M
     summary = new_summary()
     summary["rows"] = len(rows)
     checked, problems = [], []
-    seen_ids: dict[str, int] = {}
+    seen_ids: dict[str, dict] = {}
+    seen_images: dict[Path, dict] = {}
     for number, row in enumerate(rows, start=2):
         fields, row_problems = _check_row(number, row, root)
-        if fields["image_id"] in seen_ids and not row_problems:
-            row_problems.append(f"row {number}: image_id: {fields['image_id']!r} is also row "
-                                f"{seen_ids[fields['image_id']]}")
+        if not row_problems:
+            row_problems += _duplicate_problems(fields, seen_ids, seen_images)
         if row_problems:
             problems += row_problems
             continue
-        seen_ids[fields["image_id"]] = number
+        seen_ids[fields["image_id"]] = fields
+        seen_images.setdefault(fields["image_path"].resolve(), fields)
         checked.append(fields)
+
+    # One person, one id: ids that differ only in case or spaces (S13, s13) are merged into
+    # the first spelling, and the summary lists the merges.
+    spellings: dict[str, list[str]] = {}
+    for fields in checked:
+        known = spellings.setdefault(fields["subject_id"].casefold(), [fields["subject_id"]])
+        if fields["subject_id"] not in known:
+            known.append(fields["subject_id"])
+        fields["subject_id"] = known[0]
+    summary["subject_ids_merged"] = {names[0]: names for names in spellings.values()
+                                     if len(names) > 1}
 
     # Splits: a person's graded knees stay in one split.
     subject_split: dict[str, tuple[str, int]] = {}
@@ -307,8 +350,8 @@ def plan_manifest(manifest_path: str | os.PathLike, options: ManifestOptions = M
         if strict:
             raise ManifestError(f"{manifest_path}: {len(problems)} row problem(s):\n  "
                                 + "\n  ".join(problems))
-        for p in problems:
-            logger.warning("%s: %s (row skipped)", manifest_path.name, p)
+        for p in problems:  # the command line prints them all after the build
+            logger.debug("%s: %s (row skipped)", manifest_path.name, p)
     return jobs, summary
 
 
@@ -340,8 +383,9 @@ def row_example(job: RowJob, options: ManifestOptions) -> dict:
         keypoints = pts_lib.read_knee_pts(job.pts_path, radiograph.spacing_mm if in_mm else None,
                                           image_width=width)
     if keypoints is not None:
-        keypoints = kp_lib.validate_keypoints(keypoints, name=f"row {job.row} keypoints",
-                                              image_shape=(height, width))
+        keypoints = kp_lib.validate_keypoints(
+            keypoints, name=str(job.pts_path) if job.pts_path is not None else "inline points",
+            image_shape=(height, width))
     window = _window(radiograph, options)
     roi_px = options.roi_px or (options.roi_mm / radiograph.spacing_mm[1]
                                 if radiograph.spacing_mm is not None else 0.0)
@@ -383,7 +427,7 @@ def generate_examples(jobs: Iterable[RowJob], options: ManifestOptions, summary:
             problem = f"row {job.row}: {column}: {e}"
             if strict:
                 raise ManifestError(problem) from e
-            logger.warning("%s (row skipped)", problem)
+            logger.debug("%s (row skipped)", problem)
             summary["row_problems"].append(problem)
             continue
         summary["written"][job.split] += 1
