@@ -207,7 +207,8 @@ def read_dicom_header(path: str | os.PathLike, member: str | None = None) -> Dic
 def read_dicom(path: str | os.PathLike, member: str | None = None) -> Radiograph:
     """One-frame grey DICOM -> :class:`Radiograph`.
 
-    Applies the modality LUT (RescaleSlope/Intercept), inverts MONOCHROME1 images as
+    Applies the modality LUT (RescaleSlope/Intercept) and, when the file has one, its VOI
+    LUT sequence (the first; the window is then the LUT's output range), inverts MONOCHROME1 images as
     ``min + max - x`` (so values stay in the image's own range) and maps the file's
     WindowCenter/WindowWidth through the same inversion.
 
@@ -235,6 +236,20 @@ def read_dicom(path: str | os.PathLike, member: str | None = None) -> Radiograph
     center = _first_float(ds.get("WindowCenter"))
     width = _first_float(ds.get("WindowWidth"))
     window = (center - width / 2.0, center + width / 2.0) if center is not None and width else None
+    if ds.get("VOILUTSequence"):
+        # The file's own display curve (often non-linear) wins over a linear window: the
+        # pixels become its output and the window its output range.
+        from pydicom.pixels import apply_voi_lut
+
+        try:
+            # A LUT is indexed by whole stored values (after the modality LUT).
+            pixels = np.asarray(apply_voi_lut(np.rint(pixels).astype(np.int32), ds, index=0,
+                                              prefer_lut=True), np.float32)
+            output_bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        except Exception as e:  # a malformed LUT: unreadable, not silently ignored
+            raise ImageReadError(f"{path}: cannot apply its VOI LUT sequence "
+                                 f"({type(e).__name__}: {e})") from e
+        window = (0.0, float(2 ** output_bits - 1))
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     if photometric == "MONOCHROME1":
         pivot = float(pixels.min()) + float(pixels.max())

@@ -4,8 +4,11 @@ import numpy as np
 
 
 def write_dicom(path, pixels, photometric="MONOCHROME2", spacing_tag="ImagerPixelSpacing",
-                spacing=0.5, window=None, accession=None, modality="DX"):
-    """``pixels`` uint16 ``[H, W]`` as stored (no inversion here) to ``path``."""
+                spacing=0.5, window=None, accession=None, modality="DX", voi_lut=None,
+                laterality=None):
+    """``pixels`` uint16 ``[H, W]`` as stored (no inversion here) to ``path``; ``voi_lut``:
+    uint16 ``[4096]`` output per stored value (a VOI LUT sequence item, 12-bit output);
+    ``laterality``: ImageLaterality ('R', 'L' or 'B')."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -23,6 +26,13 @@ def write_dicom(path, pixels, photometric="MONOCHROME2", spacing_tag="ImagerPixe
     setattr(ds, spacing_tag, [spacing, spacing])
     if window is not None:
         ds.WindowCenter, ds.WindowWidth = window
+    if voi_lut is not None:
+        item = Dataset()
+        item.LUTDescriptor = [len(voi_lut), 0, 12]
+        item.LUTData = np.asarray(voi_lut, "<u2").tobytes()
+        ds.VOILUTSequence = [item]
+    if laterality is not None:
+        ds.ImageLaterality = laterality
     if accession is not None:
         ds.AccessionNumber = accession
     ds.PixelData = np.asarray(pixels, np.uint16).astype("<u2").tobytes()

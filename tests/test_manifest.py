@@ -71,6 +71,15 @@ def test_dicom_monochrome1_is_inverted_and_spacing_read(tmp_path):
     assert (both.rows, both.columns, both.spacing_mm) == (20, 24, (0.15, 0.15))
 
 
+def test_dicom_voi_lut_sequence_is_applied(tmp_path):
+    raw = np.arange(20 * 24, dtype=np.uint16).reshape(20, 24) * 8          # 0 .. 3832
+    lut = np.round(4095 * np.sqrt(np.arange(4096) / 4095)).astype(np.uint16)  # non-linear
+    write_dicom(tmp_path / "voi.dcm", raw, window=(100, 50), voi_lut=lut)
+    image = image_io.read_image(tmp_path / "voi.dcm")
+    np.testing.assert_array_equal(image.pixels, lut[raw].astype(np.float32))
+    assert image.window == (0.0, 4095.0)        # the LUT's output range, not the linear window
+
+
 def test_unreadable_files_are_named(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
     (tmp_path / "broken.dcm").write_bytes(b"\x00" * 300)
