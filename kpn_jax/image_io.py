@@ -159,6 +159,7 @@ class DicomHeader:
     spacing_mm: tuple[float, float] | None
     path: str
     accession_number: str = ""   # OAI: the film's barcode
+    laterality: str = ""         # ImageLaterality (else Laterality): 'R', 'L', 'B' or ''
 
 
 def _dicom_file(path: Path, member: str | None):
@@ -201,7 +202,9 @@ def read_dicom_header(path: str | os.PathLike, member: str | None = None) -> Dic
     if rows <= 0 or columns <= 0:
         raise ImageReadError(f"{name}: DICOM says the image is {rows}x{columns}")
     return DicomHeader(rows=rows, columns=columns, spacing_mm=dicom_pixel_spacing(ds),
-                       path=name, accession_number=str(ds.get("AccessionNumber", "")).strip())
+                       path=name, accession_number=str(ds.get("AccessionNumber", "")).strip(),
+                       laterality=str(ds.get("ImageLaterality", "") or ds.get("Laterality", "")
+                                      ).strip().upper())
 
 
 def read_dicom(path: str | os.PathLike, member: str | None = None) -> Radiograph:

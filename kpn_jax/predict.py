@@ -32,8 +32,13 @@ from kpn_jax import keypoints as kp_lib
 from kpn_jax import model_folder, parallel, workdir_config
 
 
-def read_keypoint_file(path: str | Path, schema: kp_lib.KeypointSchema) -> np.ndarray:
-    """``[N, 2]`` pixels from a CSV (``x,y`` per row, optional header) or a ``.pts`` file.
+def read_keypoint_file(path: str | Path, schema: kp_lib.KeypointSchema,
+                       spacing_mm: tuple[float, float] | None = None,
+                       image_width: int | None = None) -> np.ndarray:
+    """``[N, 2]`` pixels of the image as stored, from a CSV (``x,y`` per row in pixels,
+    optional header) or a ``.pts`` file read as the manifest builder reads it: in mm when
+    the image has a pixel spacing (``spacing_mm``), and mirrored back when named
+    ``*_f.pts`` (found on the mirrored image, so ``image_width`` is needed).
 
     Raises:
       ValueError: naming the file (unreadable, wrong count, NaN/inf values).
@@ -44,7 +49,7 @@ def read_keypoint_file(path: str | Path, schema: kp_lib.KeypointSchema) -> np.nd
     if path.suffix.lower() == ".pts":
         from kpn_jax import pts
 
-        points = pts.read_knee_pts(path, flipped=False)
+        points = pts.read_knee_pts(path, spacing_mm, image_width=image_width)
     else:
         rows = []
         with path.open(newline="") as f:
@@ -64,9 +69,11 @@ def read_keypoint_file(path: str | Path, schema: kp_lib.KeypointSchema) -> np.nd
 
 def load_image_uint8(path: str | Path) -> np.ndarray:
     """Any supported radiograph file -> uint8 ``[H, W]`` (8-bit files as stored, others windowed)."""
-    from kpn_jax import image_io
+    return radiograph_uint8(image_io.read_image(path))  # ImageReadError names the file
 
-    radiograph = image_io.read_image(path)  # ImageReadError (a ValueError) names the file
+
+def radiograph_uint8(radiograph: image_io.Radiograph) -> np.ndarray:
+    """uint8 ``[H, W]`` of a read radiograph (8-bit files as stored, others windowed)."""
     pixels = radiograph.pixels
     if radiograph.bit_depth <= 8 and pixels.min() >= 0 and pixels.max() <= 255:
         return np.round(pixels).astype(np.uint8)
@@ -214,13 +221,16 @@ def predict_files(config, workdir: str, images: Sequence[str], keypoint_files: S
     prepared, sources, readable, skipped, polarity_inverted = [], [], [], [], []
     for i, path in enumerate(images):
         try:
-            image = load_image_uint8(path)
+            radiograph = image_io.read_image(path)  # ImageReadError names the file
+            check_one_knee(path, radiograph)
+            image = radiograph_uint8(radiograph)
             inverted = fix_polarity and image_io.centre_minus_border(image) < 0
             if inverted:  # as the training data's build did (data_info.json preprocessing)
                 image = 255 - image
             keypoints, source = None, "none"
             if keypoint_files:
-                keypoints = read_keypoint_file(keypoint_files[i], schema)
+                keypoints = read_keypoint_file(keypoint_files[i], schema, radiograph.spacing_mm,
+                                               image_width=image.shape[1])
                 kp_lib.validate_keypoints(keypoints, schema, name=f"keypoints of {path}",
                                           image_shape=image.shape)
                 source = "file"
@@ -319,10 +329,39 @@ def knee_sides(images: Sequence[str], sides: Sequence[str] | None) -> tuple[list
         return list(sides), ["flag"] * len(images)
     found, sources = [], []
     for path in images:
+        laterality = dicom_laterality(path)
         match = _SIDE_IN_NAME.match(Path(path).stem)
-        found.append(match.group("side") if match else "R")
-        sources.append("file name" if match else "assumed")
+        if laterality in ("R", "L"):
+            found.append(laterality)
+            sources.append("DICOM ImageLaterality")
+        else:
+            found.append(match.group("side") if match else "R")
+            sources.append("file name" if match else "assumed")
     return found, sources
+
+
+def dicom_laterality(path: str | Path) -> str:
+    """A DICOM's ImageLaterality ('R', 'L', 'B'), '' for other files or when it has none."""
+    if not image_io.is_dicom(path):
+        return ""
+    try:
+        return image_io.read_dicom_header(path).laterality
+    except image_io.ImageReadError:
+        return ""  # read_image reports the file when it is graded
+
+
+def check_one_knee(path: str | Path, radiograph: image_io.Radiograph) -> None:
+    """Refuses a film that shows both knees: predict grades each image as one knee crop.
+
+    Raises:
+      ValueError: naming the file, for a DICOM whose ImageLaterality is 'B' (both).
+    """
+    if dicom_laterality(path) == "B":
+        height, width = radiograph.shape
+        raise ValueError(f"{path} is a bilateral film (ImageLaterality B, {width}x{height} px): "
+                         "predict grades one knee per image; cut each knee out first (e.g. "
+                         "data_prep.manifest with keypoints, whose dataset run.py --mode="
+                         "evaluate grades)")
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom", "")
