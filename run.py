@@ -42,6 +42,9 @@ flags.DEFINE_string("output", "", "predict: output folder (default WORKDIR/predi
 flags.DEFINE_string("landmark_workdir", "", "predict: workdir or model folder of a trained "
                     "landmark detector, used for images without --keypoints (with the "
                     "shipped grader: the shipped detector).")
+flags.DEFINE_string("id_salt_file", "", "predict: a secret file of >= 16 random bytes; outputs "
+                    "name each image by its salted pseudonym instead of its path "
+                    "(docs/DATASETS.md, identifiers).")
 flags.DEFINE_bool("allow_other_data", False, "evaluate: allow a dataset other than the "
                   "workdir's training data (its results go to WORKDIR/report/<dataset>/).")
 flags.DEFINE_bool("allow_config_change", False, "train: resume a workdir with a config that "
@@ -177,7 +180,7 @@ def _run(argv) -> None:
 
         predict.predict_files(config, FLAGS.workdir, FLAGS.images, FLAGS.keypoints or None,
                               sides=_sides(), output_dir=FLAGS.output or None,
-                              landmark_workdir=_landmark_workdir())
+                              landmark_workdir=_landmark_workdir(), id_salt=_id_salt())
     elif FLAGS.mode == "export":
         from kpn_jax import predict
 
@@ -240,6 +243,12 @@ def _landmark_workdir() -> str | None:
         return FLAGS.landmark_workdir
     shipped = os.path.realpath(os.path.expanduser(FLAGS.workdir)) == str(model_folder.SHIPPED_GRADER)
     return str(model_folder.SHIPPED_DETECTOR) if shipped and not FLAGS.keypoints else None
+
+
+def _id_salt() -> bytes | None:
+    from kpn_jax import identifiers
+
+    return identifiers.read_salt(FLAGS.id_salt_file) if FLAGS.id_salt_file else None
 
 
 def _sides() -> list[str] | None:

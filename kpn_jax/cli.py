@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--sides", default="", help="side of each image, e.g. R,L (default: "
                          "from kneeKL224-style file names <id>L.png, else right)")
     predict.add_argument("--output", default="predictions", help="output folder")
+    predict.add_argument("--id_salt_file", default="",
+                         help="a secret file of >= 16 random bytes: name each image by its "
+                              "salted pseudonym instead of its path in every output")
 
     evaluate = commands.add_parser("evaluate", help="evaluate on a built dataset split")
     evaluate.add_argument("--model", default=str(model_folder.SHIPPED_GRADER), help=model_help)
@@ -65,8 +68,12 @@ def run(argv: list[str]) -> int:
 
         sides = [s.strip() for s in args.sides.split(",") if s.strip()] or None
         detector = None if args.keypoints or args.detector == "none" else args.detector
+        from kpn_jax import identifiers
+
+        salt = identifiers.read_salt(args.id_salt_file) if args.id_salt_file else None
         predict.predict_files(config, args.model, args.images, args.keypoints or None,
-                              sides=sides, output_dir=args.output, landmark_workdir=detector)
+                              sides=sides, output_dir=args.output, landmark_workdir=detector,
+                              id_salt=salt)
         return 0
     from kpn_jax import train
 

@@ -183,8 +183,12 @@ def draw_overlay(image: np.ndarray, keypoints: np.ndarray | None, schema: kp_lib
 
 def predict_files(config, workdir: str, images: Sequence[str], keypoint_files: Sequence[str] | None,
                   sides: Sequence[str] | None = None, output_dir: str | None = None,
-                  landmark_workdir: str | None = None) -> list[dict]:
+                  landmark_workdir: str | None = None, id_salt: bytes | None = None) -> list[dict]:
     """``--mode=predict``: grades ``images``; writes ``<stem>.json`` and ``<stem>.png`` per image.
+
+    Images are named as given (relative paths stay relative); with ``id_salt`` every
+    output (JSON, CSV, file names, printed lines) names an image by its salted pseudonym
+    (:mod:`kpn_jax.identifiers`) instead of its path.
 
     Raises:
       ValueError / FileNotFoundError: naming the file or flag at fault.
@@ -238,8 +242,10 @@ def predict_files(config, workdir: str, images: Sequence[str], keypoint_files: S
         except (ValueError, OSError) as error:
             # One unreadable image is reported and skipped; the others are still graded.
             reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-            skipped.append((str(path), reason))
-            print(f"skipped {path}: {reason}", flush=True)
+            name = _image_name(path, id_salt)
+            reason = reason.replace(str(path), name)
+            skipped.append((name, reason))
+            print(f"skipped {name}: {reason}", flush=True)
             continue
         prepared.append((roi_image, roi_keypoints))
         sources.append(source)
@@ -289,26 +295,34 @@ def predict_files(config, workdir: str, images: Sequence[str], keypoint_files: S
                                 "probabilities": [round(float(p), 5) for p in probabilities[i, start:stop]]}
         roi_image, roi_keypoints = prepared[i]
         result = {
-            "image": str(path), "side": sides[i], "side_from": side_sources[i],
+            "image": _image_name(path, id_salt), "side": sides[i], "side_from": side_sources[i],
             "polarity_inverted": polarity_inverted[i], "grades": grades,
             "coherence_log_prob": None if log_probs[i] is None else float(log_probs[i]),
             "keypoints": {"source": sources[i], "schema": schema.name,
                           "roi_pixels": None if roi_keypoints is None else np.round(roi_keypoints, 2).tolist()},
             "roi_size": image_size, "checkpoint": checkpoint, "workdir": str(workdir),
         }
-        stem = f"{i:03d}_{Path(path).stem}" if len(set(Path(p).stem for p in images)) < len(images) \
-            else Path(path).stem
+        stem = (_image_name(path, id_salt) if id_salt is not None else
+                f"{i:03d}_{Path(path).stem}" if len(set(Path(p).stem for p in images)) < len(images)
+                else Path(path).stem)
         (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2))
         draw_overlay(roi_image, roi_keypoints, schema, result, out_dir / f"{stem}.png",
-                     f"{Path(path).name} ({sides[i]})")
+                     f"{Path(result['image']).name} ({sides[i]})")
         results.append(result)
         summary = " ".join(f"{grades_lib.PAPER_NAMES[t]} {g['grade']}" for t, g in grades.items())
-        print(f"{path}: {summary}  -> {out_dir / (stem + '.json')}", flush=True)
+        print(f"{result['image']}: {summary}  -> {out_dir / (stem + '.json')}", flush=True)
     write_summary_csv(out_dir / "predictions.csv", results, skipped)
     if skipped:
         print(f"{len(skipped)} of {len(images) + len(skipped)} images skipped; listed in "
               f"{out_dir / 'predictions.csv'}", flush=True)
     return results
+
+
+def _image_name(path: str | Path, id_salt: bytes | None) -> str:
+    """How outputs name an image: the path as given, or its salted pseudonym."""
+    from kpn_jax import identifiers
+
+    return str(path) if id_salt is None else identifiers.pseudonym(str(path), id_salt)
 
 
 # kneeKL224's file names: the OAI subject id and the side letter (9001695L.png).

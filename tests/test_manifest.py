@@ -1,6 +1,7 @@
 """The CSV-manifest builder (data_prep.manifest) and the image readers (kpn_jax.image_io)."""
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -264,6 +265,35 @@ def test_cli_exit_code_problem_list_and_edited_manifest(tmp_path, radiographs, c
     dataset = cli.build(cli.parse_args(argv))["dataset"]              # reused, not rebuilt
     sources, _ = tfds_util.data_sources(tmp_path / "tfds", dataset)
     assert sources["train"][0]["grades"][0] == 3
+
+
+def test_salted_pseudonyms_replace_subject_and_image_ids(tmp_path, radiographs):
+    from data_prep import tfds_util
+    from data_prep.manifest import __main__ as cli
+    from kpn_jax import identifiers
+
+    (tmp_path / "salt.bin").write_bytes(bytes(range(32)))
+    (tmp_path / "short.bin").write_bytes(b"tiny")
+    rows = [dict(image="grey.png", subject_id="MRN-0042", side="L", kl="2",
+                 keypoints=inline(radiographs["grey_points"])),
+            dict(image="deep.png", subject_id="mrn-0042", side="L", kl="1",
+                 keypoints=inline(radiographs["deep_points"]))]
+    write_manifest(tmp_path / "m.csv", rows)
+    args = [f"--manifest={tmp_path / 'm.csv'}", f"--data_dir={tmp_path / 'tfds'}",
+            f"--image_size={IMAGE_SIZE}", "--roi_px=40"]
+    plain = cli.build(cli.parse_args(args))
+    salted = cli.build(cli.parse_args([*args, f"--id_salt_file={tmp_path / 'salt.bin'}"]))
+    assert salted["dataset"] != plain["dataset"] and salted["planned"] == plain["planned"]
+    sources, info = tfds_util.data_sources(tmp_path / "tfds", salted["dataset"])
+    salt = identifiers.read_salt(tmp_path / "salt.bin")
+    stored = [source[i] for source in sources.values() for i in range(len(source))]
+    assert {e["subject_id"].decode() for e in stored} == {identifiers.pseudonym("MRN-0042", salt)}
+    assert {e["image_id"].decode() for e in stored} == {identifiers.pseudonym("grey-L", salt),
+                                                        identifiers.pseudonym("deep-L", salt)}
+    assert "0042" not in json.dumps(info.metadata, default=str)
+    assert cli.main([*args, f"--id_salt_file={tmp_path / 'short.bin'}"]) == 1
+    with pytest.raises(mf.ManifestError, match="does not match"):
+        mf.plan_manifest(tmp_path / "m.csv", mf.ManifestOptions(), id_salt=salt)
 
 
 def test_missing_required_column_is_fatal(tmp_path):

@@ -127,6 +127,25 @@ def test_console_script_grades_a_folder_with_the_shipped_models(tmp_path, capsys
         assert (out / f"{Path(name).stem}.png").is_file()
     assert by_name["broken.png"][-1]                      # the reason it was skipped
 
+    # With a salt, no output names a file: pseudonyms in the CSV, the JSON and file names.
+    (tmp_path / "salt.bin").write_bytes(bytes(range(32)))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["predict", str(knees), "--output", str(tmp_path / "salted"), "--detector",
+                  "none", "--id_salt_file", str(tmp_path / "salt.bin")])
+    assert exit_info.value.code == 0
+    from kpn_jax import identifiers
+
+    salt = (tmp_path / "salt.bin").read_bytes()
+    names = {identifiers.pseudonym(str(knees / n), salt)
+             for n in ("1234567L.png", "1234567R.png", "broken.png")}
+    written = sorted((tmp_path / "salted").iterdir())
+    assert {p.stem for p in written} - {"predictions"} == names - {
+        identifiers.pseudonym(str(knees / "broken.png"), salt)}
+    for path in written:
+        text = path.read_text(errors="replace") if path.suffix != ".png" else ""
+        assert "1234567" not in text and "broken" not in text and "knees" not in text, path
+    assert "1234567" not in capsys.readouterr().out
+
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["predict", str(tmp_path / "missing.png")])
     assert exit_info.value.code == 1

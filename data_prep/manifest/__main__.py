@@ -53,18 +53,25 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="'train' (default) leaves out ungraded rows of subjects graded in "
                              "validation/test; 'all' keeps them")
     parser.add_argument("--split_seed", type=int, default=defaults.split_seed)
+    parser.add_argument("--id_salt_file", default=None,
+                        help="a secret file of >= 16 random bytes: store subject and image ids "
+                             "as salted pseudonyms (HMAC-SHA256) instead of as written")
     return parser.parse_args(argv)
 
 
 def build(args) -> dict:
     """Builds the dataset; returns the build summary (also written as JSON)."""
     from data_prep.manifest import builder as builder_lib
+    from kpn_jax import identifiers
+
+    id_salt = identifiers.read_salt(args.id_salt_file) if args.id_salt_file else None
 
     options = builder_lib.ManifestOptions(
         image_size=args.image_size, roi_mm=args.roi_mm, roi_px=args.roi_px, window=args.window,
         window_percentiles=tuple(float(p) for p in args.window_percentiles.split(",")),
         pts_units=args.pts_units, unlabeled_subjects=args.unlabeled_subjects,
-        split_seed=args.split_seed)
+        split_seed=args.split_seed,
+        id_salt_fingerprint=identifiers.salt_fingerprint(id_salt) if id_salt else "")
     name = tfds_util.config_name(options, args.config_name)
     manifest_sha256 = hashlib.sha256(Path(args.manifest).read_bytes()).hexdigest()
     _check_existing_build(Path(args.data_dir).expanduser() / "manifest" / name, manifest_sha256,
@@ -73,7 +80,8 @@ def build(args) -> dict:
         builder = builder_lib.Manifest(
             data_dir=str(Path(args.data_dir).expanduser()),
             config=tfds_util.builder_config(builder_lib.ManifestConfig, name, options),
-            manifest_path=args.manifest, image_root=args.image_root, strict=args.strict)
+            manifest_path=args.manifest, image_root=args.image_root, strict=args.strict,
+            id_salt=id_salt)
     return tfds_util.build_with_summary(
         builder, f"manifest/{name}", extra={"manifest": str(Path(args.manifest).resolve()),
                                             "manifest_sha256": manifest_sha256},
@@ -113,7 +121,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         summary = build(args)
-    except builder_lib.ManifestError as e:
+    except (builder_lib.ManifestError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     problems = summary.get("row_problems", [])

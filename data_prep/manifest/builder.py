@@ -20,6 +20,9 @@ One row per knee. Columns (header names; others are ignored):
   graded rows by a hash of ``subject_id`` (2:1:1), ungraded rows to ``unlabeled``.
 - ``image_id`` (optional): default ``<image path without suffix>-<side>``.
 
+With an id salt (``--id_salt_file``), ``subject_id`` and ``image_id`` are stored as salted
+pseudonyms (:mod:`kpn_jax.identifiers`), never as written in the manifest.
+
 A row with keypoints is cut around the joint centre: ``roi_px`` pixels, else ``roi_mm``
 when the image has a pixel spacing; otherwise (and for rows without keypoints, which
 must then be single-knee images) the whole image is used, padded to a square. Left
@@ -42,7 +45,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_prep import features as features_lib
-from kpn_jax import image_io
+from kpn_jax import identifiers, image_io
 from kpn_jax import pts as pts_lib
 from kpn_jax import roi as roi_lib
 from data_prep import tfds_util
@@ -78,6 +81,9 @@ class ManifestOptions:
     pts_units: str = "auto"      # auto: mm when the image has a pixel spacing
     unlabeled_subjects: str = "train"
     split_seed: int = 0
+    # Non-empty: subject and image ids are stored as salted pseudonyms
+    # (kpn_jax.identifiers); the salt's fingerprint, never the salt.
+    id_salt_fingerprint: str = ""
 
     def __post_init__(self):
         if self.image_size <= 0 or self.roi_mm <= 0 or self.roi_px < 0:
@@ -276,8 +282,12 @@ def read_manifest_rows(manifest_path: str | os.PathLike) -> tuple[list[str], lis
 
 def plan_manifest(manifest_path: str | os.PathLike, options: ManifestOptions = ManifestOptions(),
                   image_root: str | os.PathLike | None = None,
-                  strict: bool = False) -> tuple[dict[str, list[RowJob]], dict]:
-    """Checks every row (reads .pts files, no image) and assigns splits.
+                  strict: bool = False, id_salt: bytes | None = None
+                  ) -> tuple[dict[str, list[RowJob]], dict]:
+    """Checks every row (reads .pts files, no image) and assigns splits (from the real
+    subject ids, so the splits do not depend on the salt). With ``id_salt`` (which must
+    match ``options.id_salt_fingerprint``) the jobs carry pseudonymous subject and image
+    ids.
 
     Returns:
       ``({split: [RowJob]}, summary)``; rows with problems are left out and listed in
@@ -289,6 +299,10 @@ def plan_manifest(manifest_path: str | os.PathLike, options: ManifestOptions = M
     """
     manifest_path = Path(manifest_path)
     root = Path(image_root) if image_root is not None else manifest_path.parent
+    salted = identifiers.salt_fingerprint(id_salt) if id_salt is not None else ""
+    if salted != options.id_salt_fingerprint:
+        raise ManifestError(f"the id salt ({salted or 'none'}) does not match the dataset's "
+                            f"options ({options.id_salt_fingerprint or 'none'})")
     header, rows = read_manifest_rows(manifest_path)
     summary = new_summary()
     summary["rows"] = len(rows)
@@ -339,6 +353,9 @@ def plan_manifest(manifest_path: str | os.PathLike, options: ManifestOptions = M
                 summary["unlabeled_rows_of_held_out_subjects"] += 1
                 continue
             fields["split"] = "unlabeled"
+        if id_salt is not None:
+            fields["subject_id"] = identifiers.pseudonym(fields["subject_id"], id_salt)
+            fields["image_id"] = identifiers.pseudonym(fields["image_id"], id_salt)
         job = RowJob(**fields)
         jobs.setdefault(job.split, []).append(job)
         summary["planned"][job.split] += 1
@@ -457,10 +474,12 @@ class Manifest(tfds.core.GeneratorBasedBuilder):
                      "2.0.0": "Images stored as raw uint8 pixels instead of PNG (no decoding when read)."}
     BUILDER_CONFIGS = [ManifestConfig(name="default", description="320 px, 140 mm ROI")]
 
-    def __init__(self, *, manifest_path=None, image_root=None, strict=False, **kwargs):
+    def __init__(self, *, manifest_path=None, image_root=None, strict=False, id_salt=None,
+                 **kwargs):
         self._manifest_path = manifest_path
         self._image_root = image_root
         self._strict = strict
+        self._id_salt = id_salt
         self.summary = new_summary()
         super().__init__(**kwargs)
 
@@ -475,7 +494,7 @@ class Manifest(tfds.core.GeneratorBasedBuilder):
         if self._manifest_path is None:
             raise ManifestError("Manifest builder: pass manifest_path=<the CSV>")
         jobs, self.summary = plan_manifest(self._manifest_path, self.options, self._image_root,
-                                           self._strict)
+                                           self._strict, self._id_salt)
         return tfds_util.split_generators(self, jobs, self._manifest_path, "row",
                                           error=ManifestError)
 
