@@ -216,7 +216,8 @@ def predict_files(config, workdir: str, images: Sequence[str], keypoint_files: S
     sides, side_sources = knee_sides(images, sides)
     assumed = [path for path, source in zip(images, side_sources) if source == "assumed"]
     if assumed:
-        print(f"side unknown for {len(assumed)} image(s) (first: {assumed[0]}): taken as right "
+        print(f"side unknown for {len(assumed)} image(s) (first: "
+              f"{_image_name(assumed[0], id_salt)}): taken as right "
               f"knees; give --sides=R,L,... or name files like kneeKL224's (<id>L.png)",
               flush=True)
     fix_polarity = bool(info.get("preprocessing", {}).get("fix_polarity", False))
