@@ -83,7 +83,7 @@ def load_detector(workdir: str | os.PathLike, which: str = "auto") -> Detector:
             jax.random.PRNGKey(0), np.zeros((1, input_size, input_size, 1), np.float32),
             train=False))
         variables = model_folder.read_variables(workdir, template)
-        checkpoint = {"which": "exported", **manifest.get("checkpoint", {})}
+        checkpoint = {**manifest.get("checkpoint", {}), "model_folder": str(workdir)}
     else:
         mesh = parallel.make_mesh(jax.local_devices()[:1])
         state = create_state(config, model, make_optimizer(config), input_size, mesh)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 from pathlib import Path
 from typing import Sequence
@@ -124,6 +125,18 @@ def export_grader(config, workdir: str | Path, out_dir: str | Path) -> Path:
     if not info:
         raise FileNotFoundError(f"{workdir / workdir_config.DATA_INFO} not found: is {workdir} a "
                                 "trained workdir?")
+    if "preprocessing" not in info:
+        # Workdirs trained before data_info.json recorded it: from the dataset's build, which
+        # must be readable here (a model folder without it would grade files unlike training).
+        from kpn_jax import datasets
+
+        data_dir = info.get("data_dir") or os.path.expanduser(config.data_dir)
+        build_summary = datasets.dataset_dir(data_dir, info["dataset"]) / "build_summary.json"
+        if not build_summary.exists():
+            raise FileNotFoundError(f"{workdir / workdir_config.DATA_INFO} does not say how its "
+                                    f"dataset prepared images, and {build_summary} is not here "
+                                    "to tell: export where the training data is")
+        info = {**info, "preprocessing": datasets.preprocessing(data_dir, info["dataset"])}
     _, variables, checkpoint = restore_variables(config, workdir, int(info["image_size"]),
                                                  info["keypoint_schema"])
     description = {"method_name": config.method_name, "dataset": info.get("dataset")}

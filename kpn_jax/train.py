@@ -606,7 +606,7 @@ def exported_variables(config, model, folder: Path, image_size: int, num_points:
     template = jax.eval_shape(lambda: init_variables(model, image_size, num_points, config.seed))
     variables = model_folder.read_variables(folder, template)
     manifest = model_folder.read_manifest(folder, kind="grader")
-    return variables, {"which": "exported", **manifest.get("checkpoint", {}),
+    return variables, {"which": "best", **manifest.get("checkpoint", {}),
                        "model_folder": str(folder)}
 
 

@@ -1,5 +1,6 @@
-"""Each workdir's (or model folder's) KL probabilities on kneeKL224 validation, saved to
-NAME.npz, and the metrics of their average (an ensemble), on validation only.
+"""Each workdir's (or model folder's) KL probabilities on kneeKL224 validation through the
+evaluation path, saved to NAME.npz with the image ids, and the metrics of their average
+(an ensemble), on validation only.
 
   python benchmarks/results/cpu_2026-12-06/kneekl224_recipe/validation_probabilities.py \
       --data_dir=workdirs/kl224data --out=/tmp/probs workdirs/kl224/recipe_s0 workdirs/kl224/recipe_s1
@@ -33,7 +34,9 @@ def probabilities(workdir: str, data_dir: str, out: Path) -> tuple[np.ndarray, n
     result = evaluate.predict_split(step, variables, handle.split("validation"), checker,
                                     parallel.make_mesh(), 64)
     probs, true = result["probabilities"][:, :5], result["true"][:, 0]
-    np.savez(cached, probabilities=probs, true=true)
+    ids = [i.decode() if isinstance(i, bytes) else str(i)
+           for i in input_pipeline.read_field(handle.split("validation"), "image_id")]
+    np.savez(cached, probabilities=probs, true=true, image_id=np.asarray(ids))
     return probs, true
 
 
