@@ -129,6 +129,7 @@ def test_console_script_grades_a_folder_with_the_shipped_models(tmp_path, capsys
 
     # With a salt, no output names a file: pseudonyms in the CSV, the JSON and file names.
     (tmp_path / "salt.bin").write_bytes(bytes(range(32)))
+    capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["predict", str(knees), "--output", str(tmp_path / "salted"), "--detector",
                   "none", "--id_salt_file", str(tmp_path / "salt.bin")])

@@ -2,6 +2,7 @@
 evaluating the dataset built from the same files gives (left knees, inverted grey levels,
 resizing, mirrored test-time evaluation, the weights' moving average)."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def test_predict_on_png_crops_equals_evaluate_on_their_built_dataset(tmp_path):
 
     config = kneekl224.get_config()
     config.data_dir = str(data_dir)
-    config.dataset = "knee_kl224/" + next(p.name for p in (data_dir / "knee_kl224").iterdir())
+    config.dataset = built["dataset"]
     config.model.width = 4
     config.batch_size = 4
     config.eval_batch_size = 4
@@ -69,3 +70,47 @@ def test_predict_on_png_crops_equals_evaluate_on_their_built_dataset(tmp_path):
         np.testing.assert_allclose(result["grades"]["kl"]["probabilities"], probabilities,
                                    atol=2e-5, err_msg=stem)
     assert sum(r["polarity_inverted"] for r in results) == 4   # the four inverted crops
+
+
+@pytest.mark.skipif(not KNEE_KL224.is_dir(), reason="needs ../shared/data/kneeKL224")
+def test_shipped_model_grades_png_crops_as_it_evaluates_their_built_dataset(tmp_path):
+    from data_prep.knee_kl224 import __main__ as build_cli
+    from kpn_jax import cli, evaluate, input_pipeline, model_folder, parallel, predict
+
+    manual = tmp_path / "kneeKL224"
+    for source in [*sorted((KNEE_KL224 / "train" / "1").glob("*.png"))[:4],
+                   *(KNEE_KL224 / name for name in VALIDATION)]:
+        target = manual / source.relative_to(KNEE_KL224)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target)
+    data_dir = tmp_path / "data"
+    built = build_cli.build(build_cli.parse_args([f"--manual_dir={manual}",
+                                                  f"--data_dir={data_dir}",
+                                                  "--landmarks=none"]))  # 224 px, as trained
+
+    # Evaluate: the shipped model on the built validation split.
+    folder = model_folder.SHIPPED_GRADER
+    config = model_folder.read_config(folder)
+    config.data_dir = str(data_dir)
+    config.dataset = built["dataset"]
+    handle = input_pipeline.open_dataset(config)
+    source = handle.split("validation")
+    model, variables, _ = predict.restore_variables(config, folder, 224, handle.keypoint_schema)
+    eval_step = evaluate.make_eval_step(model, ("kl",), hflip=config.eval_hflip)
+    evaluated = evaluate.predict_split(eval_step, variables, source,
+                                       input_pipeline.make_example_checker(224, 16, False),
+                                       parallel.make_mesh(), 8)
+    ids = [i.decode() if isinstance(i, bytes) else str(i)
+           for i in input_pipeline.read_field(source, "image_id")]
+    by_id = dict(zip(ids, evaluated["probabilities"][:, :5]))
+
+    # Predict: the PNG files through the console script, keypoints from the shipped detector.
+    out = tmp_path / "predictions"
+    assert cli.run(["predict", str(manual / "val" / "*" / "*.png"), "--output", str(out)]) == 0
+    for name in VALIDATION:
+        stem = Path(name).stem
+        result = json.loads((out / f"{stem}.json").read_text())
+        np.testing.assert_allclose(result["grades"]["kl"]["probabilities"], by_id[stem],
+                                   atol=2e-5, err_msg=stem)
+        assert result["grades"]["kl"]["grade"] == int(np.argmax(by_id[stem]))
+        assert result["keypoints"]["source"] == "detected"
