@@ -30,8 +30,9 @@ def test_predict_on_png_crops_equals_evaluate_on_their_built_dataset(tmp_path):
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(source, target)
     data_dir = tmp_path / "data"
-    build_cli.build(build_cli.parse_args([f"--manual_dir={manual}", f"--data_dir={data_dir}",
-                                          "--image_size=64", "--landmarks=none"]))
+    built = build_cli.build(build_cli.parse_args([f"--manual_dir={manual}",
+                                                  f"--data_dir={data_dir}", "--image_size=64",
+                                                  "--landmarks=none"]))
 
     config = kneekl224.get_config()
     config.data_dir = str(data_dir)
