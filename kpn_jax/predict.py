@@ -182,6 +182,8 @@ def draw_overlay(image: np.ndarray, keypoints: np.ndarray | None, schema: kp_lib
     lines = ["grade  (probability)"]
     for task, entry in prediction["grades"].items():
         lines.append(f"{grades_lib.PAPER_NAMES[task]:<6} {entry['grade']}  ({max(entry['probabilities']):.2f})")
+        if len(prediction["grades"]) == 1:  # room for every grade's probability
+            lines += [f"  p({grade}) = {p:.2f}" for grade, p in enumerate(entry["probabilities"])]
     if prediction.get("coherence_log_prob") is not None:
         # The score needs its meaning beside it: a bare log-density reads like a probability.
         lines.append(f"\ncoherence log p: {prediction['coherence_log_prob']:.1f}\n"
