@@ -193,7 +193,10 @@ def log_prob(gmm: GMM, x: jax.Array) -> jax.Array:
     chol = gmm.precisions_cholesky.astype(dtype)
     dim = means.shape[-1]
     # y[..., k, :] = (x - mu_k) @ U_k, the whitened residual of each component.
-    y = jnp.einsum("...kd,kde->...ke", x[..., None, :] - means, chol)
+    # Full float32: the squared residuals are large and cancel in logsumexp, so bfloat16-
+    # rounded inputs (the default matmul precision on TPU) would shift log p visibly.
+    y = jnp.einsum("...kd,kde->...ke", x[..., None, :] - means, chol,
+                   precision=jax.lax.Precision.HIGHEST)
     log_det = jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)      # [K]
     log_gauss = -0.5 * (dim * math.log(2 * math.pi) + jnp.sum(y * y, axis=-1)) + log_det
     return jax.nn.logsumexp(log_gauss + jnp.log(gmm.weights.astype(dtype)), axis=-1)

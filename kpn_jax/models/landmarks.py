@@ -72,8 +72,9 @@ def soft_argmax(logits: jax.Array, stride: int) -> tuple[jax.Array, jax.Array]:
     xs = cell_centers(width, stride)
     ys = cell_centers(height, stride)
     # Marginals first: two small contractions instead of a full [h, w] grid product.
-    x = jnp.einsum("bhwn,w->bn", probabilities, xs)
-    y = jnp.einsum("bhwn,h->bn", probabilities, ys)
+    # Coordinates in full float32 (default precision rounds to bfloat16 on TPU: ~1 px).
+    x = jnp.einsum("bhwn,w->bn", probabilities, xs, precision=jax.lax.Precision.HIGHEST)
+    y = jnp.einsum("bhwn,h->bn", probabilities, ys, precision=jax.lax.Precision.HIGHEST)
     return jnp.stack([x, y], axis=-1), probabilities
 
 
