@@ -157,8 +157,15 @@ def _run(argv) -> None:
     if FLAGS.mode in ("train", "evaluate", "fit_gmm"):
         from data_prep import synthetic_knee
 
-        # The embedded synthetic knees are built on first use (identical builds are reused).
-        synthetic_knee.build_for_config(config)
+        # The embedded synthetic knees are built on first use (identical builds are reused),
+        # by process 0 alone; the others find its build.
+        import jax
+
+        if jax.process_index() == 0:
+            synthetic_knee.build_for_config(config)
+        parallel.barrier("kpn_jax: synthetic knees built")
+        if jax.process_index() != 0:
+            synthetic_knee.build_for_config(config)
     if config.get("task") == "landmarks":
         _run_landmarks(config)
     elif FLAGS.mode == "train":
@@ -219,15 +226,18 @@ def _workdir_config(config, config_file: str):
 
 def _stop_on_sigterm():
     """SIGTERM, a scheduler's stop (SLURM, Kubernetes, spot VMs), as a flag the trainer reads
-    before each step: it then saves a checkpoint and stops (exit 143). Single process only:
-    processes that saw the signal at different steps would save different steps, so with
-    several processes SIGTERM keeps its default (the run ends; the last checkpoint stays)."""
+    before each step: it then saves a checkpoint and stops (exit 143). With several
+    processes JAX's preemption service owns SIGTERM: a SIGTERM to any process makes every
+    process stop before the same step (``parallel.stop_agreed``); Ctrl-C is turned into a
+    SIGTERM to this process so that it stops the run the same way instead of interrupting
+    one process mid-step."""
     import signal
     import threading
 
     import jax
 
     if jax.process_count() > 1:
+        signal.signal(signal.SIGINT, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
         return None
     requested = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: requested.set())

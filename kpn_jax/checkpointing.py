@@ -18,7 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from kpn_jax import failures
+from kpn_jax import failures, parallel
 
 MODEL_KEYS_THAT_CHANGE_SHAPES = ("pooling", "depth", "width", "aggregation", "densify_k",
                                  "feature_layer", "aux_regression", "input_mode")
@@ -86,21 +86,27 @@ class Checkpointer:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, saved_items(state_template))
         errors = []
         for candidate in steps:
+            restored, failure = None, None
             try:
-                intact = _readable_metadata(manager, candidate)
-                if not intact:
+                # Agreed before any process reads: a restore is collective, so either every
+                # process reads this checkpoint or none does.
+                if not parallel.all_processes(_readable_metadata(manager, candidate)):
                     raise FileNotFoundError("its metadata is missing or unreadable")
                 restored = manager.restore(candidate, args=ocp.args.StandardRestore(abstract))
-                return state_template.replace(**restored)
             except (ValueError, KeyError, TypeError) as error:
                 # With readable metadata, a refused template means another model.
                 if _is_structure_mismatch(error):
                     raise CheckpointMismatchError(
                         f"checkpoint {self.root / which / str(candidate)} does not fit the model "
                         f"of this config (another architecture?): {_first_line(error)}") from None
-                errors.append((candidate, error))
+                failure = error
             except Exception as error:  # noqa: BLE001  (orbax/tensorstore: unreadable files)
-                errors.append((candidate, error))
+                failure = error
+            # Every process goes on with the same checkpoint, or sets it aside together.
+            if parallel.all_processes(failure is None):
+                return state_template.replace(**restored)
+            errors.append((candidate, failure or FileNotFoundError(
+                "another process could not read it")))
             if step is not None:
                 break
             self._set_aside(manager, which, candidate, errors[-1][1])
@@ -120,6 +126,7 @@ class Checkpointer:
             if target.exists():
                 target = target.with_name(f"{target.name}_{os.getpid()}")
             source.rename(target)
+        parallel.barrier(f"kpn_jax: {which} {step} set aside")  # renamed before anyone reloads
         manager.reload()
         # The storage library's message (a TensorStore repr) goes to the log, not the console.
         logging.error("checkpoint %s is damaged: %s", source, error)

@@ -252,12 +252,28 @@ class Pool:
         return source[int(idx[k - self.offsets[part]])]
 
 
+def global_row(row: int, global_sizes: Sequence[int]) -> tuple[int, int]:
+    """Row ``row`` of a global batch laid out source after source (all of source 0's
+    examples, then source 1's, ...) -> ``(source, row within it)``.
+
+    Each process holds a contiguous block of rows (``jax.make_array_from_process_local_data``),
+    so with this layout the global batch, and so the augmentation each example gets, is the
+    same whatever the number of processes: a run resumed on another number of hosts goes
+    on as it would have.
+    """
+    for source, size in enumerate(global_sizes):
+        if row < size:
+            return source, row
+        row -= size
+    raise IndexError(f"row {row} is past the global batch of {sum(global_sizes)}")
+
+
 class MixedStream(Sequence):
     """Element ``i`` of a process's stream of training examples.
 
-    Element ``i`` belongs to global step ``s = i // L`` (``L`` = local batch);
-    its position ``j = i % L`` picks the labelled stream (first ``B_l / P``) or
-    the unlabelled one, at the process's slice of that step's global batch.
+    Element ``i`` belongs to global step ``s = i // L`` (``L`` = local batch); it is row
+    ``p L + i % L`` of that step's global batch (``p`` = process index), whose first
+    ``B_l`` rows are labelled and the rest unlabelled (:func:`global_row`).
     """
 
     def __init__(self, labeled: Pool, unlabeled: Pool | None, batch_labeled: int,
@@ -285,13 +301,12 @@ class MixedStream(Sequence):
         if not 0 <= i < len(self):
             raise IndexError(i)
         step, j = divmod(i, self.local_batch)
-        if j < self.local_sizes[0]:
-            position = step * self.global_sizes[0] + self.process_index * self.local_sizes[0] + j
+        source, row = global_row(self.process_index * self.local_batch + j, self.global_sizes)
+        position = step * self.global_sizes[source] + row
+        if source == 0:
             example = dict(self._draw(self.labeled, 0, position))
             example["labeled"] = True
         else:
-            j -= self.local_sizes[0]
-            position = step * self.global_sizes[1] + self.process_index * self.local_sizes[1] + j
             example = dict(self._draw(self.unlabeled, 1, position))
             example["grades"] = np.full_like(example["grades"], grades_lib.MISSING)
             example["labeled"] = False

@@ -242,8 +242,7 @@ class SourceMixStream(Sequence):
         self.pools = list(pools)
         self.global_sizes = tuple(int(b) for b in batch_sizes)
         self.local_sizes = tuple(b // process_count for b in self.global_sizes)
-        self.offsets = np.cumsum((0,) + self.local_sizes)
-        self.local_batch = int(self.offsets[-1])
+        self.local_batch = sum(self.local_sizes)
         self.global_batch = sum(self.global_sizes)
         self.num_steps, self.seed, self.process_index = num_steps, seed, process_index
 
@@ -254,9 +253,10 @@ class SourceMixStream(Sequence):
         if not 0 <= i < len(self):
             raise IndexError(i)
         step, j = divmod(i, self.local_batch)
-        k = int(np.searchsorted(self.offsets, j, side="right") - 1)
-        position = (step * self.global_sizes[k] + self.process_index * self.local_sizes[k]
-                    + j - self.offsets[k])
+        # Sources one after the other in the global batch, whatever the number of processes.
+        k, row = input_pipeline.global_row(self.process_index * self.local_batch + j,
+                                           self.global_sizes)
+        position = step * self.global_sizes[k] + row
         pool = self.pools[k]
         epoch, r = divmod(position, len(pool))
         permutation = np.random.default_rng((self.seed, 1000 + k, epoch)).permutation(len(pool))
@@ -626,7 +626,9 @@ def train_and_evaluate_landmarks(config: ml_collections.ConfigDict, workdir: str
             if not math.isfinite(value):
                 raise ValueError(f"config.best_metric {config.best_metric!r} is {value} at step {step}")
             best = checkpoints.best_record()
-            if best is None or value < best["value"]:
+            # Process 0 decides (best.json is its file): every process then calls the
+            # collective save, or none does.
+            if parallel.agree(best is None or value < best["value"]):
                 checkpoints.save_best(step, state, config.best_metric, value)
 
         def window_record(done: int, values: list[dict], elapsed: float) -> tuple[dict, str]:

@@ -65,3 +65,42 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
         return
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id)
+
+
+def agree(value) -> np.ndarray:
+    """Process 0's ``value`` (a number or numpy array) on every process: decisions that each
+    process could otherwise take alone from files or its own clock are taken once."""
+    if jax.process_count() == 1:
+        return np.asarray(value)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(value)))
+
+
+def all_processes(flag: bool) -> bool:
+    """Whether ``flag`` holds on every process (each process's own answer, gathered)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(bool(flag)))))
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (a no-op for one process): what
+    process 0 wrote before it is visible to all after it."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def stop_agreed(step: int, requested) -> bool:
+    """Before ``step``: whether to stop there. One process: ``requested()`` (a SIGTERM or
+    Ctrl-C flag). Several: JAX's preemption sync point, so that a SIGTERM to any process
+    stops every process before the same step (``requested`` is not consulted there)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.reached_preemption_sync_point(step)
+    return requested is not None and bool(requested())

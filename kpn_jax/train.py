@@ -311,10 +311,23 @@ def check_coherence_data(config, labeled_grades: np.ndarray) -> int:
 
 
 def fit_or_load_gmm(config, workdir: Path, labeled_grades: np.ndarray):
-    """The coherence GMM: cached as ``workdir/gmm.npz``, fitted on the labelled training grades."""
+    """The coherence GMM: cached as ``workdir/gmm.npz``, fitted on the labelled training grades.
+
+    Decided and done once: process 0 says whether the file exists, fits and writes it
+    (atomically); every process then reads the same file."""
     path = workdir / "gmm.npz"
-    if path.exists():
-        return gmm_lib.load(path)
+    if not parallel.agree(path.exists()):
+        check_coherence_data(config, labeled_grades)  # a refusal on every process, not one
+        if jax.process_index() == 0:
+            fitted = _fit_gmm(config, labeled_grades)
+            partial = path.with_name(path.name + ".partial.npz")
+            gmm_lib.save(fitted, partial)
+            os.replace(partial, path)
+        parallel.barrier("kpn_jax: gmm.npz written")
+    return gmm_lib.load(path)
+
+
+def _fit_gmm(config, labeled_grades: np.ndarray):
     c = config.coherence
     num_complete = check_coherence_data(config, labeled_grades)
     repeats = c.gmm_repeats or gmm_lib.auto_repeats(max(num_complete, 1), c.num_components)
@@ -331,8 +344,6 @@ def fit_or_load_gmm(config, workdir: Path, labeled_grades: np.ndarray):
                f"of -1e3 and lower and the incoherence loss will swamp the classification loss. "
                f"Raise config.coherence.gmm_repeats (now {repeats}; 0 = automatic) or lower "
                f"config.coherence.num_components.")
-    if jax.process_index() == 0:
-        gmm_lib.save(fitted, path)
     return fitted
 
 
@@ -452,7 +463,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                  f"(no validation example graded for it?); set config.best_metric "
                                  f"to a metric the validation split has")
             best = checkpoints.best_record()
-            if best is None or value > best["value"]:
+            # Process 0 decides (best.json is its file): every process then calls the
+            # collective save, or none does.
+            if parallel.agree(best is None or value > best["value"]):
                 checkpoints.save_best(step, state, metric, value)
 
         def window_record(done: int, values: list[dict], elapsed: float) -> tuple[dict, str]:
@@ -640,8 +653,9 @@ def fit_gmm_to_workdir(config, workdir: str):
     workdir.mkdir(parents=True, exist_ok=True)
     handle, _, labeled_grades, _ = load_training_data(config, parallel.make_mesh())
     path = workdir / "gmm.npz"
-    if path.exists():
+    if jax.process_index() == 0 and path.exists():
         path.unlink()
+    parallel.barrier("kpn_jax: old gmm.npz removed")
     fitted = fit_or_load_gmm(config, workdir, labeled_grades)
     message = (f"GMM with {fitted.num_components} components fitted on {len(labeled_grades)} "
                f"labelled grade vectors -> {path}")

@@ -306,7 +306,8 @@ def fit(*, state, health: dict, train_step: Callable, batches: Iterator[dict],
       refusal_message: ``(step, loss) -> str``, why the guard stopped the run.
       stop_requested: ``() -> bool``, asked before each step (a SIGTERM flag); when it
         says yes the run stops there, with the previous step's logging, evaluation and
-        checkpoint done.
+        checkpoint done. With several processes a SIGTERM to any of them stops all before
+        the same step instead (:func:`kpn_jax.parallel.stop_agreed`).
 
     Raises:
       TrainingStopped: the guard refused an update; nothing after it was saved.
@@ -346,7 +347,7 @@ def fit(*, state, health: dict, train_step: Callable, batches: Iterator[dict],
             evaluate(done, state)
             evaluation_due = False
         for step in range(start_step, total_steps):
-            if stop_requested is not None and stop_requested():
+            if parallel.stop_agreed(step, stop_requested):
                 raise StopRequested(f"stop requested before step {step}")
             # The device is idle while the host fetches or copies a batch only once the
             # previous step has finished; what overlaps a running step costs nothing. (A step

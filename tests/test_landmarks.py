@@ -303,12 +303,14 @@ def test_source_mix_stream_is_a_pure_function_of_the_step():
     # Every example of pool 0 once per epoch (5 examples = 2.5 batches).
     first_epoch = sorted(e["i"] for b in batches[:2] for e in b[:2]) + [batches[2][0]["i"]]
     assert sorted(first_epoch) == [0, 1, 2, 3, 4]
-    # Two processes read disjoint halves of the same global batches.
+    # Two processes read the two halves of the one-process global batches, in order (each
+    # process holds a contiguous block of rows): the same batch whatever the process count.
     halves = [landmarks_train.SourceMixStream(pools, [2, 2], 4, 3, p, 2) for p in range(2)]
     whole = landmarks_train.SourceMixStream(pools, [2, 2], 4, 3)
     for s in range(4):
-        merged = [halves[0][s * 2], halves[1][s * 2], halves[0][s * 2 + 1], halves[1][s * 2 + 1]]
+        merged = [halves[p][s * 2 + j] for p in range(2) for j in range(2)]
         assert merged == [whole[s * 4 + j] for j in range(4)]
+        assert [e["k"] for e in merged] == [0, 0, 1, 1]
 
 
 def test_dev_holdout_is_per_subject():

@@ -1,0 +1,121 @@
+"""The whole training loop on two processes through run.py (gloo on localhost): the same
+metrics, best checkpoint and report as one process with two devices, and a SIGTERM to one
+process stops both before the same step, after which the same commands finish the run as if
+it had never stopped."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow  # three tiny trainings in subprocesses
+
+REPO = Path(__file__).resolve().parents[1]
+TIMING_KEYS = ("train/images_per_sec", "train/input_wait_fraction",
+               "train/transfer_wait_fraction")
+
+
+def _flags(data_dir: Path, workdir: Path) -> list[str]:
+    # 48 labelled knees / batch 8 = 6 steps per epoch, 2 epochs: validation at steps 6 and 12.
+    return ["--config=configs/demo.py", f"--workdir={workdir}", f"--config.data_dir={data_dir}",
+            "--config.synthetic.image_size=64", "--config.synthetic.num_train=48",
+            "--config.synthetic.num_validation=16", "--config.synthetic.num_test=16",
+            "--config.synthetic.num_unlabeled=16", "--config.model.width=8",
+            "--config.batch_size=8", "--config.unlabeled_batch_size=8",
+            "--config.eval_batch_size=16", "--config.num_epochs=2",
+            "--config.log_every_steps=2", "--config.eval_every_epochs=1.0",
+            "--config.checkpoint_every_steps=1000", "--config.coherence.num_components=2",
+            "--config.coherence.warmup_epochs=1.0", "--config.num_data_threads=1"]
+
+
+def _start(flags, process_id=None, port=None, devices=1):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+    extra = ([] if process_id is None else
+             [f"--num_processes=2", f"--process_id={process_id}",
+              f"--coordinator_address=127.0.0.1:{port}"])
+    return subprocess.Popen([sys.executable, str(REPO / "run.py"), *flags, *extra], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_processes(flags, stop_after_step: int | None = None, workdir: Path | None = None):
+    """Runs both processes; with ``stop_after_step``, SIGTERM to process 1 once the metrics
+    hold that step. Returns ``[(exit code, output), ...]``."""
+    port = _free_port()
+    processes = [_start(flags, i, port) for i in range(2)]
+    if stop_after_step is not None:
+        metrics = workdir / "metrics.jsonl"
+        deadline = time.time() + 500
+        while time.time() < deadline and processes[1].poll() is None:
+            steps = ([json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+                     if metrics.exists() else [])
+            if steps and max(steps) >= stop_after_step:
+                processes[1].send_signal(signal.SIGTERM)
+                break
+            time.sleep(0.2)
+    results = []
+    for process in processes:
+        output, _ = process.communicate(timeout=600)
+        results.append((process.returncode, output))
+    return results
+
+
+def _artefacts(workdir: Path) -> dict:
+    records = [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
+               for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {"best": json.loads((workdir / "checkpoints" / "best.json").read_text()),
+            "results": json.loads((workdir / "report" / "results.json").read_text()),
+            "metrics": records}
+
+
+def _assert_close(a, b, path="") -> None:
+    if isinstance(a, dict):
+        assert sorted(a) == sorted(b), path
+        for key in a:
+            _assert_close(a[key], b[key], f"{path}/{key}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4, err_msg=path)
+    else:
+        assert a == b, path
+
+
+def test_two_processes_train_stop_together_and_resume_like_one(tmp_path):
+    data_dir = tmp_path / "tfds"
+    reference = _start(_flags(data_dir, tmp_path / "one"), devices=2)
+    output, _ = reference.communicate(timeout=600)
+    assert reference.returncode == 0, output[-3000:]
+    expected = _artefacts(tmp_path / "one")
+
+    workdir = tmp_path / "two"
+    stopped = _two_processes(_flags(data_dir, workdir), stop_after_step=6, workdir=workdir)
+    for code, output in stopped:
+        assert code == 143, output[-3000:]
+        assert "Traceback" not in output, output[-3000:]
+    # Both stopped before the same step and saved it once.
+    saved = sorted(int(p.name) for p in (workdir / "checkpoints" / "latest").iterdir()
+                   if p.name.isdigit())
+    assert saved and 6 <= saved[-1] < 12, saved
+    assert "saved a checkpoint at step" in stopped[0][1]
+
+    resumed = _two_processes(_flags(data_dir, workdir))
+    for code, output in resumed:
+        assert code == 0, output[-3000:]
+    _assert_close(_artefacts(workdir), expected)
