@@ -148,6 +148,11 @@ def _run(argv) -> None:
     config = FLAGS.config
     if FLAGS.mode in WORKDIR_MODES:
         config = _workdir_config(config, config_file)
+    if config.get("matmul_precision", "default") != "default":
+        # Process-wide, before anything is traced: the environment, set here, not in the library.
+        import jax
+
+        jax.config.update("jax_default_matmul_precision", config.matmul_precision)
     if FLAGS.mode == "evaluate":
         from kpn_jax import input_pipeline, workdir_config
 

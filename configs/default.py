@@ -48,6 +48,10 @@ def get_config():
                                       # (kpn_jax/kernels.py; same parameters, same numbers)
     ))
     config.dtype = "float32"          # compute dtype: 'float32' or 'bfloat16'
+    # Matmul/convolution precision of float32 work: 'default' lets TPUs use bfloat16 passes
+    # and NVIDIA GPUs TF32; 'highest' forces full float32 everywhere (slower on GPU/TPU, no
+    # change on CPU). Coordinates and GMM densities are full float32 either way.
+    config.matmul_precision = "default"
     config.init_from = ""             # torchvision ResNet weights (.pth/.safetensors) for the backbone
 
     # Losses (eq. 5): L = lambda_cls L_cls + lambda_gmm L_gmm.

@@ -51,6 +51,7 @@ def get_config():
                                        # 160 keeps a 2-core CPU run near an hour
     ))
     config.dtype = "float32"
+    config.matmul_precision = "default"   # or 'highest' (see configs/default.py)
 
     # Loss: coordinate loss on the soft-argmax + KL to a Gaussian target map.
     config.loss = ml_collections.ConfigDict(dict(

@@ -576,7 +576,8 @@ def train_and_evaluate_landmarks(config: ml_collections.ConfigDict, workdir: str
         checkpoints = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
         trainer.write_config(workdir, config_to_dict(config),
                              lambda saved: check_config_compatible(saved, config),
-                             allow_config_change, checkpoints.latest_step())
+                             allow_config_change, checkpoints.latest_step(),
+                             absent_means={"matmul_precision": "default"})
         if jax.process_index() == 0:
             (workdir / DATA_INFO).write_text(json.dumps(
                 {"task": TASK, "image_size": image_size, "input_size": input_size,

@@ -33,8 +33,10 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DATA_INFO = "data_info.json"  # image size and keypoint schema of the training data
 # Config fields added after workdirs were trained, with the value that is the behaviour
 # before them: resuming an older workdir with these values is no config change.
+MATMUL_PRECISIONS = ("default", "high", "highest")
 ADDED_FIELDS = {"lr_schedule": "step", "lr_warmup_epochs": 0.0, "label_smoothing": 0.0,
-                "ema_decay": 0.0, "augment.hflip": False, "eval_hflip": False}
+                "ema_decay": 0.0, "augment.hflip": False, "eval_hflip": False,
+                "matmul_precision": "default"}
 
 
 # ----------------------------------------------------------------------------- config
@@ -69,6 +71,9 @@ def validate_config(config) -> None:
     if not config.learning_rate > 0 or not math.isfinite(config.learning_rate):
         raise ValueError(f"config.learning_rate must be a positive number, got "
                          f"{config.learning_rate!r}")
+    if config.get("matmul_precision", "default") not in MATMUL_PRECISIONS:
+        raise ValueError(f"config.matmul_precision must be one of {MATMUL_PRECISIONS}, got "
+                         f"{config.matmul_precision!r}")
     if config.lr_schedule not in ("step", "cosine"):
         raise ValueError(f"config.lr_schedule must be 'step' or 'cosine', got {config.lr_schedule!r}")
     if not 0 <= config.lr_warmup_epochs < config.num_epochs:

@@ -53,3 +53,19 @@ def test_gmm_log_density_at_full_precision():
 def test_soft_argmax_coordinates_at_full_precision():
     heatmaps = jnp.asarray(np.random.default_rng(0).normal(size=(1, 8, 8, 16)), jnp.float32)
     _all_highest(_dot_precisions(lambda h: landmarks.soft_argmax(h, 4), heatmaps))
+
+
+def test_matmul_precision_config_is_checked():
+    import pytest
+    from configs import default
+
+    from kpn_jax import train
+
+    config = default.get_config()
+    assert config.matmul_precision == "default"
+    train.validate_config(config)
+    config.matmul_precision = "highest"
+    train.validate_config(config)
+    config.matmul_precision = "hihgest"
+    with pytest.raises(ValueError, match="config.matmul_precision must be one of"):
+        train.validate_config(config)
