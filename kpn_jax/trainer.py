@@ -433,16 +433,21 @@ def predict_dataset(predict: Callable[[Any, dict], dict], variables, source, che
     first = first or {}
     collected: dict[str, list] = {}
     masks = []
+    # Outputs stay on the devices until the split is done: the host reads the next batch
+    # while the devices compute, and the gather (an all-gather with several processes)
+    # happens once per output, not once per batch.
     for local in input_pipeline.eval_batches(source, batch_size, checker, jax.process_index(),
                                              jax.process_count(), loading):
         batch = parallel.global_batch({k: local[k] for k in (*fields, "mask")}, mesh)
         values = dict(predict(variables, batch))
         values.update({k: batch[k] for k in outputs})
-        masks.append(to_host(batch["mask"]))
+        masks.append(batch["mask"])
         for name, value in values.items():
             kept = collected.setdefault(name, [])
-            if name not in first or sum(len(v) for v in kept) < first[name]:
-                kept.append(to_host(value))
-    mask = np.concatenate(masks)
-    return {name: np.concatenate(parts)[mask[: sum(len(p) for p in parts)]][: first.get(name)]
-            for name, parts in collected.items()}
+            if name not in first or sum(v.shape[0] for v in kept) < first[name]:
+                kept.append(value)
+    if not masks:
+        raise ValueError("nothing to evaluate: the split has no examples")
+    mask = to_host(jnp.concatenate(masks))
+    return {name: to_host(jnp.concatenate(parts))[mask[: sum(p.shape[0] for p in parts)]]
+            [: first.get(name)] for name, parts in collected.items()}
