@@ -202,8 +202,9 @@ def jaxpr_flops(closed_jaxpr) -> float:
     nested jaxprs included: the model FLOPs of a step as written, counted independently
     of any compiler. Elementwise work (BatchNorm, activations, Adam) is not counted, as
     in the usual model-FLOP-utilisation convention. A strided convolution's input
-    gradient is counted over its dilated input (zeros included), as XLA does. Work whose
-    result nothing reads (a custom gradient's unused input gradient) is removed first."""
+    gradient (a convolution of the zero-dilated output gradient) is counted as the forward
+    convolution's multiply-adds, not over the inserted zeros. Work whose result nothing
+    reads (a custom gradient's unused input gradient) is removed first."""
     from jax._src.interpreters import partial_eval as pe
 
     jaxpr = closed_jaxpr.jaxpr
@@ -214,8 +215,15 @@ def jaxpr_flops(closed_jaxpr) -> float:
         if name == "conv_general_dilated":
             rhs = eqn.invars[1].aval.shape
             rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, *spatial)
-            kernel_macs = rhs[rhs_spec[1]] * int(np.prod([rhs[d] for d in rhs_spec[2:]]))
-            total += 2.0 * int(np.prod(eqn.outvars[0].aval.shape)) * kernel_macs
+            kernel_spatial = int(np.prod([rhs[d] for d in rhs_spec[2:]]))
+            if any(d > 1 for d in eqn.params.get("lhs_dilation") or ()):
+                # Each real input element meets each kernel tap once per output channel;
+                # the zeros between them multiply nothing.
+                total += (2.0 * int(np.prod(eqn.invars[0].aval.shape)) * kernel_spatial
+                          * rhs[rhs_spec[0]])
+            else:
+                total += (2.0 * int(np.prod(eqn.outvars[0].aval.shape)) * kernel_spatial
+                          * rhs[rhs_spec[1]])
         elif name == "ffi_call" and str(eqn.params.get("target_name", "")).startswith(
                 "kpn_onednn_conv_"):
             total += _onednn_conv_flops(str(eqn.params["target_name"]),
@@ -231,13 +239,13 @@ def jaxpr_flops(closed_jaxpr) -> float:
 
 def _onednn_conv_flops(target: str, in_shapes: list, out_shape) -> float:
     """FLOPs of one of kpn_jax.cpu.onednn's custom calls, counted as jaxpr_flops counts
-    the ``conv_general_dilated`` it replaces (the input gradient over the dilated map)."""
+    the ``conv_general_dilated`` it replaces (each the forward convolution's multiply-adds)."""
     if target.endswith("_forward"):  # (x, kernel) -> y
         kh, kw, cin, _ = in_shapes[1]
         return 2.0 * int(np.prod(out_shape)) * kh * kw * cin
     if target.endswith("_backward_data"):  # (dy, kernel) -> dx
-        kh, kw, _, cout = in_shapes[1]
-        return 2.0 * int(np.prod(out_shape)) * kh * kw * cout
+        kh, kw, cin, _ = in_shapes[1]
+        return 2.0 * int(np.prod(in_shapes[0])) * kh * kw * cin
     kh, kw, cin, _ = out_shape  # backward_weights: (x, dy) -> dkernel
     return 2.0 * int(np.prod(in_shapes[1])) * kh * kw * cin
 
