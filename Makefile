@@ -20,8 +20,13 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) run.py --config=configs/demo.py --workdir=workdirs/demo
 
+# Two test processes (pytest-xdist), each test file in one of them (module fixtures are
+# built once): on a 2-core machine compilation and subprocess start-up overlap.
+# PYTEST_WORKERS=0 runs everything in one process.
+PYTEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q tests $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) workdirs

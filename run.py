@@ -140,6 +140,8 @@ def _run(argv) -> None:
         raise FileNotFoundError(f"config file {config_file} does not exist")
     if FLAGS.workdir is None and FLAGS.mode != "compare_torch":
         raise UsageError("--workdir is required")
+    _refuse_urls(FLAGS.workdir, FLAGS.config.get("data_dir"), FLAGS.output,
+                 FLAGS.landmark_workdir)
     from kpn_jax import parallel
 
     if FLAGS.multihost or (FLAGS.num_processes and FLAGS.num_processes > 1):
@@ -227,6 +229,16 @@ def _workdir_config(config, config_file: str):
               f"{len(ignored)} field(s), not used: {'; '.join(ignored[:3])}"
               f"{' ...' if len(ignored) > 3 else ''}", file=sys.stderr, flush=True)
     return config
+
+
+def _refuse_urls(*paths) -> None:
+    """Object storage (gs://, s3://, ...) is not supported yet: refused before anything is
+    written, instead of becoming a local folder named 'gs:'."""
+    for path in paths:
+        if path and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", str(path)):
+            raise UsageError(f"{path}: object storage paths are not supported (workdirs, data "
+                             "and outputs are local or mounted folders, e.g. a bucket mounted "
+                             "with gcsfuse)")
 
 
 def _stop_on_sigterm():

@@ -43,6 +43,18 @@ def fake_workdir(tmp_path):
     return workdir
 
 
+def test_object_storage_paths_are_refused_before_anything_is_written(tmp_path):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    for flag in ("--workdir=gs://bucket/run", "--config.data_dir=s3://bucket/tfds"):
+        args = [f"--config={REPO / 'configs' / 'demo.py'}", f"--workdir={tmp_path / 'w'}", flag]
+        result = run_cli(*args, cwd=cwd)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert "object storage paths are not supported" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert not list(cwd.iterdir()) and not (tmp_path / "w").exists()
+
+
 def test_config_typo(tmp_path):
     result = run_cli("--config=configs/demo.py", f"--workdir={tmp_path}", "--config.batch_sise=4")
     assert result.returncode != 0

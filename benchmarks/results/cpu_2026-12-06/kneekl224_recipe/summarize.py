@@ -1,5 +1,7 @@
 """Summarises kneeKL224 runs: the best checkpoint's validation metrics, the last three
-evaluations' accuracy (stability), and the wall time between the first and last record.
+evaluations' accuracy (stability), and the wall time from the run's config.json (written at
+its start) to its last metrics record (file modification times; a resumed run counts the
+pause too).
 
   python summarize.py WORKDIR [WORKDIR ...]
 """
@@ -20,7 +22,9 @@ def summarize(workdir: Path) -> dict:
             "balanced_accuracy": round(best["balanced_accuracy"], 3),
             "rmse": round(best["rmse"], 3), "kappa": round(best["kappa"], 3),
             "last_three_accuracy": last3, "last_three_spread": round(max(last3) - min(last3), 3),
-            "evaluations": [round(r["validation/kl/accuracy"], 3) for r in evaluations]}
+            "evaluations": [round(r["validation/kl/accuracy"], 3) for r in evaluations],
+            "wall_minutes": round(((workdir / "metrics.jsonl").stat().st_mtime
+                                   - (workdir / "config.json").stat().st_mtime) / 60, 1)}
 
 
 if __name__ == "__main__":
