@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax.training import train_state
 from jax.experimental import multihost_utils
 
@@ -394,12 +395,33 @@ def fit(*, state, health: dict, train_step: Callable, batches: Iterator[dict],
         raise
     finally:
         if hasattr(batches, "close"):  # stops the input pipeline's worker processes
-            batches.close()
+            close_within(batches.close, CLOSE_TIMEOUT_S)
     check_health()
     if total_steps > start_step:
         checkpoints.save(total_steps, state)
     checkpoints.wait()
     return state
+
+
+# How long the input pipeline may take to stop once training is done. grain's prefetch
+# thread has been seen to wait forever for a worker process under heavy load; the run's
+# results are written by then, so it goes on and the workers end with the process.
+CLOSE_TIMEOUT_S = 60.0
+
+
+def close_within(close: Callable[[], None], seconds: float) -> bool:
+    """Runs ``close()`` in a daemon thread and waits at most ``seconds``; False (with a
+    warning in the log) when it did not return in time."""
+    import threading
+
+    closer = threading.Thread(target=close, name="close input pipeline", daemon=True)
+    closer.start()
+    closer.join(seconds)
+    if closer.is_alive():
+        logging.warning("the input pipeline did not stop within %.0f s; its worker processes "
+                        "end with this process", seconds)
+        return False
+    return True
 
 
 def to_host(x) -> np.ndarray:

@@ -143,3 +143,14 @@ def test_bad_optimiser_values_are_refused_before_anything_is_written():
         config[field] = value
         with pytest.raises(ValueError, match=f"config.{field}"):
             train.validate_config(config)
+
+
+def test_a_pipeline_that_does_not_stop_is_left_behind_not_waited_for():
+    import threading
+
+    from kpn_jax import trainer
+
+    stuck = threading.Event()
+    assert not trainer.close_within(stuck.wait, 0.2)   # returns although close() hangs
+    stuck.set()
+    assert trainer.close_within(lambda: None, 5.0)
