@@ -1,7 +1,7 @@
 """The whole training loop on two processes through run.py (gloo on localhost): the same
-metrics, best checkpoint and report as one process with two devices, and a SIGTERM to one
-process stops both before the same step, after which the same commands finish the run as if
-it had never stopped."""
+metrics, best checkpoint and report as one process with two devices; a SIGTERM to one
+process stops both before the same step, a SIGKILL of both loses only what came after the
+last checkpoint, and the same commands then finish the run as if it had never stopped."""
 
 import json
 import os
@@ -52,9 +52,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_processes(flags, stop_after_step: int | None = None, workdir: Path | None = None):
-    """Runs both processes; with ``stop_after_step``, SIGTERM to process 1 once the metrics
-    hold that step. Returns ``[(exit code, output), ...]``."""
+def _two_processes(flags, stop_after_step: int | None = None, workdir: Path | None = None,
+                   kill: bool = False):
+    """Runs both processes; with ``stop_after_step``, once the metrics hold that step,
+    SIGTERM to process 1 (``kill``: SIGKILL to both). Returns ``[(exit code, output), ...]``."""
     port = _free_port()
     processes = [_start(flags, i, port) for i in range(2)]
     if stop_after_step is not None:
@@ -64,7 +65,8 @@ def _two_processes(flags, stop_after_step: int | None = None, workdir: Path | No
             steps = ([json.loads(line)["step"] for line in metrics.read_text().splitlines()]
                      if metrics.exists() else [])
             if steps and max(steps) >= stop_after_step:
-                processes[1].send_signal(signal.SIGTERM)
+                for process in (processes if kill else processes[1:]):
+                    process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
                 break
             time.sleep(0.2)
     results = []
@@ -114,6 +116,11 @@ def test_two_processes_train_stop_together_and_resume_like_one(tmp_path):
                    if p.name.isdigit())
     assert saved and 6 <= saved[-1] < 12, saved
     assert "saved a checkpoint at step" in stopped[0][1]
+
+    # Resumed, then both killed (SIGKILL) after the next validation: nothing saved since.
+    killed = _two_processes(_flags(data_dir, workdir), stop_after_step=saved[-1] + 2,
+                            workdir=workdir, kill=True)
+    assert [code for code, _ in killed] == [-signal.SIGKILL] * 2, killed[0][1][-3000:]
 
     resumed = _two_processes(_flags(data_dir, workdir))
     for code, output in resumed:
