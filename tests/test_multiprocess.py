@@ -1,7 +1,8 @@
 """The whole training loop on two processes through run.py (gloo on localhost): the same
 metrics, best checkpoint and report as one process with two devices; a SIGTERM to one
-process stops both before the same step, a SIGKILL of both loses only what came after the
-last checkpoint, and the same commands then finish the run as if it had never stopped."""
+process, or Ctrl-C in one, stops both before the same step, a SIGKILL of both loses only
+what came after the last checkpoint, and the same commands then finish the run as if it
+had never stopped."""
 
 import json
 import os
@@ -23,13 +24,14 @@ TIMING_KEYS = ("train/images_per_sec", "train/input_wait_fraction",
 
 
 def _flags(data_dir: Path, workdir: Path) -> list[str]:
-    # 48 labelled knees / batch 8 = 6 steps per epoch, 2 epochs: validation at steps 6 and 12.
+    # 48 labelled knees / batch 8 = 6 steps per epoch, 4 epochs: validation every 6 steps,
+    # and room after each stop below for the next one to land before the end.
     return ["--config=configs/demo.py", f"--workdir={workdir}", f"--config.data_dir={data_dir}",
             "--config.synthetic.image_size=64", "--config.synthetic.num_train=48",
             "--config.synthetic.num_validation=16", "--config.synthetic.num_test=16",
             "--config.synthetic.num_unlabeled=16", "--config.model.width=8",
             "--config.batch_size=8", "--config.unlabeled_batch_size=8",
-            "--config.eval_batch_size=16", "--config.num_epochs=2",
+            "--config.eval_batch_size=16", "--config.num_epochs=4",
             "--config.log_every_steps=2", "--config.eval_every_epochs=1.0",
             "--config.checkpoint_every_steps=1000", "--config.coherence.num_components=2",
             "--config.coherence.warmup_epochs=1.0", "--config.num_data_threads=1"]
@@ -53,9 +55,9 @@ def _free_port() -> int:
 
 
 def _two_processes(flags, stop_after_step: int | None = None, workdir: Path | None = None,
-                   kill: bool = False):
-    """Runs both processes; with ``stop_after_step``, once the metrics hold that step,
-    SIGTERM to process 1 (``kill``: SIGKILL to both). Returns ``[(exit code, output), ...]``."""
+                   send=((1, signal.SIGTERM),)):
+    """Runs both processes; with ``stop_after_step``, once the metrics hold that step, sends
+    ``send``'s ``(process, signal)`` pairs. Returns ``[(exit code, output), ...]``."""
     port = _free_port()
     processes = [_start(flags, i, port) for i in range(2)]
     if stop_after_step is not None:
@@ -65,8 +67,8 @@ def _two_processes(flags, stop_after_step: int | None = None, workdir: Path | No
             steps = ([json.loads(line)["step"] for line in metrics.read_text().splitlines()]
                      if metrics.exists() else [])
             if steps and max(steps) >= stop_after_step:
-                for process in (processes if kill else processes[1:]):
-                    process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+                for index, signum in send:
+                    processes[index].send_signal(signum)
                 break
             time.sleep(0.2)
     results = []
@@ -114,12 +116,19 @@ def test_two_processes_train_stop_together_and_resume_like_one(tmp_path):
     # Both stopped before the same step and saved it once.
     saved = sorted(int(p.name) for p in (workdir / "checkpoints" / "latest").iterdir()
                    if p.name.isdigit())
-    assert saved and 6 <= saved[-1] < 12, saved
+    assert saved and 6 <= saved[-1] < 24, saved
     assert "saved a checkpoint at step" in stopped[0][1]
 
-    # Resumed, then both killed (SIGKILL) after the next validation: nothing saved since.
+    # Resumed, then Ctrl-C in process 0's terminal: run.py makes it a SIGTERM, same stop.
+    interrupted = _two_processes(_flags(data_dir, workdir), stop_after_step=saved[-1] + 2,
+                                 workdir=workdir, send=((0, signal.SIGINT),))
+    assert [code for code, _ in interrupted] == [143, 143], interrupted[0][1][-3000:]
+    saved = sorted(int(p.name) for p in (workdir / "checkpoints" / "latest").iterdir()
+                   if p.name.isdigit())
+    assert saved[-1] < 24, saved
+    # Resumed, then both killed (SIGKILL) two steps later: nothing saved since.
     killed = _two_processes(_flags(data_dir, workdir), stop_after_step=saved[-1] + 2,
-                            workdir=workdir, kill=True)
+                            workdir=workdir, send=((0, signal.SIGKILL), (1, signal.SIGKILL)))
     assert [code for code, _ in killed] == [-signal.SIGKILL] * 2, killed[0][1][-3000:]
 
     resumed = _two_processes(_flags(data_dir, workdir))
