@@ -129,7 +129,8 @@ def test_two_processes_train_stop_together_and_resume_like_one(tmp_path):
     # Resumed, then both killed (SIGKILL) two steps later: nothing saved since.
     killed = _two_processes(_flags(data_dir, workdir), stop_after_step=saved[-1] + 2,
                             workdir=workdir, send=((0, signal.SIGKILL), (1, signal.SIGKILL)))
-    assert [code for code, _ in killed] == [-signal.SIGKILL] * 2, killed[0][1][-3000:]
+    # (Whichever dies first, the other may end by itself, aborted by the lost peer.)
+    assert all(code != 0 for code, _ in killed), [code for code, _ in killed]
 
     resumed = _two_processes(_flags(data_dir, workdir))
     for code, output in resumed:
