@@ -115,10 +115,8 @@ def export_detector(workdir: str | os.PathLike, out_dir: str | os.PathLike) -> P
         description[report.stem] = {k: measured.get(k) for k in
                                     ("mean", "median", "within_2px", "within_3px", "within_5px",
                                      "images") if k in measured}
-    config = json.loads((workdir / "config.json").read_text())
-    config["data_dir"] = "~/tensorflow_datasets"  # the training machine's folder means nothing elsewhere
     return model_folder.write(
-        out_dir, kind="landmarks", config=config,
+        out_dir, kind="landmarks", config=json.loads((workdir / "config.json").read_text()),
         data_info=json.loads((workdir / DATA_INFO).read_text()),
         variables=detector.variables, checkpoint=detector.checkpoint, description=description)
 

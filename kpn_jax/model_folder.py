@@ -33,6 +33,7 @@ import numpy as np
 MANIFEST = "manifest.json"
 VARIABLES = "variables.msgpack"
 FORMAT = 1
+PORTABLE_DATA_DIR = "~/tensorflow_datasets"
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
 SHIPPED_GRADER = SHIPPED_DIR / "kneekl224_kl_grader"
 SHIPPED_DETECTOR = SHIPPED_DIR / "kneel16_detector"
@@ -67,7 +68,8 @@ def write(out_dir: str | os.PathLike, *, kind: str, config: Mapping, data_info: 
 
     Args:
       kind: ``'grader'`` or ``'landmarks'``.
-      config: the whole config as plain data (``ConfigDict.to_dict()``).
+      config: the whole config as plain data (``ConfigDict.to_dict()``); its ``data_dir``
+        becomes ``~/tensorflow_datasets``.
       data_info: the workdir's ``data_info.json``; its ``data_dir`` is dropped.
       variables: ``{'params': ..., 'batch_stats': ...}`` as trained (arrays).
       checkpoint: where the weights came from, e.g. ``{'which': 'best', 'step': 2896}``.
@@ -83,6 +85,9 @@ def write(out_dir: str | os.PathLike, *, kind: str, config: Mapping, data_info: 
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     (staging / VARIABLES).write_bytes(serialization.msgpack_serialize(_to_numpy(variables)))
+    # The training machine's data folder means nothing elsewhere: TFDS's default instead
+    # (evaluate takes --config.data_dir).
+    config = {**dict(config), "data_dir": PORTABLE_DATA_DIR} if "data_dir" in config else config
     (staging / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True))
     info = {k: v for k, v in data_info.items() if k != "data_dir"}
     (staging / "data_info.json").write_text(json.dumps(info, indent=2, sort_keys=True))

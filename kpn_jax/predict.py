@@ -149,11 +149,7 @@ def export_grader(config, workdir: str | Path, out_dir: str | Path) -> Path:
                                           for task in config.tasks if task in measured[split]}
                                   for split in measured if isinstance(measured[split], dict)}
     extra = {"gmm.npz": workdir / "gmm.npz"} if (workdir / "gmm.npz").exists() else {}
-    exported_config = config.to_dict()
-    # The training machine's data folder means nothing elsewhere: TFDS's default instead
-    # (evaluate takes --config.data_dir).
-    exported_config["data_dir"] = "~/tensorflow_datasets"
-    return model_folder.write(out_dir, kind="grader", config=exported_config, data_info=info,
+    return model_folder.write(out_dir, kind="grader", config=config.to_dict(), data_info=info,
                               variables=jax.device_get(variables), checkpoint=checkpoint,
                               extra_files=extra, description=description)
 

@@ -44,6 +44,8 @@ def test_weights_read_back_exactly_and_the_folder_carries_no_local_path(tmp_path
                                  jax.tree_util.tree_leaves_with_path(restored)):
         np.testing.assert_array_equal(np.asarray(a), b, err_msg=jax.tree_util.keystr(path))
     assert "data_dir" not in json.loads((tmp_path / "m" / "data_info.json").read_text())
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["data_dir"] == (
+        "~/tensorflow_datasets")
     loaded = model_folder.read_config(tmp_path / "m")
     assert loaded.tasks == ("kl",) and loaded.model.width == 4   # tuples back as tuples
     manifest = model_folder.read_manifest(tmp_path / "m", kind="grader")
