@@ -185,6 +185,13 @@ def labeled_indices(grades: np.ndarray, subject_ids: np.ndarray, fraction: float
     return index
 
 
+def _example_proto():
+    """TFDS's ``tf.train.Example`` protobuf class, its lazy modules resolved."""
+    from tensorflow_datasets.proto import tf_example_pb2
+
+    return tf_example_pb2.Example
+
+
 class RawRecords(Sequence):
     """The fields training and evaluation read of a raw-pixel dataset's split (DESIGN.md,
     section 3), parsed straight from its records: half the CPU of TFDS's generic decoding,
@@ -200,14 +207,25 @@ class RawRecords(Sequence):
         features = source.dataset_info.features
         self.image_shape = tuple(features["image"].shape)
         self.num_points = int(features["keypoints"].shape[0])
+        self._example = _example_proto()
+
+    # The proto class is looked up again where the object is unpickled (a data worker
+    # process), in the thread that unpickles it, before any reading thread starts: TFDS
+    # imports itself lazily, and on Python 3.11 two threads importing it at once can
+    # deadlock (functools.cached_property's lock against the import lock), which hung a
+    # worker, and with it the training, forever.
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_example"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._example = _example_proto()
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict:
-        from tensorflow_datasets.proto import tf_example_pb2
-
-        feature = tf_example_pb2.Example.FromString(self.records[i]).features.feature
+        feature = self._example.FromString(self.records[i]).features.feature
         return {
             "image": np.frombuffer(feature["image"].bytes_list.value[0],
                                    np.uint8).reshape(self.image_shape),

@@ -2,6 +2,7 @@
 format reads without decoding, datasets in the older PNG format still read."""
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -197,3 +198,27 @@ def test_worker_defaults_follow_the_backend_and_bad_values_are_named():
     config.num_data_workers, config.num_data_threads = 0, -1
     with pytest.raises(ValueError, match="config.num_data_threads"):
         input_pipeline.check_loading_config(config)
+
+
+def test_raw_records_unpickled_in_a_fresh_process_has_imported_tfds_before_any_read(tiny_knees,
+                                                                                   tmp_path):
+    """A data worker unpickles the records, then reads them from several threads: TFDS must
+    be imported by then, in the unpickling thread, because two threads importing it at
+    once can deadlock on Python 3.11 (seen: a worker, and the training, hung forever)."""
+    import pickle
+    import subprocess
+    import sys
+
+    data_dir, name = tiny_knees
+    sources, _ = datasets.data_sources(data_dir, name)
+    raw = input_pipeline.records(sources["train"])
+    assert isinstance(raw, input_pipeline.RawRecords)
+    blob = tmp_path / "records.pkl"
+    blob.write_bytes(pickle.dumps(raw))
+    check = ("import pickle, sys; records = pickle.loads(open(sys.argv[1], 'rb').read()); "
+             "print('tensorflow_datasets' in sys.modules, list(records[0]['grades']))")
+    result = subprocess.run([sys.executable, "-c", check, str(blob)], capture_output=True,
+                            text=True, timeout=300, cwd=str(Path(__file__).resolve().parents[1]))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[0] == "True"
+    assert result.stdout.strip().endswith(str(list(raw[0]["grades"])))
