@@ -5,6 +5,7 @@
   python run.py --workdir=workdirs/demo --mode=predict --images=knee.png --keypoints=knee.csv
   python run.py --mode=predict --images=knees/      # the shipped kneeKL224 KL grader + detector
   python run.py --workdir=workdirs/demo --mode=export --output=my_model   # a small model folder
+  python run.py --workdir=workdirs/demo --mode=serve   # a local page: grade files, browse mistakes
   python run.py --config=configs/default.py --workdir=DIR --mode=fit_gmm
   python run.py --config=configs/default.py --config.model.depth=34 ...   # any config override
 """
@@ -24,7 +25,7 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the
                     "the shipped kneeKL224 KL grader.")
 flags.DEFINE_enum("mode", "train",
                   ["train", "evaluate", "predict", "export", "fit_gmm", "compare_torch",
-                   "report"],
+                   "report", "serve"],
                   "What to do.")
 flags.DEFINE_list("workdirs", [], "report: finished workdirs (globs allowed); runs whose "
                   "configs differ only in the seed (and paths, threads, logging) are one row.")
@@ -45,6 +46,9 @@ flags.DEFINE_string("landmark_workdir", "", "predict: workdir or model folder of
 flags.DEFINE_string("id_salt_file", "", "predict: a secret file of >= 16 random bytes; outputs "
                     "name each image by its salted pseudonym instead of its path "
                     "(docs/DATASETS.md, identifiers).")
+flags.DEFINE_string("host", "127.0.0.1", "serve: the address to listen on (127.0.0.1: this "
+                    "machine only; 0.0.0.0 lets others reach the page).")
+flags.DEFINE_integer("port", 8000, "serve: the port of the page.")
 flags.DEFINE_bool("allow_other_data", False, "evaluate: allow a dataset other than the "
                   "workdir's training data (its results go to WORKDIR/report/<dataset>/).")
 flags.DEFINE_bool("allow_config_change", False, "train: resume a workdir with a config that "
@@ -62,7 +66,7 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 # signal ended, so schedulers see the usual code for a stopped job.
 EXIT_SIGTERM = 143
 # Modes that use a trained workdir's own config when no --config is given.
-WORKDIR_MODES = ("evaluate", "predict", "export")
+WORKDIR_MODES = ("evaluate", "predict", "export", "serve")
 
 
 class UsageError(Exception):
@@ -195,6 +199,11 @@ def _run(argv) -> None:
         predict.predict_files(config, FLAGS.workdir, FLAGS.images, FLAGS.keypoints or None,
                               sides=_sides(), output_dir=FLAGS.output or None,
                               landmark_workdir=_landmark_workdir(), id_salt=_id_salt())
+    elif FLAGS.mode == "serve":
+        from kpn_jax import serve
+
+        serve.serve(config, FLAGS.workdir, landmark_workdir=_landmark_workdir(), host=FLAGS.host,
+                    port=FLAGS.port)
     elif FLAGS.mode == "export":
         from kpn_jax import predict
 
@@ -321,7 +330,8 @@ def with_workdir_config(argv: list[str]) -> list[str]:
     ``--config=configs/workdir.py:W`` so that ``--config.*`` overrides apply to the
     workdir's own config."""
     mode, workdir = _flag_value(argv, "mode"), _flag_value(argv, "workdir")
-    if mode in ("evaluate", "predict") and not workdir and _flag_value(argv, "config") is None:
+    if (mode in ("evaluate", "predict", "serve") and not workdir
+            and _flag_value(argv, "config") is None):
         from kpn_jax import model_folder
 
         workdir = str(model_folder.SHIPPED_GRADER)

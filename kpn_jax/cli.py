@@ -4,6 +4,7 @@ no config file, no keypoint files.
   kpn-jax predict knees/                          # KL grade + probabilities, overlay, CSV
   kpn-jax predict a.png b.dcm --sides=R,L --output=graded
   kpn-jax evaluate --data_dir=~/tensorflow_datasets --split=validation
+  kpn-jax serve                                   # a local page to grade files (web extra)
   kpn-jax info                                    # what the shipped models are
 
 The shipped models are described in ``kpn_jax/shipped/MODEL_CARD.md``. Training and
@@ -48,6 +49,16 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="validation")
     evaluate.add_argument("--output", default="report", help="report folder")
 
+    serve = commands.add_parser("serve", help="a local page to grade radiographs and browse "
+                                "an evaluated split (needs the web extra)")
+    serve.add_argument("--model", default=str(model_folder.SHIPPED_GRADER), help=model_help)
+    serve.add_argument("--detector", default=str(model_folder.SHIPPED_DETECTOR),
+                       help="landmark detector (model folder or workdir); 'none' for a "
+                            "global-pooling model without keypoints in its overlays")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: "
+                       "this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+
     info = commands.add_parser("info", help="print a model folder's manifest")
     info.add_argument("--model", default=str(model_folder.SHIPPED_GRADER), help=model_help)
     return parser
@@ -74,6 +85,12 @@ def run(argv: list[str]) -> int:
         predict.predict_files(config, args.model, args.images, args.keypoints or None,
                               sides=sides, output_dir=args.output, landmark_workdir=detector,
                               id_salt=salt)
+        return 0
+    if args.command == "serve":
+        from kpn_jax import serve
+
+        serve.serve(config, args.model, None if args.detector == "none" else args.detector,
+                    host=args.host, port=args.port)
         return 0
     from kpn_jax import train
 

@@ -123,6 +123,46 @@ def write_split_report(report_dir, split: str, result: dict, records=None,
     return report_dir
 
 
+PREDICTIONS_CSV = "predictions_{split}.csv"
+
+
+def write_predictions_csv(path, predictions: dict, tasks, image_ids=None, log_probs=None) -> Path:
+    """One row per knee of an evaluated split, in the split's order: ``index`` (the
+    example's position in the split), ``image_id``, per task ``<task>_true`` (-1 = not
+    graded), ``<task>_pred`` and ``<task>_p0..`` (probabilities), and the GMM coherence
+    log-density of the predicted grade vector where there is a GMM.
+
+    Args:
+      predictions: :func:`predict_split`'s ``{'true': [M,7], 'pred': [M,7],
+        'probabilities': [M,29]}``.
+    """
+    import csv
+
+    path = Path(path)
+    tasks = [t for t in grades_lib.TASKS if t in tasks]
+    offsets = grades_lib.one_hot_offsets()
+    columns = ["index", "image_id"]
+    for task in tasks:
+        columns += [f"{task}_true", f"{task}_pred",
+                    *(f"{task}_p{g}" for g in range(grades_lib.NUM_CLASSES[task]))]
+    if log_probs is not None:
+        columns.append("coherence_log_prob")
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for k in range(len(predictions["true"])):
+            row = [k, "" if image_ids is None else image_ids[k]]
+            for task in tasks:
+                t = grades_lib.TASKS.index(task)
+                start, stop = offsets[t]
+                row += [int(predictions["true"][k, t]), int(predictions["pred"][k, t]),
+                        *(f"{p:.5f}" for p in predictions["probabilities"][k, start:stop])]
+            if log_probs is not None:
+                row.append(f"{float(log_probs[k]):.4f}")
+            writer.writerow(row)
+    return path
+
+
 def majority_baseline(true_grades: np.ndarray) -> dict:
     """Accuracy of always predicting each task's most frequent grade (chance reference)."""
     out = {}

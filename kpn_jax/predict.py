@@ -15,11 +15,12 @@ detector.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -189,7 +190,208 @@ def draw_overlay(image: np.ndarray, keypoints: np.ndarray | None, schema: kp_lib
                      "  graded knees; lower = rarer)")
     lines.append(f"keypoints: {prediction['keypoints']['source']}")
     text.text(0.0, 0.95, "\n".join(lines), va="top", family="monospace", fontsize=10)
-    figure.savefig(path)
+    figure.savefig(path, format="png")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preparation:
+    """How the training data's build prepared its images, from a workdir's
+    ``data_info.json``: the stored size, the keypoint schema and whether crops with
+    inverted grey levels were flipped back."""
+
+    image_size: int
+    schema: kp_lib.KeypointSchema
+    fix_polarity: bool
+
+
+def read_preparation(config, workdir: str | Path) -> Preparation:
+    """The :class:`Preparation` of a trained workdir or model folder, its config checked.
+
+    Raises:
+      FileNotFoundError / ValueError: not a trained workdir, a config that does not match it.
+    """
+    from kpn_jax import train
+
+    train.validate_config(config)
+    workdir = Path(workdir).expanduser().resolve()
+    info = workdir_config.data_info(workdir)
+    if not info:
+        raise FileNotFoundError(f"{workdir / workdir_config.DATA_INFO} not found: is {workdir} a "
+                                f"trained workdir?")
+    if (workdir / "config.json").exists():
+        checkpointing.check_config_compatible(json.loads((workdir / "config.json").read_text()),
+                                              config)
+    return Preparation(int(info["image_size"]), kp_lib.get_schema(info["keypoint_schema"]),
+                       bool(info.get("preprocessing", {}).get("fix_polarity", False)))
+
+
+@dataclasses.dataclass
+class Grader:
+    """A trained grader loaded once and ready to grade many knees (``--mode=predict``, the
+    page of :mod:`kpn_jax.serve`): the model, its evaluation weights, how the training data
+    prepared its images, its GMM and, where keypoints must be found, a landmark detector.
+
+    ``eval_step`` is compiled once per batch shape; :func:`grade_prepared` pads every batch
+    to ``batch_size`` so that a server compiles it once.
+    """
+
+    config: Any
+    workdir: Path
+    preparation: Preparation
+    model: Any
+    variables: Any
+    checkpoint: dict
+    eval_step: Any
+    gmm: Any = None
+    detector: Any = None
+    batch_size: int = 8
+
+    @property
+    def image_size(self) -> int:
+        return self.preparation.image_size
+
+    @property
+    def schema(self) -> kp_lib.KeypointSchema:
+        return self.preparation.schema
+
+    @property
+    def needs_keypoints(self) -> bool:
+        return self.config.model.pooling == "keypoints"
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(t for t in grades_lib.TASKS if t in self.config.tasks)
+
+
+def load_grader(config, workdir: str | Path, landmark_workdir: str | None = None,
+                batch_size: int = 8) -> Grader:
+    """Loads a trained workdir or model folder (and the detector of ``landmark_workdir``).
+
+    Raises:
+      FileNotFoundError / ValueError: not a trained workdir, a config that does not match it.
+    """
+    from kpn_jax import evaluate as eval_lib
+    from kpn_jax import train
+
+    preparation = read_preparation(config, workdir)
+    workdir = Path(workdir).expanduser().resolve()
+    model, variables, checkpoint = restore_variables(config, workdir, preparation.image_size,
+                                                     preparation.schema.name)
+    gmm = gmm_lib.load(workdir / "gmm.npz") if (workdir / "gmm.npz").exists() else None
+    eval_step = eval_lib.make_eval_step(model, tuple(config.tasks), train.DTYPES[config.dtype],
+                                        kernels_lib.for_config(config).compiler_options,
+                                        hflip=config.eval_hflip)
+    detector = None
+    if landmark_workdir:
+        from kpn_jax import landmarks_predict
+
+        detector = landmarks_predict.load_detector(landmark_workdir)
+    return Grader(config=config, workdir=workdir, preparation=preparation, model=model,
+                  variables=variables, checkpoint=checkpoint, eval_step=eval_step, gmm=gmm,
+                  detector=detector, batch_size=batch_size)
+
+
+@dataclasses.dataclass
+class PreparedKnee:
+    """One knee as the model sees it: uint8 ``[S, S]`` in right-knee orientation, its
+    keypoints ``[N, 2]`` in those pixels (or None) and where they came from."""
+
+    image: np.ndarray
+    keypoints: np.ndarray | None
+    keypoint_source: str
+    polarity_inverted: bool
+
+
+def prepare_knee(preparation: Preparation, path: str | Path, side: str,
+                 keypoint_file: str | Path | None = None) -> PreparedKnee:
+    """Reads one radiograph file and prepares it as the training data's build prepared its
+    images (grey levels, mirroring, square, size; keypoints from ``keypoint_file``).
+
+    Raises:
+      ValueError / OSError: naming the file (unreadable, a bilateral film, bad keypoints).
+    """
+    radiograph = image_io.read_image(path)  # ImageReadError names the file
+    check_one_knee(path, radiograph)
+    image = radiograph_uint8(radiograph)
+    inverted = preparation.fix_polarity and image_io.centre_minus_border(image) < 0
+    if inverted:  # as the training data's build did (data_info.json preprocessing)
+        image = 255 - image
+    keypoints, source = None, "none"
+    if keypoint_file:
+        keypoints = read_keypoint_file(keypoint_file, preparation.schema, radiograph.spacing_mm,
+                                       image_width=image.shape[1])
+        kp_lib.validate_keypoints(keypoints, preparation.schema, name=f"keypoints of {path}",
+                                  image_shape=image.shape)
+        source = "file"
+    roi_image, roi_keypoints = prepare_image(image, keypoints, side, preparation.image_size)
+    return PreparedKnee(roi_image, roi_keypoints, source, bool(inverted))
+
+
+def _padded_batches(arrays: np.ndarray, size: int):
+    """``[M, ...]`` -> ``(batch [size, ...], count)`` chunks, the last one padded with
+    copies of its first row, so that every call has one shape (one compilation)."""
+    for start in range(0, len(arrays), size):
+        chunk = arrays[start:start + size]
+        pad = np.repeat(chunk[:1], size - len(chunk), axis=0)
+        yield np.concatenate([chunk, pad]), len(chunk)
+
+
+def grade_prepared(grader: Grader, knees: list[PreparedKnee]) -> list[dict]:
+    """Grades prepared knees: keypoints from the detector where the model pools at them
+    (or, with a detector, for the overlay) and none were given; then each knee's
+    ``{'grades': {task: {'grade', 'probabilities'}}, 'coherence_log_prob', 'keypoints':
+    {'source', 'schema', 'roi_pixels'}}``. The knees' missing keypoints are filled in.
+
+    Raises:
+      ValueError: a keypoint-pooling model without keypoints or a detector.
+    """
+    missing = [i for i, knee in enumerate(knees) if knee.keypoints is None]
+    if missing and (grader.needs_keypoints or grader.detector is not None):
+        if grader.detector is None:
+            raise ValueError("keypoint pooling needs keypoints: pass --keypoints (one CSV/.pts "
+                             "per image) or --landmark_workdir (a trained landmark detector)")
+        from kpn_jax import landmarks_predict
+
+        images = np.stack([knees[i].image[..., None] for i in missing])
+        detected = np.concatenate([
+            landmarks_predict.detect(grader.detector, batch, batch_size=grader.batch_size)[:count]
+            for batch, count in _padded_batches(images, grader.batch_size)])
+        for i, points in zip(missing, detected):
+            knees[i].keypoints, knees[i].keypoint_source = points, "detected"
+    num_points = grader.schema.num_points
+    images = np.stack([knee.image[..., None] for knee in knees])
+    keypoints = np.stack([knee.keypoints if knee.keypoints is not None
+                          else np.zeros((num_points, 2), np.float32)
+                          for knee in knees]).astype(np.float32)
+    preds, probs = [], []
+    for (image_batch, count), (keypoint_batch, _) in zip(
+            _padded_batches(images, grader.batch_size),
+            _padded_batches(keypoints, grader.batch_size)):
+        pred, prob = jax.device_get(grader.eval_step(
+            grader.variables, {"image": image_batch, "keypoints": keypoint_batch}))
+        preds.append(np.asarray(pred)[:count])
+        probs.append(np.asarray(prob)[:count])
+    pred, probabilities = np.concatenate(preds), np.concatenate(probs)
+    log_probs = (np.asarray(gmm_lib.log_prob(grader.gmm, jnp.asarray(probabilities)))
+                 if grader.gmm is not None else [None] * len(knees))
+    offsets = grades_lib.one_hot_offsets()
+    results = []
+    for i, knee in enumerate(knees):
+        grades = {}
+        for t, task in enumerate(grades_lib.TASKS):
+            if task in grader.tasks:
+                start, stop = offsets[t]
+                grades[task] = {"grade": int(pred[i, t]),
+                                "probabilities": [round(float(p), 5)
+                                                  for p in probabilities[i, start:stop]]}
+        results.append({
+            "grades": grades,
+            "coherence_log_prob": None if log_probs[i] is None else float(log_probs[i]),
+            "keypoints": {"source": knee.keypoint_source, "schema": grader.schema.name,
+                          "roi_pixels": None if knee.keypoints is None
+                          else np.round(knee.keypoints, 2).tolist()},
+        })
+    return results
 
 
 def predict_files(config, workdir: str, images: Sequence[str], keypoint_files: Sequence[str] | None,
@@ -204,26 +406,14 @@ def predict_files(config, workdir: str, images: Sequence[str], keypoint_files: S
     Raises:
       ValueError / FileNotFoundError: naming the file or flag at fault.
     """
-    from kpn_jax import evaluate as eval_lib
-    from kpn_jax import train
-
-    train.validate_config(config)
-    workdir = Path(workdir).expanduser().resolve()
     if not images:
         raise ValueError("--images is empty: give image files, folders or glob patterns")
     images = expand_image_paths(images)
-    info = workdir_config.data_info(workdir)
-    if not info:
-        raise FileNotFoundError(f"{workdir / workdir_config.DATA_INFO} not found: is {workdir} a "
-                                f"trained workdir?")
-    if (workdir / "config.json").exists():
-        checkpointing.check_config_compatible(json.loads((workdir / "config.json").read_text()),
-                                              config)
-    image_size, schema = int(info["image_size"]), kp_lib.get_schema(info["keypoint_schema"])
     if keypoint_files and len(keypoint_files) != len(images):
         raise ValueError(f"--keypoints has {len(keypoint_files)} files for {len(images)} images")
     if sides and len(sides) != len(images):
         raise ValueError(f"--sides has {len(sides)} values for {len(images)} images")
+    preparation = read_preparation(config, workdir)
     sides, side_sources = knee_sides(images, sides)
     assumed = [path for path, source in zip(images, side_sources) if source == "assumed"]
     if assumed:
@@ -231,26 +421,12 @@ def predict_files(config, workdir: str, images: Sequence[str], keypoint_files: S
               f"{_image_name(assumed[0], id_salt)}): taken as right "
               f"knees; give --sides=R,L,... or name files like kneeKL224's (<id>L.png)",
               flush=True)
-    fix_polarity = bool(info.get("preprocessing", {}).get("fix_polarity", False))
-    needs_keypoints = config.model.pooling == "keypoints"
 
-    prepared, sources, readable, skipped, polarity_inverted = [], [], [], [], []
+    prepared, readable, skipped = [], [], []
     for i, path in enumerate(images):
         try:
-            radiograph = image_io.read_image(path)  # ImageReadError names the file
-            check_one_knee(path, radiograph)
-            image = radiograph_uint8(radiograph)
-            inverted = fix_polarity and image_io.centre_minus_border(image) < 0
-            if inverted:  # as the training data's build did (data_info.json preprocessing)
-                image = 255 - image
-            keypoints, source = None, "none"
-            if keypoint_files:
-                keypoints = read_keypoint_file(keypoint_files[i], schema, radiograph.spacing_mm,
-                                               image_width=image.shape[1])
-                kp_lib.validate_keypoints(keypoints, schema, name=f"keypoints of {path}",
-                                          image_shape=image.shape)
-                source = "file"
-            roi_image, roi_keypoints = prepare_image(image, keypoints, sides[i], image_size)
+            prepared.append(prepare_knee(preparation, path, sides[i],
+                                         keypoint_files[i] if keypoint_files else None))
         except (ValueError, OSError) as error:
             # One unreadable image is reported and skipped; the others are still graded.
             reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
@@ -259,10 +435,7 @@ def predict_files(config, workdir: str, images: Sequence[str], keypoint_files: S
             skipped.append((name, reason))
             print(f"skipped {name}: {reason}", flush=True)
             continue
-        prepared.append((roi_image, roi_keypoints))
-        sources.append(source)
         readable.append(i)
-        polarity_inverted.append(bool(inverted))
     if not readable:
         raise ValueError(skipped[0][1] if len(skipped) == 1 else
                          f"none of the {len(images)} images could be read; the first: "
@@ -270,58 +443,35 @@ def predict_files(config, workdir: str, images: Sequence[str], keypoint_files: S
     images = [images[i] for i in readable]
     sides = [sides[i] for i in readable]
     side_sources = [side_sources[i] for i in readable]
-
-    # Keypoints are detected where the model pools at them, and for the overlay whenever a
-    # detector is given (a global-pooling model does not need them to grade).
-    if (needs_keypoints or landmark_workdir) and any(k is None for _, k in prepared):
-        detected = _detect_keypoints([img for img, _ in prepared], landmark_workdir, image_size)
-        prepared = [(img, kps if kps is not None else detected[i]) for i, (img, kps) in enumerate(prepared)]
-        sources = [s if s == "file" else "detected" for s in sources]
-
-    model, variables, checkpoint = restore_variables(config, workdir, image_size, schema.name)
-    gmm = gmm_lib.load(workdir / "gmm.npz") if (workdir / "gmm.npz").exists() else None
-    eval_step = eval_lib.make_eval_step(model, tuple(config.tasks), train.DTYPES[config.dtype],
-                                        kernels_lib.for_config(config).compiler_options,
-                                        hflip=config.eval_hflip)
-    batch = {
-        "image": np.stack([img[..., None] for img, _ in prepared]),
-        "keypoints": np.stack([k if k is not None else np.zeros((schema.num_points, 2), np.float32)
-                               for _, k in prepared]).astype(np.float32),
-    }
-    pred, probabilities = jax.device_get(eval_step(variables, batch))
-    log_probs = (np.asarray(gmm_lib.log_prob(gmm, jnp.asarray(probabilities)))
-                 if gmm is not None else [None] * len(images))
+    if (config.model.pooling == "keypoints" and not landmark_workdir
+            and any(knee.keypoints is None for knee in prepared)):
+        raise ValueError("keypoint pooling needs keypoints: pass --keypoints (one CSV/.pts per "
+                         "image) or --landmark_workdir (a trained landmark detector)")
+    grader = load_grader(config, workdir, landmark_workdir)
+    workdir = grader.workdir
+    graded = grade_prepared(grader, prepared)
 
     default_out = (Path("predictions").resolve() if model_folder.is_model_folder(workdir)
                    else workdir / "predictions")  # a model folder may be read-only
     out_dir = Path(output_dir).expanduser() if output_dir else default_out
     out_dir.mkdir(parents=True, exist_ok=True)
-    offsets = grades_lib.one_hot_offsets()
     results = []
     for i, path in enumerate(images):
-        grades = {}
-        for t, task in enumerate(grades_lib.TASKS):
-            if task in config.tasks:
-                start, stop = offsets[t]
-                grades[task] = {"grade": int(pred[i, t]),
-                                "probabilities": [round(float(p), 5) for p in probabilities[i, start:stop]]}
-        roi_image, roi_keypoints = prepared[i]
         result = {
             "image": _image_name(path, id_salt), "side": sides[i], "side_from": side_sources[i],
-            "polarity_inverted": polarity_inverted[i], "grades": grades,
-            "coherence_log_prob": None if log_probs[i] is None else float(log_probs[i]),
-            "keypoints": {"source": sources[i], "schema": schema.name,
-                          "roi_pixels": None if roi_keypoints is None else np.round(roi_keypoints, 2).tolist()},
-            "roi_size": image_size, "checkpoint": checkpoint, "workdir": str(workdir),
+            "polarity_inverted": prepared[i].polarity_inverted, **graded[i],
+            "roi_size": grader.image_size, "checkpoint": grader.checkpoint,
+            "workdir": str(workdir),
         }
         stem = (_image_name(path, id_salt) if id_salt is not None else
                 f"{i:03d}_{Path(path).stem}" if len(set(Path(p).stem for p in images)) < len(images)
                 else Path(path).stem)
         (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2))
-        draw_overlay(roi_image, roi_keypoints, schema, result, out_dir / f"{stem}.png",
-                     f"{Path(result['image']).name} ({sides[i]})")
+        draw_overlay(prepared[i].image, prepared[i].keypoints, grader.schema, result,
+                     out_dir / f"{stem}.png", f"{Path(result['image']).name} ({sides[i]})")
         results.append(result)
-        summary = " ".join(f"{grades_lib.PAPER_NAMES[t]} {g['grade']}" for t, g in grades.items())
+        summary = " ".join(f"{grades_lib.PAPER_NAMES[t]} {g['grade']}"
+                           for t, g in result["grades"].items())
         print(f"{result['image']}: {summary}  -> {out_dir / (stem + '.json')}", flush=True)
     write_summary_csv(out_dir / "predictions.csv", results, skipped)
     if skipped:
@@ -437,15 +587,3 @@ def write_summary_csv(path: Path, results: list[dict], skipped: list[tuple[str, 
         for image, reason in skipped:
             writer.writerow([image, "", *([""] * (len(tasks) + len(probability_columns))), "",
                              reason])
-
-
-def _detect_keypoints(images: list[np.ndarray], landmark_workdir: str | None, image_size: int):
-    """Keypoints from a trained landmark detector; a clear error when none is available."""
-    if not landmark_workdir:
-        raise ValueError("keypoint pooling needs keypoints: pass --keypoints (one CSV/.pts per "
-                         "image) or --landmark_workdir (a trained landmark detector)")
-    from kpn_jax import landmarks_predict
-
-    # detect() works at the detector's own size and answers in pixels of the given images.
-    return np.asarray(landmarks_predict.detect(landmark_workdir,
-                                             np.stack([img[..., None] for img in images])))

@@ -541,6 +541,7 @@ def evaluate_splits(config, report_dir: Path, splits: dict, eval_step, variables
         results[split] = result
         if jax.process_index() == 0:
             eval_lib.write_split_report(report_dir, split, result, records, config.method_name)
+            _write_split_predictions(report_dir, split, source, predictions, config.tasks, gmm)
         oarsi = result.get("oarsi_average", {}).get("accuracy")
         _print(f"{split}{f' of {other_dataset}' if other_dataset else ''} ({which} checkpoint, "
                f"step {step}): "
@@ -558,6 +559,21 @@ def evaluate_splits(config, report_dir: Path, splits: dict, eval_step, variables
         if table.exists():
             _print(table.read_text())
     return results
+
+
+def _write_split_predictions(report_dir: Path, split: str, source, predictions: dict, tasks,
+                              gmm) -> Path:
+    """``report_dir/predictions_<split>.csv``: every knee's grades and probabilities (what
+    the page of :mod:`kpn_jax.serve` browses)."""
+    try:
+        image_ids = input_pipeline.read_field(source, "image_id")
+    except KeyError:  # a dataset without image ids: rows are named by their index
+        image_ids = None
+    log_probs = (np.asarray(gmm_lib.log_prob(gmm, jnp.asarray(predictions["probabilities"])))
+                 if gmm is not None and len(predictions["probabilities"]) else None)
+    return eval_lib.write_predictions_csv(
+        Path(report_dir) / eval_lib.PREDICTIONS_CSV.format(split=split), predictions, tasks,
+        image_ids, log_probs)
 
 
 def evaluate_checkpoint(config, workdir: str, split: str | None = None,
