@@ -298,3 +298,23 @@ def test_page_in_headless_chromium(trained, grader, knee_png, tmp_path):
             driver.quit()
         server.terminate()
         server.wait(30)
+
+
+def test_dicom_uploads_take_their_side_from_image_laterality_and_a_bilateral_film_is_refused(
+        client, grader, knee_png, tmp_path):
+    from PIL import Image
+
+    from tests.dicom_files import write_dicom
+
+    pixels = (np.asarray(Image.open(knee_png[0]), np.uint16) * 16)  # 12 bits stored
+    left, both = tmp_path / "left", tmp_path / "both.dcm"
+    write_dicom(left, pixels, laterality="L")       # no suffix, as DICOM files often come
+    write_dicom(both, np.tile(pixels, (1, 2)), laterality="B")
+    answer = client.post("/api/grade", files=[
+        ("files", ("left", left.read_bytes(), "application/dicom")),
+        ("files", ("both.dcm", both.read_bytes(), "application/dicom"))]).json()
+    assert [(r["file"], r["side"], r["side_from"]) for r in answer["results"]] == [
+        ("left", "L", "DICOM ImageLaterality")]
+    assert answer["results"][0]["grades"] == _expected(grader, left, "L")["grades"]
+    assert [e["file"] for e in answer["errors"]] == ["both.dcm"]
+    assert "bilateral" in answer["errors"][0]["error"]
