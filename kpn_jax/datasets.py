@@ -46,15 +46,22 @@ def stores_png(info) -> bool:
 
 
 def preprocessing(data_dir: str | os.PathLike, name: str) -> dict:
-    """What a build did to each image beyond cropping, mirroring and resizing, from the
-    ``build_summary.json`` beside the data, so that predict can do the same to a file:
-    ``{'fix_polarity': bool}`` (kneeKL224 inverts crops whose grey levels are inverted)."""
+    """What a build did to each file, from the ``build_summary.json`` beside the data, so
+    that predict can do the same to a file: ``{'fix_polarity': bool}`` (kneeKL224 inverts
+    crops whose grey levels are inverted) and, for builds that record it, ``'framing'``
+    (:class:`kpn_jax.framing.KneeFraming` as a dict: crop, window, size)."""
     try:
         summary_path = dataset_dir(data_dir, name) / "build_summary.json"
     except FileNotFoundError:
         return {"fix_polarity": False}
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    return {"fix_polarity": bool(summary.get("polarity_fixed", False))}
+    if summary.get("source") and summary["source"] != name:
+        # A derived dataset (data_prep.fill_keypoints) keeps its source's images as they are.
+        return preprocessing(data_dir, summary["source"])
+    found = {"fix_polarity": bool(summary.get("polarity_fixed", False))}
+    if "framing" in summary:
+        found["framing"] = summary["framing"]
+    return found
 
 
 def rebuild_hint(data_dir: str | os.PathLike, name: str) -> str:

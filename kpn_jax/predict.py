@@ -1,15 +1,15 @@
 """Grade new radiographs with a trained workdir: JSON grades + an overlay picture per image.
 
-Each image is taken as a knee ROI framed like the training data (for the
-synthetic knees and kneeKL224: the joint centred, femur above, tibia below) and
-prepared as the training data's build prepared its images: grey levels inverted
-where the build fixed inverted crops (``data_info.json``'s ``preprocessing``), a
-left knee mirrored to the right-knee orientation (side from ``--sides``, else a
-kneeKL224-style file name ``<id>L.png``, else right, with a printed note), padded
-to a square and resized to the training size; its keypoints follow.
-Keypoints come from a file (CSV of ``x,y`` rows in the image's pixels, or a
-kneel16/BoneFinder ``.pts``) or, when none is given, from a trained landmark
-detector.
+Each file becomes a knee exactly as the training data's build made its knees
+(:mod:`kpn_jax.framing`, recorded with the dataset): the same window; a crop of the same
+size in mm around the joint where the build cropped around keypoints (keypoints from a
+file: a CSV of ``x,y`` rows in the image's pixels, or a kneel16/BoneFinder ``.pts``, in mm
+where the image has a pixel spacing, ``*_f.pts`` mirrored back), else the whole image
+padded to a square (kneeKL224 and the synthetic knees are such crops); grey levels
+inverted where the build fixed inverted crops; a left knee mirrored to the right-knee
+orientation (side from ``--sides``, a DICOM's ImageLaterality or a kneeKL224-style file
+name ``<id>L.png``, else right, with a printed note); the training size. Keypoints not
+given come from a trained landmark detector where the model pools at them.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kpn_jax import checkpointing, image_io
+from kpn_jax import framing as framing_lib
 from kpn_jax import gmm as gmm_lib
 from kpn_jax import grades as grades_lib
 from kpn_jax import kernels as kernels_lib
@@ -69,28 +70,6 @@ def read_keypoint_file(path: str | Path, schema: kp_lib.KeypointSchema,
     return kp_lib.validate_keypoints(points, schema, name=f"keypoints in {path}")
 
 
-def load_image_uint8(path: str | Path) -> np.ndarray:
-    """Any supported radiograph file -> uint8 ``[H, W]`` (8-bit files as stored, others windowed)."""
-    return radiograph_uint8(image_io.read_image(path))  # ImageReadError names the file
-
-
-def radiograph_uint8(radiograph: image_io.Radiograph) -> np.ndarray:
-    """uint8 ``[H, W]`` of a read radiograph (8-bit files as stored, others windowed)."""
-    pixels = radiograph.pixels
-    if radiograph.bit_depth <= 8 and pixels.min() >= 0 and pixels.max() <= 255:
-        return np.round(pixels).astype(np.uint8)
-    return image_io.to_uint8(pixels, image_io.window_limits(pixels))
-
-
-def prepare_image(image: np.ndarray, keypoints: np.ndarray | None, side: str, image_size: int):
-    """Right orientation, square, ``image_size``; returns ``(uint8 [S,S], keypoints [N,2] or None)``."""
-    from kpn_jax import image_io, roi
-
-    image, keypoints = roi.to_right_orientation(image, keypoints, side)
-    resized, keypoints = image_io.resize_whole(image, keypoints, image_size)
-    return np.clip(np.round(resized), 0, 255).astype(np.uint8), keypoints
-
-
 def restore_variables(config, workdir: Path, image_size: int, schema_name: str,
                        which: str | None = None):
     """``(model, variables, checkpoint)``: the weights of a model folder
@@ -126,18 +105,17 @@ def export_grader(config, workdir: str | Path, out_dir: str | Path) -> Path:
     if not info:
         raise FileNotFoundError(f"{workdir / workdir_config.DATA_INFO} not found: is {workdir} a "
                                 "trained workdir?")
-    if "preprocessing" not in info:
-        # Workdirs trained before data_info.json recorded it: from the dataset's build, which
-        # must be readable here (a model folder without it would grade files unlike training).
-        from kpn_jax import datasets
-
-        data_dir = info.get("data_dir") or os.path.expanduser(config.data_dir)
-        build_summary = datasets.dataset_dir(data_dir, info["dataset"]) / "build_summary.json"
-        if not build_summary.exists():
+    # From the dataset's build where it is readable (the truth, also for a dataset derived
+    # from another), else as the workdir recorded it; a model folder without it would
+    # grade files unlike training.
+    preprocessing = build_preprocessing(info, config.data_dir)
+    if preprocessing is None:
+        if "preprocessing" not in info:
             raise FileNotFoundError(f"{workdir / workdir_config.DATA_INFO} does not say how its "
-                                    f"dataset prepared images, and {build_summary} is not here "
-                                    "to tell: export where the training data is")
-        info = {**info, "preprocessing": datasets.preprocessing(data_dir, info["dataset"])}
+                                    f"dataset prepared images, and the dataset's build is not "
+                                    "here to tell: export where the training data is")
+        preprocessing = info["preprocessing"]
+    info = {**info, "preprocessing": preprocessing}
     _, variables, checkpoint = restore_variables(config, workdir, int(info["image_size"]),
                                                  info["keypoint_schema"])
     description = {"method_name": config.method_name, "dataset": info.get("dataset")}
@@ -195,17 +173,37 @@ def draw_overlay(image: np.ndarray, keypoints: np.ndarray | None, schema: kp_lib
 
 @dataclasses.dataclass(frozen=True)
 class Preparation:
-    """How the training data's build prepared its images, from a workdir's
-    ``data_info.json``: the stored size, the keypoint schema and whether crops with
-    inverted grey levels were flipped back."""
+    """How the training data's build turned files into knees: its framing (crop, window,
+    size: :class:`kpn_jax.framing.KneeFraming`), the keypoint schema and whether crops
+    with inverted grey levels were flipped back."""
 
-    image_size: int
+    framing: framing_lib.KneeFraming
     schema: kp_lib.KeypointSchema
     fix_polarity: bool
 
+    @property
+    def image_size(self) -> int:
+        return self.framing.image_size
+
+
+def build_preprocessing(info: dict, data_dir: str = "") -> dict | None:
+    """What the training dataset's build summary says it did to each file (the truth,
+    also for datasets derived from another), or None when the build is not readable here
+    (a model folder, a moved dataset)."""
+    from kpn_jax import datasets
+
+    data_dir = info.get("data_dir") or os.path.expanduser(data_dir)
+    try:
+        summary = datasets.dataset_dir(data_dir, info["dataset"]) / "build_summary.json"
+    except (FileNotFoundError, KeyError, TypeError):
+        return None
+    return datasets.preprocessing(data_dir, info["dataset"]) if summary.exists() else None
+
 
 def read_preparation(config, workdir: str | Path) -> Preparation:
-    """The :class:`Preparation` of a trained workdir or model folder, its config checked.
+    """The :class:`Preparation` of a trained workdir or model folder, its config checked:
+    from the training dataset's build when it is readable here, else as ``data_info.json``
+    recorded it (files framed whole when it records no framing).
 
     Raises:
       FileNotFoundError / ValueError: not a trained workdir, a config that does not match it.
@@ -221,8 +219,15 @@ def read_preparation(config, workdir: str | Path) -> Preparation:
     if (workdir / "config.json").exists():
         checkpointing.check_config_compatible(json.loads((workdir / "config.json").read_text()),
                                               config)
-    return Preparation(int(info["image_size"]), kp_lib.get_schema(info["keypoint_schema"]),
-                       bool(info.get("preprocessing", {}).get("fix_polarity", False)))
+    preprocessing = (None if model_folder.is_model_folder(workdir)
+                     else build_preprocessing(info, config.get("data_dir", "")))
+    if preprocessing is None:
+        preprocessing = info.get("preprocessing", {})
+    image_size = int(info["image_size"])
+    framing = framing_lib.KneeFraming.from_dict({**preprocessing.get("framing", {}),
+                                                 "image_size": image_size})
+    return Preparation(framing, kp_lib.get_schema(info["keypoint_schema"]),
+                       bool(preprocessing.get("fix_polarity", False)))
 
 
 @dataclasses.dataclass
@@ -304,27 +309,32 @@ class PreparedKnee:
 
 def prepare_knee(preparation: Preparation, path: str | Path, side: str,
                  keypoint_file: str | Path | None = None) -> PreparedKnee:
-    """Reads one radiograph file and prepares it as the training data's build prepared its
-    images (grey levels, mirroring, square, size; keypoints from ``keypoint_file``).
+    """Reads one radiograph file and turns it into a knee exactly as the training data's
+    build did (:func:`kpn_jax.framing.frame_knee`: grey levels, crop around the keypoints
+    of ``keypoint_file`` where the build cropped, mirroring, size).
 
     Raises:
-      ValueError / OSError: naming the file (unreadable, a bilateral film, bad keypoints).
+      ValueError / OSError: naming the file (unreadable, a bilateral film without the
+        keypoints to cut a knee out of it, bad keypoints).
     """
     radiograph = image_io.read_image(path)  # ImageReadError names the file
-    check_one_knee(path, radiograph)
-    image = radiograph_uint8(radiograph)
-    inverted = preparation.fix_polarity and image_io.centre_minus_border(image) < 0
-    if inverted:  # as the training data's build did (data_info.json preprocessing)
-        image = 255 - image
+    framing = preparation.framing
     keypoints, source = None, "none"
     if keypoint_file:
-        keypoints = read_keypoint_file(keypoint_file, preparation.schema, radiograph.spacing_mm,
-                                       image_width=image.shape[1])
+        in_mm = framing.pts_in_mm(radiograph)
+        keypoints = read_keypoint_file(keypoint_file, preparation.schema,
+                                       radiograph.spacing_mm if in_mm else None,
+                                       image_width=radiograph.shape[1])
         kp_lib.validate_keypoints(keypoints, preparation.schema, name=f"keypoints of {path}",
-                                  image_shape=image.shape)
+                                  image_shape=radiograph.shape)
         source = "file"
-    roi_image, roi_keypoints = prepare_image(image, keypoints, side, preparation.image_size)
-    return PreparedKnee(roi_image, roi_keypoints, source, bool(inverted))
+    if not framing.crops(radiograph, keypoints):
+        check_one_knee(path, radiograph)  # the whole film becomes the knee
+    inverted = preparation.fix_polarity and image_io.centre_minus_border(radiograph.pixels) < 0
+    if inverted:  # as the training data's build did (kneeKL224's 8-bit crops)
+        radiograph = dataclasses.replace(radiograph, pixels=255.0 - radiograph.pixels)
+    image, points = framing_lib.frame_knee(radiograph, keypoints, side, framing)
+    return PreparedKnee(image, points, source, bool(inverted))
 
 
 def _padded_batches(arrays: np.ndarray, size: int):
@@ -425,6 +435,10 @@ def predict_files(config, workdir: str, images: Sequence[str], keypoint_files: S
     prepared, readable, skipped = [], [], []
     for i, path in enumerate(images):
         try:
+            if side_sources[i] == BILATERAL_WITHOUT_SIDE:
+                raise ValueError(f"{path} is a bilateral film (ImageLaterality B): give each "
+                                 "knee's side with --sides and its keypoints with --keypoints, "
+                                 "listing the film once per knee")
             prepared.append(prepare_knee(preparation, path, sides[i],
                                          keypoint_files[i] if keypoint_files else None))
         except (ValueError, OSError) as error:
@@ -491,9 +505,15 @@ def _image_name(path: str | Path, id_salt: bytes | None) -> str:
 _SIDE_IN_NAME = re.compile(r"^\d+(?P<side>[LR])$")
 
 
+# A film showing both knees, its knee's side not given: never guessed.
+BILATERAL_WITHOUT_SIDE = "bilateral film"
+
+
 def knee_sides(images: Sequence[str], sides: Sequence[str] | None) -> tuple[list[str], list[str]]:
-    """Each image's side and where it came from: ``--sides`` ('flag'), a kneeKL224-style file
-    name ending in the side letter ('file name'), else right ('assumed').
+    """Each image's side and where it came from: ``--sides`` ('flag'), a DICOM's
+    ImageLaterality ('DICOM ImageLaterality'; :data:`BILATERAL_WITHOUT_SIDE` for 'B'), a
+    kneeKL224-style file name ending in the side letter ('file name'), else right
+    ('assumed').
 
     Raises:
       ValueError: a side other than R or L.
@@ -510,6 +530,9 @@ def knee_sides(images: Sequence[str], sides: Sequence[str] | None) -> tuple[list
         if laterality in ("R", "L"):
             found.append(laterality)
             sources.append("DICOM ImageLaterality")
+        elif laterality == "B":
+            found.append("R")
+            sources.append(BILATERAL_WITHOUT_SIDE)
         else:
             found.append(match.group("side") if match else "R")
             sources.append("file name" if match else "assumed")
@@ -527,17 +550,18 @@ def dicom_laterality(path: str | Path) -> str:
 
 
 def check_one_knee(path: str | Path, radiograph: image_io.Radiograph) -> None:
-    """Refuses a film that shows both knees: predict grades each image as one knee crop.
+    """Refuses a film that shows both knees where it would be graded whole, as one knee
+    (no keypoints to cut a knee out, or a model trained on whole images).
 
     Raises:
       ValueError: naming the file, for a DICOM whose ImageLaterality is 'B' (both).
     """
     if dicom_laterality(path) == "B":
         height, width = radiograph.shape
-        raise ValueError(f"{path} is a bilateral film (ImageLaterality B, {width}x{height} px): "
-                         "predict grades one knee per image; cut each knee out first (e.g. "
-                         "data_prep.manifest with keypoints, whose dataset run.py --mode="
-                         "evaluate grades)")
+        raise ValueError(f"{path} is a bilateral film (ImageLaterality B, {width}x{height} px) "
+                         "and would be graded whole as one knee: give each knee's keypoints "
+                         "(--keypoints, with --sides) to a model trained on knees cut out of "
+                         "films, or cut the knees out first")
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom", "")

@@ -272,6 +272,9 @@ def test_cli_builds_and_writes_the_summary(fake_oai, tmp_path, capsys):
     assert summary["written"]["unlabeled"] == 5          # the held-out subject's knee too
     assert str(info["truncated_path"]) in summary["images_unreadable"]
     assert f"{summary['dataset_dir']}/build_summary.json" in capsys.readouterr().out
+    assert summary["framing"] == {"image_size": IMAGE_SIZE, "roi_mm": ROI_MM, "roi_px": 0.0,
+                                  "window": "image", "window_percentiles": [5.0, 99.0],
+                                  "pts_units": "mm"}
     # A second run finds the dataset and keeps its summary.
     assert cli.build(cli.parse_args(argv))["written"] == summary["written"]
 
@@ -288,3 +291,29 @@ def test_other_windows_keep_bone_bright(fake_oai, window):
     image = example["image"][..., 0]
     cols, rows = np.round(example["keypoints"]).astype(int).T
     assert image[rows, cols].min() > 100 and np.median(image) < 60
+
+
+@pytest.mark.parametrize("window", ["image", "roi"])
+def test_predict_frames_a_film_as_the_builder_frames_its_knees(fake_oai, window):
+    """kpn_jax.framing.frame_knee with the build's recorded framing (what predict uses)
+    gives the stored knee of every film with keypoints."""
+    from kpn_jax import framing, image_io
+
+    root, _ = fake_oai
+    options = oai_builder.OaiOptions(image_size=IMAGE_SIZE, roi_mm=ROI_MM, window=window)
+    jobs, _ = oai_builder.plan_oai(root, options)
+    recorded = framing.KneeFraming.from_dict(options.framing().to_dict())
+    checked = 0
+    for job in (j for split_jobs in jobs.values() for j in split_jobs):
+        if job.keypoints is None:
+            continue
+        try:
+            radiograph = image_io.read_dicom(job.dicom_path, job.member)
+        except image_io.ImageReadError:
+            continue
+        stored = oai_builder.knee_example(job, radiograph, options)
+        image, points = framing.frame_knee(radiograph, job.keypoints, job.side, recorded)
+        np.testing.assert_array_equal(image, stored["image"][..., 0], err_msg=job.image_id)
+        np.testing.assert_allclose(points, stored["keypoints"], atol=1e-4)
+        checked += 1
+    assert checked >= 4

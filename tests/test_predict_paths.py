@@ -47,6 +47,9 @@ def test_side_from_dicom_laterality_then_file_name_then_assumed(tmp_path):
     assert predict.knee_sides(names, None) == (
         ["L", "R", "L", "R"], ["DICOM ImageLaterality", "assumed", "file name", "assumed"])
     assert predict.knee_sides(names, ["R", "R", "R", "L"])[0] == ["R", "R", "R", "L"]
+    # A film of both knees: the side is never guessed.
+    assert predict.knee_sides([str(tmp_path / "both.dcm")], None)[1] == [
+        predict.BILATERAL_WITHOUT_SIDE]
     from kpn_jax import image_io
 
     with pytest.raises(ValueError, match="both.dcm is a bilateral film"):

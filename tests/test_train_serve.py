@@ -115,3 +115,74 @@ def test_shipped_model_grades_png_crops_as_it_evaluates_their_built_dataset(tmp_
                                    atol=2e-5, err_msg=stem)
         assert result["grades"]["kl"]["grade"] == int(np.argmax(by_id[stem]))
         assert result["keypoints"]["source"] == "detected"
+
+
+from tests.test_manifest import inline, radiographs, write_manifest  # noqa: E402,F401
+
+
+def test_predict_on_raw_films_equals_evaluate_on_their_manifest_build(tmp_path, radiographs):
+    """A hospital's files as they come: a bilateral 16-bit DICOM film with BoneFinder .pts
+    files in mm (the right knee's found on the mirrored film, `_f.pts`), a 16-bit PNG and an
+    8-bit PNG with keypoint files, and a JPEG without keypoints (graded whole). Predict on
+    the files gives exactly what evaluating the manifest's build of the same files gives."""
+    from configs import default
+    from data_prep.manifest import __main__ as manifest_cli
+    from kpn_jax import evaluate, input_pipeline, parallel, predict, train
+
+    knees = [  # image, keypoint file for predict, side, split
+        ("bilateral.dcm", "bilateral.pts", "L", "train"),
+        ("bilateral.dcm", "bilateral_f.pts", "R", "val"),
+        ("deep.png", "deep.csv", "L", "val"),
+        ("grey.png", "grey.csv", "L", "test"),
+        ("plain.jpg", "", "R", "test"),
+    ]
+    np.savetxt(tmp_path / "deep.csv", radiographs["deep_points"], delimiter=",")
+    np.savetxt(tmp_path / "grey.csv", radiographs["grey_points"], delimiter=",")
+    rows = []
+    for k, (image, points, side, split) in enumerate(knees):
+        row = dict(image=image, subject_id=f"p{k}", side=side, kl=str(k % 5), split=split)
+        if points.endswith(".pts"):
+            row["pts"] = points
+        elif points:
+            row["keypoints"] = inline(np.loadtxt(tmp_path / points, delimiter=","))
+        rows.append(row)
+    write_manifest(tmp_path / "manifest.csv", rows)
+    built = manifest_cli.build(manifest_cli.parse_args([
+        f"--manifest={tmp_path / 'manifest.csv'}", f"--data_dir={tmp_path / 'tfds'}",
+        "--image_size=48", "--roi_mm=40", "--strict"]))
+
+    config = default.get_config()
+    config.data_dir = str(tmp_path / "tfds")
+    config.dataset = built["dataset"]
+    config.model.update(dict(depth=18, width=4, pooling="global"))
+    config.coherence.enabled = False
+    config.batch_size = 1
+    config.eval_batch_size = 2
+    config.max_steps = 1
+    workdir = tmp_path / "workdir"
+    train.train_and_evaluate(config, str(workdir))
+
+    handle = input_pipeline.open_dataset(config)
+    model, variables, _ = predict.restore_variables(config, workdir, 48, handle.keypoint_schema)
+    eval_step = evaluate.make_eval_step(model, tuple(config.tasks), hflip=config.eval_hflip)
+    checker = input_pipeline.make_example_checker(48, 16, False)
+    evaluated = {}
+    for split in ("train", "validation", "test"):
+        source = handle.split(split)
+        out = evaluate.predict_split(eval_step, variables, source, checker, parallel.make_mesh(), 2)
+        for k, image_id in enumerate(input_pipeline.read_field(source, "image_id")):
+            evaluated[str(image_id)] = (out["pred"][k], out["probabilities"][k])
+    assert sorted(evaluated) == ["bilateral-L", "bilateral-R", "deep-L", "grey-L", "plain-R"]
+
+    results = predict.predict_files(
+        config, str(workdir), [str(tmp_path / image) for image, *_ in knees],
+        [str(tmp_path / points) if points else "" for _, points, *_ in knees],
+        sides=[side for _, _, side, _ in knees], output_dir=str(tmp_path / "predictions"))
+    assert len(results) == len(knees)
+    for (image, points, side, _), result in zip(knees, results):
+        pred, probabilities = evaluated[f"{Path(image).stem}-{side}"]
+        assert result["keypoints"]["source"] == ("file" if points else "none")
+        assert [g["grade"] for g in result["grades"].values()] == list(pred), image
+        np.testing.assert_allclose(np.concatenate([g["probabilities"]
+                                                   for g in result["grades"].values()]),
+                                   probabilities, atol=2e-5, err_msg=f"{image} {side}")

@@ -84,7 +84,8 @@ def build(args) -> dict:
             id_salt=id_salt)
     return tfds_util.build_with_summary(
         builder, f"manifest/{name}", extra={"manifest": str(Path(args.manifest).resolve()),
-                                            "manifest_sha256": manifest_sha256},
+                                            "manifest_sha256": manifest_sha256,
+                                            "framing": options.framing().to_dict()},
         rebuild_hint="the manifest is unchanged, so it is not rebuilt")
 
 

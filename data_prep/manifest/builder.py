@@ -45,9 +45,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_prep import features as features_lib
+from kpn_jax import framing as framing_lib
 from kpn_jax import identifiers, image_io
 from kpn_jax import pts as pts_lib
-from kpn_jax import roi as roi_lib
 from data_prep import tfds_util
 from kpn_jax import grades as grades_lib
 from kpn_jax import keypoints as kp_lib
@@ -57,8 +57,8 @@ logger = logging.getLogger(__name__)
 REQUIRED_COLUMNS = ("image", "subject_id", "side")
 SPLIT_NAMES = {"train": "train", "validation": "validation", "val": "validation",
                "test": "test", "unlabeled": "unlabeled", "unlabelled": "unlabeled"}
-WINDOWS = ("auto", "image", "dicom", "roi")
-PTS_UNITS = ("auto", "mm", "pixels")
+WINDOWS = framing_lib.WINDOWS
+PTS_UNITS = framing_lib.PTS_UNITS
 UNLABELED_SUBJECTS = ("train", "all")
 _SIDES = {"r": "R", "right": "R", "1": "R", "l": "L", "left": "L", "2": "L"}
 _TRUE = {"1", "true", "yes", "y"}
@@ -84,6 +84,13 @@ class ManifestOptions:
     # Non-empty: subject and image ids are stored as salted pseudonyms
     # (kpn_jax.identifiers); the salt's fingerprint, never the salt.
     id_salt_fingerprint: str = ""
+
+    def framing(self) -> framing_lib.KneeFraming:
+        """How each knee is cut out, windowed and sized (recorded in the build summary)."""
+        return framing_lib.KneeFraming(
+            image_size=self.image_size, roi_mm=self.roi_mm, roi_px=self.roi_px,
+            window=self.window, window_percentiles=tuple(self.window_percentiles),
+            pts_units=self.pts_units)
 
     def __post_init__(self):
         if self.image_size <= 0 or self.roi_mm <= 0 or self.roi_px < 0:
@@ -372,28 +379,20 @@ def plan_manifest(manifest_path: str | os.PathLike, options: ManifestOptions = M
     return jobs, summary
 
 
-def _window(radiograph: image_io.Radiograph, options: ManifestOptions) -> tuple[float, float]:
-    if options.window == "auto" and radiograph.bit_depth <= 8:
-        return 0.0, 255.0
-    if options.window == "dicom" and radiograph.window is not None:
-        return radiograph.window
-    return image_io.window_limits(radiograph.pixels, options.window_percentiles)
-
-
 def row_example(job: RowJob, options: ManifestOptions) -> dict:
-    """Reads one row's image and returns its example.
+    """Reads one row's image and returns its example, framed by
+    :func:`kpn_jax.framing.frame_knee` (what predict does to a file too).
 
     Raises:
       image_io.ImageReadError: naming the file.
       pts_lib.PtsError: naming the .pts file.
     """
+    framing = options.framing()
     radiograph = image_io.read_image(job.image_path)
-    pixels = radiograph.pixels
-    height, width = pixels.shape
+    height, width = radiograph.shape
     keypoints = job.keypoints
     if job.pts_path is not None:
-        in_mm = options.pts_units == "mm" or (options.pts_units == "auto"
-                                               and radiograph.spacing_mm is not None)
+        in_mm = framing.pts_in_mm(radiograph)
         if in_mm and radiograph.spacing_mm is None:
             raise pts_lib.PtsError(f"{job.pts_path}: in mm but {job.image_path} has no pixel "
                                    "spacing")
@@ -403,24 +402,13 @@ def row_example(job: RowJob, options: ManifestOptions) -> dict:
         keypoints = kp_lib.validate_keypoints(
             keypoints, name=str(job.pts_path) if job.pts_path is not None else "inline points",
             image_shape=(height, width))
-    window = _window(radiograph, options)
-    roi_px = options.roi_px or (options.roi_mm / radiograph.spacing_mm[1]
-                                if radiograph.spacing_mm is not None else 0.0)
-    if keypoints is not None and roi_px > 0:
-        roi, out_points = roi_lib.extract_roi(pixels, keypoints, job.side, roi_px,
-                                              options.image_size, fill=window[0])
-    else:
-        flipped, out_points = roi_lib.to_right_orientation(pixels, keypoints, job.side)
-        roi, out_points = image_io.resize_whole(flipped, out_points, options.image_size,
-                                                fill=window[0])
-    if options.window == "roi":
-        window = image_io.window_limits(roi, options.window_percentiles)
+    knee, out_points = framing_lib.frame_knee(radiograph, keypoints, job.side, framing)
     num_points = kp_lib.KNEEL16.num_points
     valid = np.full(num_points, out_points is not None)
     if out_points is None:
         out_points = np.zeros((num_points, 2), np.float32)
     return features_lib.make_example(
-        image_io.to_uint8(roi, window), out_points, job.grades, subject_id=job.subject_id,
+        knee, out_points, job.grades, subject_id=job.subject_id,
         image_id=job.image_id, side=job.side, keypoints_valid=valid,
         keypoints_predicted=job.keypoints_predicted and bool(valid.any()))
 

@@ -122,7 +122,8 @@ def build(args) -> dict:
             config=tfds_util.builder_config(builder_lib.OaiConfig, name, options),
             readings_files=args.readings, pts_dir=args.pts_dir, kneel_csv=args.kneel_csv,
             num_workers=args.num_workers, detector=detector)
-    return tfds_util.build_with_summary(builder, f"oai/{name}", manual_dir=args.manual_dir)
+    return tfds_util.build_with_summary(builder, f"oai/{name}", manual_dir=args.manual_dir,
+                                        extra={"framing": options.framing().to_dict()})
 
 
 def main(argv=None) -> int:

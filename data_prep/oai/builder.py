@@ -106,6 +106,16 @@ class OaiOptions:
     keypoints: str = "files"
     detector_digest: str = ""
 
+    def framing(self):
+        """How each knee is cut out, windowed and sized, for predict to do the same to a
+        film (:class:`kpn_jax.framing.KneeFraming`; BoneFinder files are in mm)."""
+        from kpn_jax import framing as framing_lib
+
+        return framing_lib.KneeFraming(image_size=self.image_size, roi_mm=self.roi_mm,
+                                       window=self.window,
+                                       window_percentiles=tuple(self.window_percentiles),
+                                       pts_units="mm")
+
     def __post_init__(self):
         if self.image_size <= 0 or self.roi_mm <= 0:
             raise ValueError(f"image_size and roi_mm must be positive, got {self.image_size}, "
