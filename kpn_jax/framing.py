@@ -119,3 +119,13 @@ def frame_knee(radiograph: image_io.Radiograph, keypoints: np.ndarray | None, si
     if window == (0.0, 255.0):  # 8-bit grey levels as stored: rounded, never rescaled
         return np.clip(np.round(knee), 0, 255).astype(np.uint8), points
     return image_io.to_uint8(knee, window), points
+
+
+def search_start(shape: tuple[int, int], side: str, knees_on_film: int) -> tuple[float, float]:
+    """Where a landmark detector looks first for a knee of a film ``[H, W]``: the middle of
+    the film's half holding it (a PA film shows the right knee on the image left), or of a
+    one-knee film."""
+    height, width = shape
+    if knees_on_film == 1:
+        return (width - 1) / 2.0, (height - 1) / 2.0
+    return ((width - 1) * (0.25 if side == "R" else 0.75), (height - 1) / 2.0)

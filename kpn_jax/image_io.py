@@ -160,6 +160,7 @@ class DicomHeader:
     path: str
     accession_number: str = ""   # OAI: the film's barcode
     laterality: str = ""         # ImageLaterality (else Laterality): 'R', 'L', 'B' or ''
+    patient_id: str = ""         # PatientID
 
 
 def _dicom_file(path: Path, member: str | None):
@@ -204,7 +205,8 @@ def read_dicom_header(path: str | os.PathLike, member: str | None = None) -> Dic
     return DicomHeader(rows=rows, columns=columns, spacing_mm=dicom_pixel_spacing(ds),
                        path=name, accession_number=str(ds.get("AccessionNumber", "")).strip(),
                        laterality=str(ds.get("ImageLaterality", "") or ds.get("Laterality", "")
-                                      ).strip().upper())
+                                      ).strip().upper(),
+                       patient_id=str(ds.get("PatientID", "") or "").strip())
 
 
 def read_dicom(path: str | os.PathLike, member: str | None = None) -> Radiograph:

@@ -5,10 +5,10 @@ import numpy as np
 
 def write_dicom(path, pixels, photometric="MONOCHROME2", spacing_tag="ImagerPixelSpacing",
                 spacing=0.5, window=None, accession=None, modality="DX", voi_lut=None,
-                laterality=None):
+                laterality=None, patient_id=None):
     """``pixels`` uint16 ``[H, W]`` as stored (no inversion here) to ``path``; ``voi_lut``:
     uint16 ``[4096]`` output per stored value (a VOI LUT sequence item, 12-bit output);
-    ``laterality``: ImageLaterality ('R', 'L' or 'B')."""
+    ``laterality``: ImageLaterality ('R', 'L' or 'B'); ``patient_id``: PatientID."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -33,6 +33,8 @@ def write_dicom(path, pixels, photometric="MONOCHROME2", spacing_tag="ImagerPixe
         ds.VOILUTSequence = [item]
     if laterality is not None:
         ds.ImageLaterality = laterality
+    if patient_id is not None:
+        ds.PatientID = patient_id
     if accession is not None:
         ds.AccessionNumber = accession
     ds.PixelData = np.asarray(pixels, np.uint16).astype("<u2").tobytes()

@@ -368,3 +368,73 @@ def test_shared_config_naming_of_the_builder_clis():
     assert isinstance(config, mf.ManifestConfig) and config.options == changed
     config = tfds_util.builder_config(mf.ManifestConfig, "site_a", defaults)
     assert config.name == "site_a" and config.options == defaults
+
+
+def test_unread_films_become_the_unlabelled_pool_with_detected_knees(tmp_path, radiographs,
+                                                                     capsys):
+    """A folder of DICOM films without a manifest: listed as unlabelled rows (person from
+    PatientID, side from ImageLaterality, both knees of a bilateral film), then built with
+    the shipped detector finding each knee; a film of a person graded in validation stays
+    out of the pool, and files whose person or side is unknown are listed, never guessed."""
+    from data_prep import tfds_util
+    from data_prep.manifest import __main__ as cli
+    from data_prep.manifest import list_films
+    from kpn_jax import model_folder
+
+    films = tmp_path / "unread" / "2026"
+    films.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    both = draw((120, 200), [knee_points((50, 60), "R"), knee_points((150, 60), "L")],
+                background=400, value=3000, rng=rng).astype(np.uint16)
+    one = draw((100, 100), [knee_points((50, 50), "L")], background=400, value=3000,
+               rng=rng).astype(np.uint16)
+    write_dicom(films / "film1", both, spacing=0.5, laterality="B", patient_id="q1")
+    write_dicom(films / "film2.dcm", one, spacing=0.5, laterality="L", patient_id="q2")
+    write_dicom(films / "film3.dcm", one, spacing=0.5, laterality="R", patient_id="p3")
+    write_dicom(films / "no_side.dcm", one, spacing=0.5, patient_id="q4")
+    write_dicom(films / "no_person.dcm", one, spacing=0.5, laterality="R")
+    Image.fromarray(one.astype(np.uint8)).save(films / "photo.png")
+
+    rows = [dict(image="bilateral.dcm", pts="bilateral.pts", subject_id="p1", side="L", kl="3",
+                 split="train"),
+            dict(image="deep.png", keypoints=inline(radiographs["deep_points"]),
+                 subject_id="p2", side="L", kl="0", split="val"),
+            dict(image="grey.png", keypoints=inline(radiographs["grey_points"]),
+                 subject_id="p3", side="L", kl="2", split="val")]
+    write_manifest(tmp_path / "knees.csv", rows)
+    listed = tmp_path / "lists" / "knees_and_films.csv"
+    listed.parent.mkdir()
+    assert list_films.main([f"--films={tmp_path / 'unread'}", f"--out={listed}",
+                            f"--append_to={tmp_path / 'knees.csv'}"]) == 0
+    printed = capsys.readouterr().out
+    assert "4 unlabelled knee rows from 3 films (1 show both knees)" in printed
+    for name in ("no_side.dcm: no ImageLaterality", "no_person.dcm: no PatientID",
+                 "photo.png: not a DICOM"):
+        assert name in printed
+    table = list(csv.DictReader(listed.open()))
+    assert [(r["image"], r["subject_id"], r["side"], r["split"]) for r in table[3:]] == [
+        ("../unread/2026/film1", "q1", "R", "unlabeled"),
+        ("../unread/2026/film1", "q1", "L", "unlabeled"),
+        ("../unread/2026/film2.dcm", "q2", "L", "unlabeled"),
+        ("../unread/2026/film3.dcm", "p3", "R", "unlabeled")]
+    assert table[0]["image"] == "../bilateral.dcm" and table[0]["kl"] == "3"
+
+    summary = cli.build(cli.parse_args([
+        f"--manifest={listed}", f"--data_dir={tmp_path / 'tfds'}", f"--image_size={IMAGE_SIZE}",
+        "--roi_mm=40", "--keypoints=detector",
+        f"--landmark_workdir={model_folder.SHIPPED_DETECTOR}", "--strict"]))
+    assert summary["written"] == {"train": 1, "validation": 2, "unlabeled": 3}
+    assert summary["unlabeled_rows_of_held_out_subjects"] == 1     # p3 is graded in validation
+    assert summary["keypoints_detected"] == {"unlabeled": 3}
+    assert summary["dataset"].startswith("manifest/") and "keypointsdetector" in summary["dataset"]
+    sources, _ = tfds_util.data_sources(tmp_path / "tfds", summary["dataset"])
+    pool = [sources["unlabeled"][i] for i in range(len(sources["unlabeled"]))]
+    assert sorted(e["image_id"].decode() for e in pool) == [
+        "../unread/2026/film1-L", "../unread/2026/film1-R", "../unread/2026/film2-L"]
+    for example in pool:
+        assert example["keypoints_valid"].all() and example["keypoints_predicted"]
+        assert (example["grades"] == -1).all()
+        # Cut out around the detected joint: its centre is the knee's centre.
+        points = example["keypoints"]
+        np.testing.assert_allclose((points[:7].mean(0) + points[7:].mean(0)) / 2,
+                                   (IMAGE_SIZE - 1) / 2, atol=0.01)

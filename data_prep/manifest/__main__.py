@@ -53,6 +53,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="'train' (default) leaves out ungraded rows of subjects graded in "
                              "validation/test; 'all' keeps them")
     parser.add_argument("--split_seed", type=int, default=defaults.split_seed)
+    parser.add_argument("--keypoints", choices=builder_lib.KEYPOINT_SOURCES,
+                        default=defaults.keypoints,
+                        help="rows without keypoints: 'given' stores them whole; 'detector' "
+                             "lets --landmark_workdir find the knee on the film and cuts it "
+                             "out (e.g. unread films listed by data_prep.manifest.list_films)")
+    parser.add_argument("--landmark_workdir", default=None,
+                        help="a trained kneel16 detector (workdir or model folder, e.g. "
+                             "kpn_jax/shipped/kneel16_detector) for --keypoints=detector")
     parser.add_argument("--id_salt_file", default=None,
                         help="a secret file of >= 16 random bytes: store subject and image ids "
                              "as salted pseudonyms (HMAC-SHA256) instead of as written")
@@ -65,13 +73,24 @@ def build(args) -> dict:
     from kpn_jax import identifiers
 
     id_salt = identifiers.read_salt(args.id_salt_file) if args.id_salt_file else None
+    detector, digest = None, ""
+    if args.keypoints == "detector":
+        if not args.landmark_workdir:
+            raise builder_lib.ManifestError("--keypoints=detector needs --landmark_workdir (a "
+                                            "trained kneel16 detector; docs/LANDMARKS.md)")
+        from data_prep import fill_keypoints
+        from kpn_jax import landmarks_predict
+
+        detector = landmarks_predict.load_detector(args.landmark_workdir)
+        digest = fill_keypoints.detector_digest(detector)
 
     options = builder_lib.ManifestOptions(
         image_size=args.image_size, roi_mm=args.roi_mm, roi_px=args.roi_px, window=args.window,
         window_percentiles=tuple(float(p) for p in args.window_percentiles.split(",")),
         pts_units=args.pts_units, unlabeled_subjects=args.unlabeled_subjects,
         split_seed=args.split_seed,
-        id_salt_fingerprint=identifiers.salt_fingerprint(id_salt) if id_salt else "")
+        id_salt_fingerprint=identifiers.salt_fingerprint(id_salt) if id_salt else "",
+        keypoints=args.keypoints, detector_digest=digest)
     name = tfds_util.config_name(options, args.config_name)
     manifest_sha256 = hashlib.sha256(Path(args.manifest).read_bytes()).hexdigest()
     _check_existing_build(Path(args.data_dir).expanduser() / "manifest" / name, manifest_sha256,
@@ -81,7 +100,7 @@ def build(args) -> dict:
             data_dir=str(Path(args.data_dir).expanduser()),
             config=tfds_util.builder_config(builder_lib.ManifestConfig, name, options),
             manifest_path=args.manifest, image_root=args.image_root, strict=args.strict,
-            id_salt=id_salt)
+            id_salt=id_salt, detector=detector)
     return tfds_util.build_with_summary(
         builder, f"manifest/{name}", extra={"manifest": str(Path(args.manifest).resolve()),
                                             "manifest_sha256": manifest_sha256,

@@ -60,6 +60,10 @@ SPLIT_NAMES = {"train": "train", "validation": "validation", "val": "validation"
 WINDOWS = framing_lib.WINDOWS
 PTS_UNITS = framing_lib.PTS_UNITS
 UNLABELED_SUBJECTS = ("train", "all")
+KEYPOINT_SOURCES = ("given", "detector")
+# A detection whose points still move more than this in the detector's last pass is listed
+# in the summary (about 3 pixels of a 320 px, 140 mm ROI), as the OAI builder does.
+LOW_CONFIDENCE_SHIFT_MM = 1.0
 _SIDES = {"r": "R", "right": "R", "1": "R", "l": "L", "left": "L", "2": "L"}
 _TRUE = {"1", "true", "yes", "y"}
 _FALSE = {"0", "false", "no", "n"}
@@ -84,6 +88,10 @@ class ManifestOptions:
     # Non-empty: subject and image ids are stored as salted pseudonyms
     # (kpn_jax.identifiers); the salt's fingerprint, never the salt.
     id_salt_fingerprint: str = ""
+    # 'given': rows without keypoints are stored whole; 'detector': a landmark detector
+    # finds their knee on the film (named by detector_digest), which is then cut out.
+    keypoints: str = "given"
+    detector_digest: str = ""
 
     def framing(self) -> framing_lib.KneeFraming:
         """How each knee is cut out, windowed and sized (recorded in the build summary)."""
@@ -99,9 +107,12 @@ class ManifestOptions:
         for name, value, choices in (("window", self.window, WINDOWS),
                                      ("pts_units", self.pts_units, PTS_UNITS),
                                      ("unlabeled_subjects", self.unlabeled_subjects,
-                                      UNLABELED_SUBJECTS)):
+                                      UNLABELED_SUBJECTS),
+                                     ("keypoints", self.keypoints, KEYPOINT_SOURCES)):
             if value not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        if self.keypoints == "detector" and not self.detector_digest:
+            raise ValueError("keypoints='detector' needs a landmark detector (detector_digest)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,12 +129,14 @@ class RowJob:
     pts_path: Path | None
     keypoints_predicted: bool
     split: str
+    knees_on_film: int = 1             # rows of the manifest with this image
 
 
 def new_summary() -> dict:
     return {"rows": 0, "row_problems": [], "subject_ids_merged": {},
             "planned": collections.Counter(),
             "written": collections.Counter(), "with_keypoints": collections.Counter(),
+            "keypoints_detected": collections.Counter(), "detections_low_confidence": [],
             "unlabeled_rows_of_held_out_subjects": 0}
 
 
@@ -248,9 +261,11 @@ def _has_keypoints(fields: dict) -> bool:
     return fields["keypoints"] is not None or fields["pts_path"] is not None
 
 
-def _duplicate_problems(fields: dict, seen_ids: dict, seen_images: dict) -> list[str]:
+def _duplicate_problems(fields: dict, seen_ids: dict, seen_images: dict,
+                        detector: bool = False) -> list[str]:
     """A row that repeats an earlier knee: the same ``image_id``, or the same whole image
-    (no keypoints to cut a knee from it) under another side."""
+    (no keypoints to cut a knee from it, and no ``detector`` to find them) under another
+    side."""
     number, image_id = fields["row"], fields["image_id"]
     first = seen_ids.get(image_id)
     if first is not None:
@@ -258,7 +273,8 @@ def _duplicate_problems(fields: dict, seen_ids: dict, seen_images: dict) -> list
                  "image_id)" if first["side"] != fields["side"] else "")
         return [f"row {number}: image_id: {image_id!r} is also row {first['row']}{sides}"]
     first = seen_images.get(fields["image_path"].resolve())
-    if first is not None and not (_has_keypoints(first) and _has_keypoints(fields)):
+    if first is not None and not detector and not (_has_keypoints(first)
+                                                   and _has_keypoints(fields)):
         return [f"row {number}: image: {fields['image_path']} is also row {first['row']} "
                 f"(side {first['side']} there, {fields['side']} here); without keypoints on "
                 "both rows the whole image is one knee, so it cannot be listed twice (give "
@@ -319,7 +335,8 @@ def plan_manifest(manifest_path: str | os.PathLike, options: ManifestOptions = M
     for number, row in enumerate(rows, start=2):
         fields, row_problems = _check_row(number, row, root)
         if not row_problems:
-            row_problems += _duplicate_problems(fields, seen_ids, seen_images)
+            row_problems += _duplicate_problems(fields, seen_ids, seen_images,
+                                                detector=options.keypoints == "detector")
         if row_problems:
             problems += row_problems
             continue
@@ -350,10 +367,12 @@ def plan_manifest(manifest_path: str | os.PathLike, options: ManifestOptions = M
                 problems.append(f"row {fields['row']}: split: subject {fields['subject_id']!r} is in "
                                 f"{first[0]!r} at row {first[1]}, here in {fields['split']!r}")
                 fields["split"] = "conflict"
+    knees_on_film = collections.Counter(fields["image_path"].resolve() for fields in checked)
     jobs: dict[str, list[RowJob]] = {}
     for fields in checked:
         if fields["split"] == "conflict":
             continue
+        fields["knees_on_film"] = knees_on_film[fields["image_path"].resolve()]
         if fields["split"] is None or fields["split"] == "unlabeled":
             held_out = subject_split.get(fields["subject_id"], ("train",))[0] != "train"
             if options.unlabeled_subjects == "train" and held_out:
@@ -379,9 +398,34 @@ def plan_manifest(manifest_path: str | os.PathLike, options: ManifestOptions = M
     return jobs, summary
 
 
-def row_example(job: RowJob, options: ManifestOptions) -> dict:
+def detect_knee(job: RowJob, radiograph: image_io.Radiograph, framing, detector
+                ) -> tuple[np.ndarray, float]:
+    """The detector's kneel16 pixels of a row's knee on its film and their last-pass shift
+    in mm (:func:`kpn_jax.landmarks_predict.locate_knee`, searching the film's half that
+    holds the knee when the manifest lists two knees of the film).
+
+    Raises:
+      ValueError: the film has no pixel spacing and no --roi_px says how big a knee is.
+    """
+    from kpn_jax import landmarks_predict
+
+    roi_px = framing.roi_pixels(radiograph)
+    if roi_px <= 0:
+        raise ValueError(f"{job.image_path} has no pixel spacing: give --roi_px so that the "
+                         "detector knows how large a knee is")
+    film = image_io.to_uint8(radiograph.pixels, framing_lib.window_of(radiograph, framing))
+    points, shift_px = landmarks_predict.locate_knee(
+        detector, film, job.side, roi_px,
+        framing_lib.search_start(film.shape, job.side, job.knees_on_film))
+    spacing = radiograph.spacing_mm[1] if radiograph.spacing_mm is not None else 1.0
+    return points, shift_px * spacing
+
+
+def row_example(job: RowJob, options: ManifestOptions, detector=None,
+                summary: dict | None = None) -> dict:
     """Reads one row's image and returns its example, framed by
-    :func:`kpn_jax.framing.frame_knee` (what predict does to a file too).
+    :func:`kpn_jax.framing.frame_knee` (what predict does to a file too); with
+    ``options.keypoints == 'detector'`` a row without keypoints gets the ``detector``'s.
 
     Raises:
       image_io.ImageReadError: naming the file.
@@ -402,6 +446,17 @@ def row_example(job: RowJob, options: ManifestOptions) -> dict:
         keypoints = kp_lib.validate_keypoints(
             keypoints, name=str(job.pts_path) if job.pts_path is not None else "inline points",
             image_shape=(height, width))
+    predicted = job.keypoints_predicted
+    if keypoints is None and options.keypoints == "detector":
+        if detector is None:
+            raise ValueError("keypoints='detector' but no landmark detector was given")
+        keypoints, shift_mm = detect_knee(job, radiograph, framing, detector)
+        predicted = True
+        if summary is not None:
+            summary["keypoints_detected"][job.split] += 1
+            if shift_mm > LOW_CONFIDENCE_SHIFT_MM:
+                summary["detections_low_confidence"].append(
+                    f"row {job.row}: {job.image_id} (moved {shift_mm:.1f} mm in the last pass)")
     knee, out_points = framing_lib.frame_knee(radiograph, keypoints, job.side, framing)
     num_points = kp_lib.KNEEL16.num_points
     valid = np.full(num_points, out_points is not None)
@@ -410,11 +465,11 @@ def row_example(job: RowJob, options: ManifestOptions) -> dict:
     return features_lib.make_example(
         knee, out_points, job.grades, subject_id=job.subject_id,
         image_id=job.image_id, side=job.side, keypoints_valid=valid,
-        keypoints_predicted=job.keypoints_predicted and bool(valid.any()))
+        keypoints_predicted=predicted and bool(valid.any()))
 
 
 def generate_examples(jobs: Iterable[RowJob], options: ManifestOptions, summary: dict,
-                      strict: bool = False) -> Iterator[tuple[str, dict]]:
+                      strict: bool = False, detector=None) -> Iterator[tuple[str, dict]]:
     """``(key, example)`` per row whose image reads; the others are row problems.
 
     Raises:
@@ -425,7 +480,7 @@ def generate_examples(jobs: Iterable[RowJob], options: ManifestOptions, summary:
     written = 0
     for job in jobs:
         try:
-            example = row_example(job, options)
+            example = row_example(job, options, detector, summary)
         except (image_io.ImageReadError, pts_lib.PtsError, ValueError) as e:
             column = ("image" if isinstance(e, image_io.ImageReadError) else
                       "pts" if isinstance(e, pts_lib.PtsError) else "keypoints")
@@ -453,7 +508,8 @@ class Manifest(tfds.core.GeneratorBasedBuilder):
     """Knee radiographs listed in a CSV (see the module docstring for its columns).
 
     Constructor arguments beside TFDS's: ``manifest_path`` (required to build),
-    ``image_root`` (default: the manifest's folder), ``strict``. After
+    ``image_root`` (default: the manifest's folder), ``strict``, ``id_salt``, ``detector``
+    (a loaded landmark detector, for ``keypoints='detector'``). After
     ``download_and_prepare``, ``summary`` holds the build summary.
     """
 
@@ -463,7 +519,8 @@ class Manifest(tfds.core.GeneratorBasedBuilder):
     BUILDER_CONFIGS = [ManifestConfig(name="default", description="320 px, 140 mm ROI")]
 
     def __init__(self, *, manifest_path=None, image_root=None, strict=False, id_salt=None,
-                 **kwargs):
+                 detector=None, **kwargs):
+        self._detector = detector
         self._manifest_path = manifest_path
         self._image_root = image_root
         self._strict = strict
@@ -487,4 +544,5 @@ class Manifest(tfds.core.GeneratorBasedBuilder):
                                           error=ManifestError)
 
     def _generate_examples(self, jobs):
-        yield from generate_examples(jobs, self.options, self.summary, self._strict)
+        yield from generate_examples(jobs, self.options, self.summary, self._strict,
+                                     self._detector)

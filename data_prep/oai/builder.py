@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_prep import features as features_lib
+from kpn_jax import framing as framing_lib
 from kpn_jax import image_io
 from kpn_jax import pts as pts_lib
 from kpn_jax import roi as roi_lib
@@ -109,8 +110,6 @@ class OaiOptions:
     def framing(self):
         """How each knee is cut out, windowed and sized, for predict to do the same to a
         film (:class:`kpn_jax.framing.KneeFraming`; BoneFinder files are in mm)."""
-        from kpn_jax import framing as framing_lib
-
         return framing_lib.KneeFraming(image_size=self.image_size, roi_mm=self.roi_mm,
                                        window=self.window,
                                        window_percentiles=tuple(self.window_percentiles),
@@ -378,15 +377,6 @@ def radiograph_window(radiograph: image_io.Radiograph, options: OaiOptions) -> t
 LOW_CONFIDENCE_SHIFT_MM = 1.0
 
 
-def start_of_search(job: KneeJob, shape: tuple[int, int]) -> tuple[float, float]:
-    """Where the detector looks first: the middle of the film's half holding the knee (a PA
-    film shows the right knee on the image left), or of a one-knee film."""
-    height, width = shape
-    if job.knees_on_film == 1:
-        return (width - 1) / 2.0, (height - 1) / 2.0
-    return ((width - 1) * (0.25 if job.side == "R" else 0.75), (height - 1) / 2.0)
-
-
 def detect_keypoints(job: KneeJob, film: np.ndarray, detector,
                      options: OaiOptions) -> tuple[np.ndarray, float]:
     """The detector's kneel16 pixels of one knee and their last-pass shift in mm.
@@ -399,7 +389,7 @@ def detect_keypoints(job: KneeJob, film: np.ndarray, detector,
     spacing = _isotropic_spacing(job.spacing_mm)
     points, shift_px = landmarks_predict.locate_knee(
         detector, film, job.side, options.roi_mm / spacing,
-        start_of_search(job, film.shape))
+        framing_lib.search_start(film.shape, job.side, job.knees_on_film))
     return points, shift_px * spacing
 
 
