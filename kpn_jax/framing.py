@@ -129,3 +129,27 @@ def search_start(shape: tuple[int, int], side: str, knees_on_film: int) -> tuple
     if knees_on_film == 1:
         return (width - 1) / 2.0, (height - 1) / 2.0
     return ((width - 1) * (0.25 if side == "R" else 0.75), (height - 1) / 2.0)
+
+
+def locate_knee(radiograph: image_io.Radiograph, side: str, framing: KneeFraming, detector,
+                knees_on_film: int = 1) -> tuple[np.ndarray, float]:
+    """A landmark detector's kneel16 points of one knee of a film, in the film's pixels,
+    and how far they moved in its last pass (mm where the film has a pixel spacing, else
+    pixels; large = a detection not to trust): :func:`kpn_jax.landmarks_predict.locate_knee`
+    on the film windowed as ``framing`` windows it, searching from :func:`search_start`.
+
+    Raises:
+      ValueError: the film has no pixel spacing and ``framing`` no ROI in pixels, so the
+        size of a knee on it is unknown.
+    """
+    from kpn_jax import landmarks_predict
+
+    roi_px = framing.roi_pixels(radiograph)
+    if roi_px <= 0:
+        raise ValueError(f"{radiograph.path} has no pixel spacing, so the size of a knee on it "
+                         "is unknown (a dataset built with --roi_px would say it)")
+    film = image_io.to_uint8(radiograph.pixels, window_of(radiograph, framing))
+    points, shift_px = landmarks_predict.locate_knee(
+        detector, film, side, roi_px, search_start(film.shape, side, knees_on_film))
+    spacing = radiograph.spacing_mm[1] if radiograph.spacing_mm is not None else 1.0
+    return points, shift_px * spacing

@@ -14,6 +14,7 @@ given come from a trained landmark detector where the model pools at them.
 
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import json
@@ -269,8 +270,9 @@ class Grader:
 
 
 def load_grader(config, workdir: str | Path, landmark_workdir: str | None = None,
-                batch_size: int = 8) -> Grader:
-    """Loads a trained workdir or model folder (and the detector of ``landmark_workdir``).
+                batch_size: int = 8, detector=None) -> Grader:
+    """Loads a trained workdir or model folder and a landmark detector: ``detector`` (loaded)
+    or the one of ``landmark_workdir``.
 
     Raises:
       FileNotFoundError / ValueError: not a trained workdir, a config that does not match it.
@@ -286,8 +288,7 @@ def load_grader(config, workdir: str | Path, landmark_workdir: str | None = None
     eval_step = eval_lib.make_eval_step(model, tuple(config.tasks), train.DTYPES[config.dtype],
                                         kernels_lib.for_config(config).compiler_options,
                                         hflip=config.eval_hflip)
-    detector = None
-    if landmark_workdir:
+    if detector is None and landmark_workdir:
         from kpn_jax import landmarks_predict
 
         detector = landmarks_predict.load_detector(landmark_workdir)
@@ -308,10 +309,15 @@ class PreparedKnee:
 
 
 def prepare_knee(preparation: Preparation, path: str | Path, side: str,
-                 keypoint_file: str | Path | None = None) -> PreparedKnee:
+                 keypoint_file: str | Path | None = None, detector=None,
+                 knees_on_film: int = 1) -> PreparedKnee:
     """Reads one radiograph file and turns it into a knee exactly as the training data's
     build did (:func:`kpn_jax.framing.frame_knee`: grey levels, crop around the keypoints
-    of ``keypoint_file`` where the build cropped, mirroring, size).
+    of ``keypoint_file`` where the build cropped, mirroring, size). Where the build cut
+    knees out of films and no keypoint file is given, a ``detector`` finds the knee on the
+    film (:func:`kpn_jax.framing.locate_knee`, as the manifest builder's
+    ``--keypoints=detector`` does; ``knees_on_film`` = 2 searches the film's half of
+    ``side``).
 
     Raises:
       ValueError / OSError: naming the file (unreadable, a bilateral film without the
@@ -328,6 +334,10 @@ def prepare_knee(preparation: Preparation, path: str | Path, side: str,
         kp_lib.validate_keypoints(keypoints, preparation.schema, name=f"keypoints of {path}",
                                   image_shape=radiograph.shape)
         source = "file"
+    if keypoints is None and detector is not None and framing.roi_pixels(radiograph) > 0:
+        keypoints, _ = framing_lib.locate_knee(radiograph, side, framing, detector,
+                                               knees_on_film)
+        source = "detected on the film"
     if not framing.crops(radiograph, keypoints):
         check_one_knee(path, radiograph)  # the whole film becomes the knee
     inverted = preparation.fix_polarity and image_io.centre_minus_border(radiograph.pixels) < 0
@@ -424,23 +434,40 @@ def predict_files(config, workdir: str, images: Sequence[str], keypoint_files: S
     if sides and len(sides) != len(images):
         raise ValueError(f"--sides has {len(sides)} values for {len(images)} images")
     preparation = read_preparation(config, workdir)
+    detector = None
+    if landmark_workdir:
+        from kpn_jax import landmarks_predict
+
+        detector = landmarks_predict.load_detector(landmark_workdir)
     sides, side_sources = knee_sides(images, sides)
-    assumed = [path for path, source in zip(images, side_sources) if source == "assumed"]
+    keypoint_files = list(keypoint_files) if keypoint_files else [""] * len(images)
+    # A film of both knees without --sides: both knees, where a detector can find them.
+    knees = []  # (path, side, where the side came from, keypoint file)
+    for path, side, source, keypoint_file in zip(images, sides, side_sources, keypoint_files):
+        if source == BILATERAL_WITHOUT_SIDE and detector is not None and not keypoint_file:
+            knees += [(path, "R", "bilateral film, right knee", ""),
+                      (path, "L", "bilateral film, left knee", "")]
+        else:
+            knees.append((path, side, source, keypoint_file))
+    assumed = [path for path, _, source, _ in knees if source == "assumed"]
     if assumed:
         print(f"side unknown for {len(assumed)} image(s) (first: "
               f"{_image_name(assumed[0], id_salt)}): taken as right "
               f"knees; give --sides=R,L,... or name files like kneeKL224's (<id>L.png)",
               flush=True)
+    listed = collections.Counter(path for path, *_ in knees)
 
     prepared, readable, skipped = [], [], []
-    for i, path in enumerate(images):
+    for i, (path, side, source, keypoint_file) in enumerate(knees):
         try:
-            if side_sources[i] == BILATERAL_WITHOUT_SIDE:
+            if source == BILATERAL_WITHOUT_SIDE:
                 raise ValueError(f"{path} is a bilateral film (ImageLaterality B): give each "
                                  "knee's side with --sides and its keypoints with --keypoints, "
-                                 "listing the film once per knee")
-            prepared.append(prepare_knee(preparation, path, sides[i],
-                                         keypoint_files[i] if keypoint_files else None))
+                                 "listing the film once per knee, or a landmark detector "
+                                 "(--landmark_workdir) to find both knees")
+            on_film = 2 if source.startswith("bilateral") or listed[path] > 1 else 1
+            prepared.append(prepare_knee(preparation, path, side, keypoint_file or None,
+                                         detector, on_film))
         except (ValueError, OSError) as error:
             # One unreadable image is reported and skipped; the others are still graded.
             reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
@@ -452,16 +479,16 @@ def predict_files(config, workdir: str, images: Sequence[str], keypoint_files: S
         readable.append(i)
     if not readable:
         raise ValueError(skipped[0][1] if len(skipped) == 1 else
-                         f"none of the {len(images)} images could be read; the first: "
+                         f"none of the {len(knees)} images could be read; the first: "
                          f"{skipped[0][0]}: {skipped[0][1]}")
-    images = [images[i] for i in readable]
-    sides = [sides[i] for i in readable]
-    side_sources = [side_sources[i] for i in readable]
+    images = [knees[i][0] for i in readable]
+    sides = [knees[i][1] for i in readable]
+    side_sources = [knees[i][2] for i in readable]
     if (config.model.pooling == "keypoints" and not landmark_workdir
             and any(knee.keypoints is None for knee in prepared)):
         raise ValueError("keypoint pooling needs keypoints: pass --keypoints (one CSV/.pts per "
                          "image) or --landmark_workdir (a trained landmark detector)")
-    grader = load_grader(config, workdir, landmark_workdir)
+    grader = load_grader(config, workdir, detector=detector)
     workdir = grader.workdir
     graded = grade_prepared(grader, prepared)
 
@@ -469,6 +496,13 @@ def predict_files(config, workdir: str, images: Sequence[str], keypoint_files: S
                    else workdir / "predictions")  # a model folder may be read-only
     out_dir = Path(output_dir).expanduser() if output_dir else default_out
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Output names: the file's stem; with its side where a film gives two knees; numbered
+    # where names still repeat.
+    stem_counts = collections.Counter(Path(p).stem for p in images)
+    output_stems = [Path(p).stem + (f"-{side}" if stem_counts[Path(p).stem] > 1 else "")
+                    for p, side in zip(images, sides)]
+    if len(set(output_stems)) < len(output_stems):
+        output_stems = [f"{i:03d}_{Path(p).stem}" for i, p in enumerate(images)]
     results = []
     for i, path in enumerate(images):
         result = {
@@ -477,9 +511,7 @@ def predict_files(config, workdir: str, images: Sequence[str], keypoint_files: S
             "roi_size": grader.image_size, "checkpoint": grader.checkpoint,
             "workdir": str(workdir),
         }
-        stem = (_image_name(path, id_salt) if id_salt is not None else
-                f"{i:03d}_{Path(path).stem}" if len(set(Path(p).stem for p in images)) < len(images)
-                else Path(path).stem)
+        stem = output_stems[i] if id_salt is None else _image_name(path, id_salt)
         (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2))
         draw_overlay(prepared[i].image, prepared[i].keypoints, grader.schema, result,
                      out_dir / f"{stem}.png", f"{Path(result['image']).name} ({sides[i]})")

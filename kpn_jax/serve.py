@@ -85,16 +85,19 @@ def overlay_data_url(knee: predict.PreparedKnee, schema, result: dict, title: st
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def upload_side(path: Path, filename: str, requested: str) -> tuple[str, str]:
-    """``(side, where it came from)`` of an uploaded file: the page's choice ('R'/'L'), else
-    the DICOM's ImageLaterality, a kneeKL224-style original name, or right ('assumed')."""
+def upload_sides(path: Path, filename: str, requested: str) -> list[tuple[str, str]]:
+    """``[(side, where it came from)]`` of an uploaded file's knees: the page's choice
+    ('R'/'L'), else the DICOM's ImageLaterality (both knees of a film marked 'B'), a
+    kneeKL224-style original name, or right ('assumed')."""
     if requested in ("R", "L"):
-        return requested, "chosen in the page"
+        return [(requested, "chosen in the page")]
     laterality = predict.dicom_laterality(path)
     if laterality in ("R", "L"):
-        return laterality, "DICOM ImageLaterality"
+        return [(laterality, "DICOM ImageLaterality")]
+    if laterality == "B":
+        return [("R", "bilateral film, right knee"), ("L", "bilateral film, left knee")]
     match = predict._SIDE_IN_NAME.match(Path(filename).stem)
-    return (match.group("side"), "file name") if match else ("R", "assumed")
+    return [(match.group("side"), "file name")] if match else [("R", "assumed")]
 
 
 def grade_uploads(grader: predict.Grader, uploads: list[tuple[str, bytes]], side: str = "auto",
@@ -114,13 +117,16 @@ def grade_uploads(grader: predict.Grader, uploads: list[tuple[str, bytes]], side
             path = Path(folder) / f"upload_{k}{suffix if suffix in UPLOAD_SUFFIXES else ''}"
             path.write_bytes(content)
             try:
-                knee_side, side_from = upload_side(path, filename, side)
-                prepared.append(predict.prepare_knee(grader.preparation, path, knee_side))
+                knees = upload_sides(path, filename, side)
+                ready = [predict.prepare_knee(grader.preparation, path, knee_side,
+                                              detector=grader.detector, knees_on_film=len(knees))
+                         for knee_side, _ in knees]
             except (ValueError, OSError) as error:
                 message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
                 errors.append({"file": filename, "error": message.replace(str(path), filename)})
                 continue
-            kept.append((filename, knee_side, side_from))
+            prepared += ready
+            kept += [(filename, knee_side, side_from) for knee_side, side_from in knees]
     if not prepared:
         return {"results": results, "errors": errors}
     graded = predict.grade_prepared(grader, prepared)

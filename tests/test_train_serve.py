@@ -186,3 +186,83 @@ def test_predict_on_raw_films_equals_evaluate_on_their_manifest_build(tmp_path, 
         np.testing.assert_allclose(np.concatenate([g["probabilities"]
                                                    for g in result["grades"].values()]),
                                    probabilities, atol=2e-5, err_msg=f"{image} {side}")
+
+
+def test_predict_finds_both_knees_of_unread_films_as_the_build_found_them(tmp_path):
+    """The synthetic hospital (data_prep.manifest.example_films): films of both knees,
+    graded ones with .pts files in mm and unread ones found by the shipped detector at
+    build time. Predict on the unread films, given only the detector (no sides, no keypoint
+    files), grades both knees of each exactly as evaluating the built unlabelled knees; on
+    the graded films with their .pts files, as evaluating their splits."""
+    from configs import default
+    from data_prep.manifest import __main__ as manifest_cli
+    from data_prep.manifest import example_films, list_films
+    from kpn_jax import evaluate, input_pipeline, model_folder, parallel, predict, train
+
+    hospital = tmp_path / "hospital"
+    example_films.write_hospital(hospital, graded=12, unread=2, knee_px=96)
+    assert list_films.main([f"--films={hospital / 'unread'}", f"--out={hospital / 'all.csv'}",
+                            f"--append_to={hospital / 'knees.csv'}"]) == 0
+    detector = str(model_folder.SHIPPED_DETECTOR)
+    built = manifest_cli.build(manifest_cli.parse_args([
+        f"--manifest={hospital / 'all.csv'}", f"--data_dir={tmp_path / 'tfds'}",
+        "--image_size=48", "--keypoints=detector", f"--landmark_workdir={detector}",
+        "--strict"]))
+    assert built["keypoints_detected"] == {"unlabeled": 4}
+
+    config = default.get_config()
+    config.data_dir = str(tmp_path / "tfds")
+    config.dataset = built["dataset"]
+    config.model.update(dict(depth=18, width=4, pooling="global"))
+    config.coherence.enabled = False
+    config.batch_size = 2
+    config.eval_batch_size = 2
+    config.max_steps = 1
+    workdir = tmp_path / "workdir"
+    train.train_and_evaluate(config, str(workdir))
+
+    handle = input_pipeline.open_dataset(config)
+    model, variables, _ = predict.restore_variables(config, workdir, 48, handle.keypoint_schema)
+    eval_step = evaluate.make_eval_step(model, tuple(config.tasks))
+    checker = input_pipeline.make_example_checker(48, 16, False)
+    evaluated = {}
+    for split, source in handle.sources.items():
+        out = evaluate.predict_split(eval_step, variables, source, checker, parallel.make_mesh(), 2)
+        for k, image_id in enumerate(input_pipeline.read_field(source, "image_id")):
+            evaluated[str(image_id)] = out["probabilities"][k]
+    assert len(evaluated) == 24 + 4
+
+    unread = sorted((hospital / "unread").iterdir())
+    results = predict.predict_files(config, str(workdir), [str(p) for p in unread], None,
+                                    output_dir=str(tmp_path / "p1"), landmark_workdir=detector)
+    assert [(Path(r["image"]).stem, r["side"]) for r in results] == [
+        (p.stem, side) for p in unread for side in ("R", "L")]
+    graded = sorted((hospital / "films").iterdir())[:2]
+    results += predict.predict_files(
+        config, str(workdir), [str(p) for p in graded for _ in "RL"],
+        [str(hospital / "keypoints" / f"{p.stem}_{side}.pts") for p in graded for side in "RL"],
+        sides=["R", "L"] * len(graded), output_dir=str(tmp_path / "p2"))
+    for result in results:
+        path = Path(result["image"])
+        knee_id = f"{path.parent.name}/{path.stem}-{result['side']}"
+        probabilities = np.concatenate([g["probabilities"] for g in result["grades"].values()])
+        np.testing.assert_allclose(probabilities, evaluated[knee_id], atol=2e-5, err_msg=knee_id)
+    assert {r["keypoints"]["source"] for r in results} == {"detected on the film", "file"}
+    assert sorted(q.name for q in (tmp_path / "p1").glob("*.json")) == sorted(
+        f"{p.stem}-{side}.json" for p in unread for side in "RL")
+
+    # The page: an unread film's upload gives both knees, graded as predict grades them.
+    pytest.importorskip("starlette")
+    from starlette.testclient import TestClient
+
+    from kpn_jax import serve
+
+    grader = predict.load_grader(config, workdir, detector)
+    with TestClient(serve.make_app(grader)) as client:
+        answer = client.post("/api/grade", files=[("files", (unread[0].name,
+                                                             unread[0].read_bytes(),
+                                                             "application/dicom"))]).json()
+    assert [(r["side"], r["side_from"]) for r in answer["results"]] == [
+        ("R", "bilateral film, right knee"), ("L", "bilateral film, left knee")]
+    for shown, predicted in zip(answer["results"], results[:2]):
+        assert shown["grades"] == predicted["grades"]

@@ -398,29 +398,6 @@ def plan_manifest(manifest_path: str | os.PathLike, options: ManifestOptions = M
     return jobs, summary
 
 
-def detect_knee(job: RowJob, radiograph: image_io.Radiograph, framing, detector
-                ) -> tuple[np.ndarray, float]:
-    """The detector's kneel16 pixels of a row's knee on its film and their last-pass shift
-    in mm (:func:`kpn_jax.landmarks_predict.locate_knee`, searching the film's half that
-    holds the knee when the manifest lists two knees of the film).
-
-    Raises:
-      ValueError: the film has no pixel spacing and no --roi_px says how big a knee is.
-    """
-    from kpn_jax import landmarks_predict
-
-    roi_px = framing.roi_pixels(radiograph)
-    if roi_px <= 0:
-        raise ValueError(f"{job.image_path} has no pixel spacing: give --roi_px so that the "
-                         "detector knows how large a knee is")
-    film = image_io.to_uint8(radiograph.pixels, framing_lib.window_of(radiograph, framing))
-    points, shift_px = landmarks_predict.locate_knee(
-        detector, film, job.side, roi_px,
-        framing_lib.search_start(film.shape, job.side, job.knees_on_film))
-    spacing = radiograph.spacing_mm[1] if radiograph.spacing_mm is not None else 1.0
-    return points, shift_px * spacing
-
-
 def row_example(job: RowJob, options: ManifestOptions, detector=None,
                 summary: dict | None = None) -> dict:
     """Reads one row's image and returns its example, framed by
@@ -450,7 +427,8 @@ def row_example(job: RowJob, options: ManifestOptions, detector=None,
     if keypoints is None and options.keypoints == "detector":
         if detector is None:
             raise ValueError("keypoints='detector' but no landmark detector was given")
-        keypoints, shift_mm = detect_knee(job, radiograph, framing, detector)
+        keypoints, shift_mm = framing_lib.locate_knee(radiograph, job.side, framing, detector,
+                                                     job.knees_on_film)
         predicted = True
         if summary is not None:
             summary["keypoints_detected"][job.split] += 1
