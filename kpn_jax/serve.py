@@ -230,7 +230,8 @@ def split_overlay(grader: predict.Grader, source, split: EvaluatedSplit, index: 
     valid = np.asarray(example.get("keypoints_valid", True), bool)
     if keypoints is not None and not (np.all(valid) and np.all(np.isfinite(keypoints))):
         keypoints = None  # a knee stored without keypoints (e.g. most of kneeKL224)
-    prediction = {"grades": {}, "keypoints": {"source": "dataset"},
+    prediction = {"grades": {}, "keypoints": {"source": "dataset" if keypoints is not None
+                                              else "none stored"},
                   "coherence_log_prob": (float(row["coherence_log_prob"])
                                          if "coherence_log_prob" in row else None)}
     for task in split.tasks:
