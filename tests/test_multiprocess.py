@@ -1,8 +1,8 @@
 """The whole training loop on two processes through run.py (gloo on localhost): the same
 metrics, best checkpoint and report as one process with two devices; a SIGTERM to one
-process, or Ctrl-C in one, stops both before the same step, a SIGKILL of both loses only
-what came after the last checkpoint, and the same commands then finish the run as if it
-had never stopped."""
+process, or Ctrl-C in one, stops both before the same step, a damaged newest checkpoint is
+set aside by both, a SIGKILL of both loses only what came after the last checkpoint, and the
+same commands then finish the run as if it had never stopped."""
 
 import json
 import os
@@ -125,14 +125,21 @@ def test_two_processes_train_stop_together_and_resume_like_one(tmp_path):
     assert [code for code, _ in interrupted] == [143, 143], interrupted[0][1][-3000:]
     saved = sorted(int(p.name) for p in (workdir / "checkpoints" / "latest").iterdir()
                    if p.name.isdigit())
-    assert saved[-1] < 24, saved
+    assert saved[-1] < 24 and len(saved) == 2, saved
     # Resumed, then both killed (SIGKILL) two steps later: nothing saved since.
     killed = _two_processes(_flags(data_dir, workdir), stop_after_step=saved[-1] + 2,
                             workdir=workdir, send=((0, signal.SIGKILL), (1, signal.SIGKILL)))
     # (Whichever dies first, the other may end by itself, aborted by the lost peer.)
     assert all(code != 0 for code, _ in killed), [code for code, _ in killed]
 
+    # The newest checkpoint damaged (its largest file cut short): both processes set it aside
+    # together, go on from the one before and replay the steps since.
+    newest = workdir / "checkpoints" / "latest" / str(saved[-1])
+    largest = max((f for f in newest.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
     resumed = _two_processes(_flags(data_dir, workdir))
     for code, output in resumed:
         assert code == 0, output[-3000:]
+    assert f"checkpoint {newest} is damaged" in resumed[0][1], resumed[0][1][-3000:]
+    assert (workdir / "checkpoints" / "damaged" / f"latest_{saved[-1]}").is_dir()
     _assert_close(_artefacts(workdir), expected)
