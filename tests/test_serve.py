@@ -7,8 +7,6 @@ chromium-driver; .ci/run installs them) and selenium (the webtest extra)."""
 import csv
 import importlib.util
 import io
-import shutil
-import sys
 import urllib.parse
 from pathlib import Path
 

@@ -120,14 +120,43 @@ def test_shipped_model_grades_png_crops_as_it_evaluates_their_built_dataset(tmp_
 from tests.test_manifest import inline, radiographs, write_manifest  # noqa: E402,F401
 
 
+def _train_tiny_and_evaluate(data_dir: Path, dataset: str, workdir: Path):
+    """A tiny global-pooling model of all seven grades trained for one step on a built
+    manifest dataset, and every knee of every split through the evaluation step:
+    ``(config, {image_id: (pred [7], probabilities [29])})``."""
+    from configs import default
+    from kpn_jax import evaluate, input_pipeline, parallel, predict, train
+
+    config = default.get_config()
+    config.data_dir = str(data_dir)
+    config.dataset = dataset
+    config.model.update(dict(depth=18, width=4, pooling="global"))
+    config.coherence.enabled = False
+    config.batch_size = 2
+    config.eval_batch_size = 2
+    config.max_steps = 1
+    train.train_and_evaluate(config, str(workdir))
+
+    handle = input_pipeline.open_dataset(config)
+    model, variables, _ = predict.restore_variables(config, workdir, handle.image_size,
+                                                    handle.keypoint_schema)
+    eval_step = evaluate.make_eval_step(model, tuple(config.tasks), hflip=config.eval_hflip)
+    checker = input_pipeline.make_example_checker(handle.image_size, 16, False)
+    evaluated = {}
+    for source in handle.sources.values():
+        out = evaluate.predict_split(eval_step, variables, source, checker, parallel.make_mesh(), 2)
+        for k, image_id in enumerate(input_pipeline.read_field(source, "image_id")):
+            evaluated[str(image_id)] = (out["pred"][k], out["probabilities"][k])
+    return config, evaluated
+
+
 def test_predict_on_raw_films_equals_evaluate_on_their_manifest_build(tmp_path, radiographs):
     """A hospital's files as they come: a bilateral 16-bit DICOM film with BoneFinder .pts
     files in mm (the right knee's found on the mirrored film, `_f.pts`), a 16-bit PNG and an
     8-bit PNG with keypoint files, and a JPEG without keypoints (graded whole). Predict on
     the files gives exactly what evaluating the manifest's build of the same files gives."""
-    from configs import default
     from data_prep.manifest import __main__ as manifest_cli
-    from kpn_jax import evaluate, input_pipeline, parallel, predict, train
+    from kpn_jax import predict
 
     knees = [  # image, keypoint file for predict, side, split
         ("bilateral.dcm", "bilateral.pts", "L", "train"),
@@ -151,27 +180,8 @@ def test_predict_on_raw_films_equals_evaluate_on_their_manifest_build(tmp_path, 
         f"--manifest={tmp_path / 'manifest.csv'}", f"--data_dir={tmp_path / 'tfds'}",
         "--image_size=48", "--roi_mm=40", "--strict"]))
 
-    config = default.get_config()
-    config.data_dir = str(tmp_path / "tfds")
-    config.dataset = built["dataset"]
-    config.model.update(dict(depth=18, width=4, pooling="global"))
-    config.coherence.enabled = False
-    config.batch_size = 1
-    config.eval_batch_size = 2
-    config.max_steps = 1
     workdir = tmp_path / "workdir"
-    train.train_and_evaluate(config, str(workdir))
-
-    handle = input_pipeline.open_dataset(config)
-    model, variables, _ = predict.restore_variables(config, workdir, 48, handle.keypoint_schema)
-    eval_step = evaluate.make_eval_step(model, tuple(config.tasks), hflip=config.eval_hflip)
-    checker = input_pipeline.make_example_checker(48, 16, False)
-    evaluated = {}
-    for split in ("train", "validation", "test"):
-        source = handle.split(split)
-        out = evaluate.predict_split(eval_step, variables, source, checker, parallel.make_mesh(), 2)
-        for k, image_id in enumerate(input_pipeline.read_field(source, "image_id")):
-            evaluated[str(image_id)] = (out["pred"][k], out["probabilities"][k])
+    config, evaluated = _train_tiny_and_evaluate(tmp_path / "tfds", built["dataset"], workdir)
     assert sorted(evaluated) == ["bilateral-L", "bilateral-R", "deep-L", "grey-L", "plain-R"]
 
     results = predict.predict_files(
@@ -194,10 +204,9 @@ def test_predict_finds_both_knees_of_unread_films_as_the_build_found_them(tmp_pa
     build time. Predict on the unread films, given only the detector (no sides, no keypoint
     files), grades both knees of each exactly as evaluating the built unlabelled knees; on
     the graded films with their .pts files, as evaluating their splits."""
-    from configs import default
     from data_prep.manifest import __main__ as manifest_cli
     from data_prep.manifest import example_films, list_films
-    from kpn_jax import evaluate, input_pipeline, model_folder, parallel, predict, train
+    from kpn_jax import model_folder, predict
 
     hospital = tmp_path / "hospital"
     example_films.write_hospital(hospital, graded=12, unread=2, knee_px=96)
@@ -210,26 +219,8 @@ def test_predict_finds_both_knees_of_unread_films_as_the_build_found_them(tmp_pa
         "--strict"]))
     assert built["keypoints_detected"] == {"unlabeled": 4}
 
-    config = default.get_config()
-    config.data_dir = str(tmp_path / "tfds")
-    config.dataset = built["dataset"]
-    config.model.update(dict(depth=18, width=4, pooling="global"))
-    config.coherence.enabled = False
-    config.batch_size = 2
-    config.eval_batch_size = 2
-    config.max_steps = 1
     workdir = tmp_path / "workdir"
-    train.train_and_evaluate(config, str(workdir))
-
-    handle = input_pipeline.open_dataset(config)
-    model, variables, _ = predict.restore_variables(config, workdir, 48, handle.keypoint_schema)
-    eval_step = evaluate.make_eval_step(model, tuple(config.tasks))
-    checker = input_pipeline.make_example_checker(48, 16, False)
-    evaluated = {}
-    for split, source in handle.sources.items():
-        out = evaluate.predict_split(eval_step, variables, source, checker, parallel.make_mesh(), 2)
-        for k, image_id in enumerate(input_pipeline.read_field(source, "image_id")):
-            evaluated[str(image_id)] = out["probabilities"][k]
+    config, evaluated = _train_tiny_and_evaluate(tmp_path / "tfds", built["dataset"], workdir)
     assert len(evaluated) == 24 + 4
 
     unread = sorted((hospital / "unread").iterdir())
@@ -246,7 +237,8 @@ def test_predict_finds_both_knees_of_unread_films_as_the_build_found_them(tmp_pa
         path = Path(result["image"])
         knee_id = f"{path.parent.name}/{path.stem}-{result['side']}"
         probabilities = np.concatenate([g["probabilities"] for g in result["grades"].values()])
-        np.testing.assert_allclose(probabilities, evaluated[knee_id], atol=2e-5, err_msg=knee_id)
+        np.testing.assert_allclose(probabilities, evaluated[knee_id][1], atol=2e-5,
+                                   err_msg=knee_id)
     assert {r["keypoints"]["source"] for r in results} == {"detected on the film", "file"}
     assert sorted(q.name for q in (tmp_path / "p1").glob("*.json")) == sorted(
         f"{p.stem}-{side}.json" for p in unread for side in "RL")
