@@ -43,6 +43,8 @@ def get_config():
         densify_k=0,                  # >0: resample each compartment to k points
         feature_layer="layer3",
         aux_regression=False,         # Antony et al.'s auxiliary regression head
+        head="softmax",               # 'softmax' (a Dense per grade: the paper) or 'cumulative'
+                                      # (ordinal: one score, ordered thresholds per grade)
         input_mode="repeat",          # 'repeat' grey -> 3 channels, or 'single' channel stem
         kernels="auto",               # 'auto', 'xla', 'cpu' or 'onednn': how convolutions run
                                       # (kpn_jax/kernels.py; same parameters, same numbers)

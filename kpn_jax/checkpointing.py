@@ -21,7 +21,7 @@ from absl import logging
 from kpn_jax import failures, parallel
 
 MODEL_KEYS_THAT_CHANGE_SHAPES = ("pooling", "depth", "width", "aggregation", "densify_k",
-                                 "feature_layer", "aux_regression", "input_mode")
+                                 "feature_layer", "aux_regression", "input_mode", "head")
 
 
 class CheckpointMismatchError(ValueError):

@@ -52,6 +52,9 @@ def validate_config(config) -> None:
     if config.model.pooling not in ("keypoints", "global"):
         raise ValueError(f"config.model.pooling must be 'keypoints' or 'global', got "
                          f"{config.model.pooling!r}")
+    if config.model.get("head", "softmax") not in ("softmax", "cumulative"):
+        raise ValueError(f"config.model.head must be 'softmax' or 'cumulative', got "
+                         f"{config.model.head!r}")
     if config.model.depth not in (18, 34, 50):
         raise ValueError(f"config.model.depth must be 18, 34 or 50, got {config.model.depth}")
     if config.coherence.enabled and tuple(config.tasks) != grades_lib.TASKS:
@@ -165,7 +168,8 @@ def create_model(config, keypoint_schema: str = "kneel16",
     m = config.model
     kernels = kernels or kernels_lib.for_config(config)
     kwargs = dict(depth=m.depth, width=m.width, tasks=tuple(config.tasks),
-                  aux_regression=m.aux_regression, input_mode=m.input_mode,
+                  aux_regression=m.aux_regression, head=m.get("head", "softmax"),
+                  input_mode=m.input_mode,
                   dtype=DTYPES[config.dtype], conv=kernels.conv, max_pool=kernels.max_pool)
     if m.pooling == "keypoints":
         kwargs.update(schema_name=keypoint_schema, densify_k=(m.densify_k or None),

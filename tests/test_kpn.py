@@ -371,3 +371,65 @@ def test_resnet50_kpn_jit_grad_at_320px_is_finite():
     assert float(np.abs(np.asarray(grads["backbone"]["conv1"]["kernel"])).max()) > 0
     assert jax.tree.structure(new_state["batch_stats"]) == jax.tree.structure(
         variables["batch_stats"])
+
+
+def _cumulative_link_reference(score, first, gaps):
+    """float64 numpy: P(grade = k) of the cumulative link model, straight from its definition
+    P(grade <= k) = sigmoid(t_k - s), t_0 = first, t_k = t_{k-1} + log(1 + exp(gap_k))."""
+    thresholds = np.concatenate([[first], first + np.cumsum(np.log1p(np.exp(gaps)))])
+    cdf = 1.0 / (1.0 + np.exp(-(thresholds[None, :] - score[:, None])))
+    cdf = np.concatenate([np.zeros((len(score), 1)), cdf, np.ones((len(score), 1))], axis=1)
+    return np.diff(cdf, axis=1)
+
+
+def test_cumulative_link_head_matches_its_definition_and_is_ordinal():
+    from kpn_jax.models.kpn import CumulativeLinkHead
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 12)).astype(np.float32)
+    head = CumulativeLinkHead(5)
+    params = head.init(jax.random.PRNGKey(0), x)["params"]
+    assert sorted(params) == ["first_threshold", "score", "threshold_gaps"]
+    assert params["threshold_gaps"].shape == (3,) and params["score"]["kernel"].shape == (12, 1)
+    # Other thresholds, and scores far out in the tails: the log-probabilities stay finite.
+    for first, gaps, scale in ((-1.5, [0.54, 0.54, 0.54], 1.0), (0.3, [-3.0, 2.0, 0.1], 40.0)):
+        trial = {**params, "first_threshold": jnp.float32(first),
+                 "threshold_gaps": jnp.asarray(gaps, jnp.float32),
+                 "score": {"kernel": params["score"]["kernel"] * scale,
+                           "bias": params["score"]["bias"]}}
+        log_p = np.asarray(head.apply({"params": trial}, x), np.float64)
+        score = (x.astype(np.float64) @ np.asarray(trial["score"]["kernel"], np.float64)[:, 0]
+                 + float(trial["score"]["bias"][0]))
+        expected = _cumulative_link_reference(score, first, np.asarray(gaps, np.float64))
+        assert np.all(np.isfinite(log_p))
+        np.testing.assert_allclose(np.exp(log_p), expected, atol=1e-6, rtol=1e-4)
+        np.testing.assert_allclose(np.exp(log_p).sum(1), 1.0, atol=1e-5)
+    # Ordinal: a higher score moves probability to higher grades (stochastic dominance).
+    cdf_low = np.cumsum(_cumulative_link_reference(np.array([-1.0]), -1.5, np.zeros(3)), 1)
+    cdf_high = np.cumsum(_cumulative_link_reference(np.array([1.0]), -1.5, np.zeros(3)), 1)
+    assert np.all(cdf_high[0, :-1] < cdf_low[0, :-1])
+
+
+def test_cumulative_head_trains_through_the_usual_losses():
+    """Its log-probabilities are the logits of the softmax losses: cross entropy equals the
+    negative log-likelihood of the true grade, and the gradient reaches every parameter."""
+    model = create_model(pooling="global", depth=18, width=4, tasks=("kl", "jsn_medial"),
+                         head="cumulative")
+    images = jnp.asarray(np.random.default_rng(1).uniform(size=(4, 32, 32, 1)), jnp.float32)
+    variables = model.init(jax.random.PRNGKey(0), images, None)
+    outputs = model.apply(variables, images, None)
+    assert outputs["kl"].shape == (4, 5) and outputs["jsn_medial"].shape == (4, 4)
+    # Already normalised: log_softmax changes nothing, so a softmax cross entropy is the
+    # negative log-likelihood of the cumulative link model.
+    np.testing.assert_allclose(jax.nn.log_softmax(outputs["kl"]), outputs["kl"], atol=1e-5)
+    labels = jnp.asarray([0, 1, 4, 2])
+
+    def loss(params):
+        out = model.apply({**variables, "params": params}, images, None)
+        return -jnp.mean(jnp.take_along_axis(out["kl"], labels[:, None], 1))
+
+    grads = jax.grad(loss)(variables["params"])["head_kl"]
+    assert all(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads))
+    with pytest.raises(ValueError, match="head"):
+        create_model(pooling="global", depth=18, width=4, head="ordinal").init(
+            jax.random.PRNGKey(0), images, None)

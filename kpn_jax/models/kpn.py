@@ -7,7 +7,8 @@ swap them.
 
 Parameter tree: ``backbone`` (a :class:`~kpn_jax.models.resnet.ResNet` without ``fc``;
 the KPN's ends at its ``feature_layer``, so the default has no ``layer4_*``),
-``head_{task}`` (Dense, kernel ``[F, C_task]``), and with ``aux_regression``
+``head_{task}`` (Dense, kernel ``[F, C_task]``; or a :class:`CumulativeLinkHead` with
+``head='cumulative'``), and with ``aux_regression``
 ``regression_{task}`` (Dense, kernel ``[F, 1]``). For the KPN with
 ``aggregation='concat'`` the head input ``F = n_points * C`` is point-major: feature
 ``n * C + c`` is channel ``c`` sampled at the task's ``n``-th keypoint (the order of
@@ -81,21 +82,65 @@ def _validate_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
     return tasks
 
 
-def _heads(features: dict[str, jax.Array], tasks: tuple[str, ...], aux_regression: bool,
-           dtype: Dtype, param_dtype: Dtype) -> dict[str, Any]:
-    """One Dense per task on ``features[task] [B, F]``; logits in at least float32.
+HEADS = ("softmax", "cumulative")
 
-    Called inside a compact ``__call__``, so the Dense layers become submodules
+
+class CumulativeLinkHead(nn.Module):
+    """An ordinal head (the cumulative link, or proportional-odds, model): one score ``s``
+    per knee and increasing thresholds ``t_0 < ... < t_{C-2}`` with
+    ``P(grade <= k) = sigmoid(t_k - s)``. Returns ``log P(grade = k)`` ``[B, C]``, whose
+    softmax is those probabilities, so the losses, metrics and GMM use it as logits.
+
+    Params: ``score`` (Dense ``[F, 1]``, torch's init), ``first_threshold`` ``[]`` and
+    ``threshold_gaps`` ``[C-2]`` (``t_k - t_{k-1} = softplus(gap)``, so the thresholds
+    stay ordered and every probability positive).
+    """
+
+    num_classes: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        score = torch_linear(1, x.shape[-1], "score", self.dtype, self.param_dtype)(x)[:, 0]
+        # Thresholds start one apart around zero: every grade possible at initialisation.
+        first = self.param("first_threshold", nn.initializers.constant(
+            -(self.num_classes - 2) / 2.0), (), self.param_dtype).astype(self.dtype)
+        gaps = self.param("threshold_gaps", nn.initializers.constant(0.5413249),  # softplus^-1(1)
+                          (self.num_classes - 2,), self.param_dtype).astype(self.dtype)
+        steps = jax.nn.softplus(gaps)
+        thresholds = first + jnp.concatenate([jnp.zeros((1,), self.dtype), jnp.cumsum(steps)])
+        upper = thresholds[None, :] - score[:, None]                     # [B, C-1]
+        # log(sigmoid(a) - sigmoid(b)) for a - b = step > 0, without cancellation:
+        # a + log(1 - exp(-step)) - softplus(a) - softplus(b).
+        middle = (upper[:, 1:] + jnp.log(-jnp.expm1(-steps))[None, :]
+                  - jax.nn.softplus(upper[:, 1:]) - jax.nn.softplus(upper[:, :-1]))
+        return jnp.concatenate([-jax.nn.softplus(-upper[:, :1]), middle,
+                                -jax.nn.softplus(upper[:, -1:])], axis=1)
+
+
+def _heads(features: dict[str, jax.Array], tasks: tuple[str, ...], aux_regression: bool,
+           dtype: Dtype, param_dtype: Dtype, head: str = "softmax") -> dict[str, Any]:
+    """One head per task on ``features[task] [B, F]``; logits in at least float32:
+    a Dense (``head='softmax'``) or a :class:`CumulativeLinkHead` (``'cumulative'``).
+
+    Called inside a compact ``__call__``, so the heads become submodules
     of the calling module. The heads run in float32 even for a bfloat16
     backbone: they are small, and their outputs feed softmax, cross entropy and
     the GMM log-density, where bfloat16's 8-bit mantissa would show.
     """
+    if head not in HEADS:
+        raise ValueError(f"head: expected one of {HEADS}, got {head!r}")
     head_dtype = _real_dtype(dtype)
     outputs: dict[str, Any] = {}
     for task in tasks:
         x = features[task].astype(head_dtype)
-        outputs[task] = torch_linear(grades.NUM_CLASSES[task], x.shape[-1], f"head_{task}",
-                                     head_dtype, param_dtype)(x)
+        if head == "cumulative":
+            outputs[task] = CumulativeLinkHead(grades.NUM_CLASSES[task], head_dtype, param_dtype,
+                                               name=f"head_{task}")(x)
+        else:
+            outputs[task] = torch_linear(grades.NUM_CLASSES[task], x.shape[-1], f"head_{task}",
+                                         head_dtype, param_dtype)(x)
     if aux_regression:
         regression = {}
         for task in tasks:
@@ -122,6 +167,8 @@ class KPN(nn.Module):
       feature_layer: ``layer3`` (the paper; stride 16), or ``layer1``/``layer2``/``layer4``.
         The backbone is built only up to this stage (``ResNet(last_stage=...)``).
       aux_regression: add a Dense(1) regression of each grade (Antony et al.).
+      head: ``'softmax'`` (a Dense per grade: the paper) or ``'cumulative'`` (an ordinal
+        :class:`CumulativeLinkHead`).
       input_mode: ``'repeat'`` (3-channel ImageNet-normalised input, for
         torchvision-pretrained weights) or ``'single'`` (1-channel stem).
     """
@@ -134,6 +181,7 @@ class KPN(nn.Module):
     aggregation: str = "concat"
     feature_layer: str = "layer3"
     aux_regression: bool = False
+    head: str = "softmax"
     input_mode: str = "repeat"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -181,7 +229,7 @@ class KPN(nn.Module):
             else:
                 head_inputs[task] = jnp.mean(points.astype(real_dtype), axis=1)
         return _heads(head_inputs, tuple(self.tasks), self.aux_regression, self.dtype,
-                      self.param_dtype)
+                      self.param_dtype, self.head)
 
     def __post_init__(self):
         # The attributes are checked once, when the module is built, not in every call.
@@ -219,6 +267,7 @@ class GlobalPoolNet(nn.Module):
     width: int = 64
     tasks: Sequence[str] = grades.TASKS
     aux_regression: bool = False
+    head: str = "softmax"
     input_mode: str = "repeat"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -235,7 +284,7 @@ class GlobalPoolNet(nn.Module):
                               conv=self.conv, max_pool=self.max_pool, name="backbone")(x, train)
         pooled = jnp.mean(feature_maps["layer4"].astype(_real_dtype(self.dtype)), axis=(1, 2))
         return _heads({task: pooled for task in self.tasks}, tuple(self.tasks),
-                      self.aux_regression, self.dtype, self.param_dtype)
+                      self.aux_regression, self.dtype, self.param_dtype, self.head)
 
     def __post_init__(self):
         _validate_tasks(self.tasks)
