@@ -127,6 +127,27 @@ def grade_in_page(driver, files: list[Path], side: str = "auto") -> dict:
             "errors": errors}
 
 
+def drop_in_page(driver, path: Path) -> str:
+    """Drops ``path`` on the page's drop zone (a JavaScript drop event carrying the file, as
+    a drag from the desktop does); returns the status line once the page has graded it."""
+    import base64
+
+    from selenium.webdriver.common.by import By
+
+    driver.execute_script("document.getElementById('status').textContent = '';")
+    driver.execute_script("""
+        const [name, data] = arguments;
+        const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], name));
+        document.getElementById('drop').dispatchEvent(
+            new DragEvent('drop', {dataTransfer: transfer, bubbles: true, cancelable: true}));
+    """, path.name, base64.b64encode(path.read_bytes()).decode())
+    return wait_for(driver, lambda d: (d.find_element(By.ID, "status").text
+                                       if "graded" in d.find_element(By.ID, "status").text
+                                       else False), what="the dropped file's grades")
+
+
 def open_cell(driver, task: str, true: int, pred: int) -> list[dict]:
     """Browse view: clicks a confusion-matrix cell; returns the listed knees
     ``[{'index', 'text', 'picture_loaded'}]`` once their pictures have loaded."""

@@ -276,11 +276,17 @@ def test_page_in_headless_chromium(trained, grader, knee_png, tmp_path):
 
         from selenium.webdriver.common.by import By
 
+        # A file dropped on the page is graded too, and joins the results.
+        assert "1 knee(s) graded" in page.drop_in_page(driver, knee_png[0])
+        assert len(driver.find_elements(By.CSS_SELECTOR,
+                                        f"#results .knee[data-file='{knee_png[0].name}']")) == 2
         href = driver.find_element(By.ID, "download").get_attribute("href")
         table = list(csv.reader(io.StringIO(urllib.parse.unquote(href.split(",", 1)[1]))))
         assert table[0][:3] == ["file", "side", "kl"]
-        assert [row[0] for row in table[1:]] == [p.name for p in knee_png]
-        assert [int(row[2]) for row in table[1:]] == [shown["knees"][p.name]["kl"] for p in knee_png]
+        assert [row[0] for row in table[1:]] == [p.name for p in knee_png] + [knee_png[0].name]
+        assert [int(row[2]) for row in table[1:3]] == [shown["knees"][p.name]["kl"]
+                                                       for p in knee_png]
+        assert table[3] == table[1]  # the dropped copy: the same grades
 
         rows = list(csv.DictReader((workdir / "report" / "predictions_validation.csv").open()))
         true, pred = int(rows[0]["kl_true"]), int(rows[0]["kl_pred"])
