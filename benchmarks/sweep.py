@@ -29,6 +29,9 @@ TABLES = {
                "kpn=1,cl=1,labeled=0.4", "kpn=0,cl=0,labeled=1.0", "kpn=1,cl=1,labeled=1.0"],
     "tau": ["kpn=0,cl=0"] + [f"kpn=1,cl=1,tau={t}" for t in (0.25, 0.5, 0.75, 1.0, 1.5)],
     "aux": ["kpn=0,cl=0", "kpn=0,cl=0,aux=1", "kpn=1,cl=1", "kpn=1,cl=1,aux=1"],
+    # Table 4 scaled toward the paper (configs/paper.py setting=regime, with init=).
+    "regime": ["kpn=0,cl=0", "kpn=1,cl=0,labeled=0.2", "kpn=1,cl=0,labeled=0.4", "kpn=1,cl=0",
+               "kpn=1,cl=1,labeled=0.2", "kpn=1,cl=1,labeled=0.4", "kpn=1,cl=1"],
 }
 
 

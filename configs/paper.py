@@ -16,7 +16,13 @@ Keys (all optional):
   seed     training seed (the labelled subset's seed stays fixed)            (0)
   setting  paper = docs/DESIGN.md section 1 on config.dataset (default: synthetic
            knees at 320 px); cpu = the CPU-sized synthetic setting of
-           docs/RESULTS.md                                                    (paper)
+           docs/RESULTS.md; regime = Table 4 scaled toward the paper (5,000
+           training knees, so 1,000 labelled at 20 % and an unlabelled pool ten
+           times that, 128 px, from a pretrained backbone: init=); pretrain = the
+           regime's backbone trained with every label on a disjoint synthetic
+           population (another seed)                                          (paper)
+  init     backbone weights to start from (torchvision layout, .safetensors or
+           .pth; benchmarks/export_backbone.py writes them from a workdir)   ('')
 
 Paper rows: Table 2 baselines = kpn=0,cl=0 with arch=resnet18/34/50; the proposed
 method = kpn=1,cl=1; Table 3 ablation = kpn x cl; Table 4 = labeled x {kpn=0,cl=0 |
@@ -26,7 +32,8 @@ kpn=1,cl=1}; tau sweep = tau in {0.25,0.5,0.75,1.0,1.5}; aux = aux=1.
 from configs import default
 
 DEFAULTS = dict(arch="resnet50", kpn="1", cl="1", labeled="1.0", tau="0.5", aux="0", seed="0",
-                setting="paper", warmup="1", lgmm="1")
+                setting="paper", warmup="1", lgmm="1", init="")
+SETTINGS = ("paper", "cpu", "regime", "pretrain")
 ARCH_DEPTH = {"resnet18": 18, "resnet34": 34, "resnet50": 50}
 
 
@@ -44,8 +51,9 @@ def parse_arguments(config_string: str | None) -> dict:
     for key in ("kpn", "cl", "aux"):
         if args[key] not in ("0", "1"):
             raise ValueError(f"configs/paper.py: {key} must be 0 or 1, got {args[key]!r}")
-    if args["setting"] not in ("paper", "cpu"):
-        raise ValueError(f"configs/paper.py: setting must be paper or cpu, got {args['setting']!r}")
+    if args["setting"] not in SETTINGS:
+        raise ValueError(f"configs/paper.py: setting must be one of {', '.join(SETTINGS)}, got "
+                         f"{args['setting']!r}")
     for key, zero_allowed in (("labeled", False), ("tau", False), ("warmup", True), ("lgmm", True)):
         try:
             value = float(args[key])
@@ -97,11 +105,50 @@ def cpu_setting(config):
     return config
 
 
+def regime_setting(config, population_seed: int = 0):
+    """Table 4 scaled toward the paper on a CPU: 5,000 training knees (1,000 labelled at
+    20 %, the other 4,000 and 6,000 more ungraded ones the unlabelled pool: ten times the
+    labelled set), 128 px, a narrow ResNet-18 from a backbone trained elsewhere
+    (``config.init_from``), 12 epochs over the training split (about 1,900 steps at any
+    labelled fraction); the paper's CL settings (lambda_gmm 1, tau 0.5, K 10, sigma 0.2,
+    one epoch of warm-up). ``population_seed`` picks the synthetic population."""
+    config.synthetic.update(dict(image_size=128, num_train=5000, num_validation=500,
+                                 num_test=1000, num_unlabeled=6000, seed=population_seed))
+    config.data_dir = "workdirs/data"
+    config.model.width = 16
+    config.batch_size = 32
+    config.unlabeled_batch_size = 32
+    config.eval_batch_size = 100
+    config.num_epochs = 12
+    config.learning_rate = 1e-3
+    config.weight_decay = 1e-4
+    config.lr_decay_epochs = (6, 10)
+    config.augment.max_translation_px = 4.0
+    config.log_every_steps = 50
+    config.eval_every_epochs = 1.0
+    config.checkpoint_every_steps = 500
+    return config
+
+
+def pretrain_setting(config):
+    """The regime's backbone, trained with every label on another synthetic population
+    (seed 1: other subjects, none of them in any split of the regime's seed-0 population);
+    what ImageNet weights are to the paper."""
+    config = regime_setting(config, population_seed=1)
+    config.synthetic.num_unlabeled = 16  # not used (no coherence learning)
+    return config
+
+
 def get_config(config_string: str | None = None):
     args = parse_arguments(config_string)
     config = default.get_config()
     if args["setting"] == "cpu":
         config = cpu_setting(config)
+    elif args["setting"] == "regime":
+        config = regime_setting(config)
+    elif args["setting"] == "pretrain":
+        config = pretrain_setting(config)
+    config.init_from = args["init"]
     config.model.depth = ARCH_DEPTH[args["arch"]]
     config.model.pooling = "keypoints" if args["kpn"] == "1" else "global"
     config.coherence.enabled = args["cl"] == "1"
@@ -115,5 +162,6 @@ def get_config(config_string: str | None = None):
     config.model.aux_regression = args["aux"] == "1"
     config.seed = int(args["seed"])
     config.method_name = method_name(args)
-    config.experiment = ",".join(f"{k}={v}" for k, v in sorted(args.items()))
+    config.experiment = ",".join(f"{k}={v}" for k, v in sorted(args.items())
+                                 if v or k != "init")  # no init: as before it existed
     return config

@@ -76,12 +76,29 @@ def test_cpu_setting_is_the_documented_one():
     assert tuple(config.lr_decay_epochs) == (6, 10)
 
 
+def test_regime_and_its_pretraining_use_disjoint_populations_of_the_same_knees():
+    regime = paper.get_config("setting=regime,arch=resnet18,labeled=0.2,init=/w/b.safetensors")
+    pretrain = paper.get_config("setting=pretrain,arch=resnet18,kpn=0,cl=0")
+    assert regime.synthetic.num_train == 5000 and regime.labeled_fraction == 0.2
+    # 1,000 labelled knees at 20 %; the pool (the other 4,000 + the ungraded) ten times that.
+    labelled = regime.synthetic.num_train * regime.labeled_fraction
+    assert (regime.synthetic.num_train - labelled + regime.synthetic.num_unlabeled) == 10 * labelled
+    assert regime.init_from == "/w/b.safetensors" and "init=/w/b.safetensors" in regime.experiment
+    assert (regime.coherence.lambda_gmm, regime.coherence.tau, regime.coherence.num_components,
+            regime.coherence.sigma) == (1.0, 0.5, 10, 0.2)
+    assert regime.synthetic.seed == 0 and pretrain.synthetic.seed == 1
+    for key in ("image_size", "num_train"):
+        assert regime.synthetic[key] == pretrain.synthetic[key]
+    assert (regime.model.depth, regime.model.width) == (pretrain.model.depth, pretrain.model.width)
+    assert pretrain.init_from == "" and "init" not in pretrain.experiment
+
+
 @pytest.mark.parametrize("arguments, message", [
     ("arhc=resnet50", "bad argument 'arhc=resnet50'"),
     ("kpn", "bad argument 'kpn'"),
     ("arch=resnet101", "arch must be one of"),
     ("kpn=2", "kpn must be 0 or 1"),
-    ("setting=gpu", "setting must be paper or cpu"),
+    ("setting=gpu", "setting must be one of paper, cpu, regime, pretrain"),
     ("labeled=0", "labeled must be > 0"),
     ("labeled=1.5", "labeled is a fraction in (0, 1]"),
     ("labeled=half", "labeled must be a number"),
