@@ -41,6 +41,7 @@ from kpn_jax import metrics as metrics_lib
 from kpn_jax import predict
 
 PAGE = Path(__file__).with_name("serve_page.html")
+PAGE_SCRIPT = Path(__file__).with_name("serve_page.js")
 # Suffixes an upload keeps in its temporary name (readers sniff DICOMs by content anyway).
 UPLOAD_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom"}
 # Coherence below this percentile of the model's validation predictions is flagged.
@@ -48,7 +49,7 @@ COHERENCE_FLAG_PERCENTILE = 5.0
 SECURITY_HEADERS = {
     # Everything the page needs comes from this server; images are data: URLs.
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
-                               "style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'",
+                               "style-src 'self' 'unsafe-inline'; script-src 'self'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
@@ -276,6 +277,10 @@ def make_app(grader: predict.Grader, report_dir: Path | None = None, dataset=Non
     async def page(request: Request) -> HTMLResponse:
         return HTMLResponse(PAGE.read_text(), headers=SECURITY_HEADERS)
 
+    async def page_script(request: Request) -> Response:
+        return Response(PAGE_SCRIPT.read_text(), media_type="text/javascript",
+                        headers=SECURITY_HEADERS)
+
     async def model_info(request: Request) -> JSONResponse:
         return JSONResponse({
             "workdir": grader.workdir.name, "tasks": list(grader.tasks),
@@ -359,6 +364,7 @@ def make_app(grader: predict.Grader, report_dir: Path | None = None, dataset=Non
 
     return Starlette(routes=[
         Route("/", page),
+        Route("/page.js", page_script),
         Route("/api/model", model_info),
         Route("/api/grade", grade, methods=["POST"]),
         Route("/api/split/{split}", split_summary),

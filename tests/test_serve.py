@@ -220,10 +220,13 @@ def test_browse_matrices_cells_and_pictures_match_the_predictions_file(client, t
 
 
 def test_the_page_asks_nothing_of_other_servers(client):
-    page = client.get("/")
-    assert page.status_code == 200
-    assert "http://" not in page.text and "https://" not in page.text
-    assert "default-src 'self'" in page.headers["content-security-policy"]
+    page, script = client.get("/"), client.get("/page.js")
+    assert page.status_code == script.status_code == 200
+    for text in (page.text, script.text):
+        assert "http://" not in text and "https://" not in text
+    policy = page.headers["content-security-policy"]
+    assert "default-src 'self'" in policy and "script-src 'self'" in policy
+    assert "script-src 'self' 'unsafe-inline'" not in policy  # no inline script runs
 
 
 @pytest.mark.skipif(KNEE_KL224.is_dir() is False, reason="needs ../shared/data/kneeKL224")
