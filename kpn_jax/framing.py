@@ -17,6 +17,9 @@ from kpn_jax import image_io
 from kpn_jax import roi as roi_lib
 
 WINDOWS = ("auto", "image", "dicom", "roi")
+# A detection whose points still move by more than this in the detector's last pass is not
+# to be trusted (about 3 pixels of a 320 px, 140 mm knee); builders list such knees.
+LOW_CONFIDENCE_SHIFT_MM = 1.0
 PTS_UNITS = ("auto", "mm", "pixels")
 
 

@@ -61,9 +61,6 @@ WINDOWS = framing_lib.WINDOWS
 PTS_UNITS = framing_lib.PTS_UNITS
 UNLABELED_SUBJECTS = ("train", "all")
 KEYPOINT_SOURCES = ("given", "detector")
-# A detection whose points still move more than this in the detector's last pass is listed
-# in the summary (about 3 pixels of a 320 px, 140 mm ROI), as the OAI builder does.
-LOW_CONFIDENCE_SHIFT_MM = 1.0
 _SIDES = {"r": "R", "right": "R", "1": "R", "l": "L", "left": "L", "2": "L"}
 _TRUE = {"1", "true", "yes", "y"}
 _FALSE = {"0", "false", "no", "n"}
@@ -432,7 +429,7 @@ def row_example(job: RowJob, options: ManifestOptions, detector=None,
         predicted = True
         if summary is not None:
             summary["keypoints_detected"][job.split] += 1
-            if shift_mm > LOW_CONFIDENCE_SHIFT_MM:
+            if shift_mm > framing_lib.LOW_CONFIDENCE_SHIFT_MM:
                 summary["detections_low_confidence"].append(
                     f"row {job.row}: {job.image_id} (moved {shift_mm:.1f} mm in the last pass)")
     knee, out_points = framing_lib.frame_knee(radiograph, keypoints, job.side, framing)

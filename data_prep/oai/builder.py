@@ -372,11 +372,6 @@ def radiograph_window(radiograph: image_io.Radiograph, options: OaiOptions) -> t
     return image_io.window_limits(radiograph.pixels, options.window_percentiles)
 
 
-# A detection whose points still move by more than this in the detector's last pass is
-# flagged in the summary (about 3 pixels of a 320 px, 140 mm ROI).
-LOW_CONFIDENCE_SHIFT_MM = 1.0
-
-
 def detect_keypoints(job: KneeJob, film: np.ndarray, detector,
                      options: OaiOptions) -> tuple[np.ndarray, float]:
     """The detector's kneel16 pixels of one knee and their last-pass shift in mm.
@@ -502,7 +497,7 @@ def generate_examples(jobs: Iterable[KneeJob], options: OaiOptions, summary: dic
                 continue
             if detection is not None:
                 summary["keypoints_source"]["detector"] += 1
-                if detection[1] > LOW_CONFIDENCE_SHIFT_MM:
+                if detection[1] > framing_lib.LOW_CONFIDENCE_SHIFT_MM:
                     summary["detections_low_confidence"].append(
                         f"{key} (moved {detection[1]:.1f} mm in the last pass)")
             summary["written"][split] += 1
