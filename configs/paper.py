@@ -112,20 +112,11 @@ def regime_setting(config, population_seed: int = 0):
     (``config.init_from``), 12 epochs over the training split (about 1,900 steps at any
     labelled fraction); the paper's CL settings (lambda_gmm 1, tau 0.5, K 10, sigma 0.2,
     one epoch of warm-up). ``population_seed`` picks the synthetic population."""
+    config = cpu_setting(config)  # its optimiser, batch sizes and schedule; larger data
     config.synthetic.update(dict(image_size=128, num_train=5000, num_validation=500,
                                  num_test=1000, num_unlabeled=6000, seed=population_seed))
-    config.data_dir = "workdirs/data"
-    config.model.width = 16
-    config.batch_size = 32
-    config.unlabeled_batch_size = 32
-    config.eval_batch_size = 100
-    config.num_epochs = 12
-    config.learning_rate = 1e-3
-    config.weight_decay = 1e-4
-    config.lr_decay_epochs = (6, 10)
     config.augment.max_translation_px = 4.0
     config.log_every_steps = 50
-    config.eval_every_epochs = 1.0
     config.checkpoint_every_steps = 500
     return config
 
