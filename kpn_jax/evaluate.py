@@ -78,11 +78,23 @@ def predict_split(eval_step, variables, source, checker, mesh, batch_size: int,
             "probabilities": result["probabilities"]}
 
 
-def split_metrics(predictions: dict, tasks, gmm=None) -> dict:
+def coherence_log_probs(predictions: dict, gmm) -> np.ndarray | None:
+    """The GMM log-density of each knee's predicted grade vector ``[M]``; None without a
+    GMM or knees."""
+    if gmm is None or not len(predictions["probabilities"]):
+        return None
+    from kpn_jax import gmm as gmm_lib
+
+    return np.asarray(gmm_lib.log_prob(gmm, jnp.asarray(predictions["probabilities"])))
+
+
+def split_metrics(predictions: dict, tasks, gmm=None, log_probs: np.ndarray | None = None
+                  ) -> dict:
     """The paper's metrics for ``tasks`` (others are reported with count 0).
 
     With a GMM, also the mean coherence log-density of the predicted P
-    (``'coherence_log_prob'``): how coherent the predicted grade vectors are.
+    (``'coherence_log_prob'``): how coherent the predicted grade vectors are
+    (``log_probs``: :func:`coherence_log_probs`, when the caller has them already).
     """
     true = predictions["true"].copy()
     pred = predictions["pred"].copy()
@@ -91,11 +103,10 @@ def split_metrics(predictions: dict, tasks, gmm=None) -> dict:
             true[:, t] = grades_lib.MISSING
             pred[:, t] = 0
     result = metrics.evaluate(true, pred)
-    if gmm is not None and len(predictions["probabilities"]):
-        from kpn_jax import gmm as gmm_lib
-
-        log_prob = gmm_lib.log_prob(gmm, jnp.asarray(predictions["probabilities"]))
-        result["coherence_log_prob"] = float(jnp.mean(log_prob))
+    if log_probs is None:
+        log_probs = coherence_log_probs(predictions, gmm)
+    if log_probs is not None:
+        result["coherence_log_prob"] = float(jnp.mean(jnp.asarray(log_probs)))
     return result
 
 

@@ -119,8 +119,6 @@ def frame_knee(radiograph: image_io.Radiograph, keypoints: np.ndarray | None, si
                                              fill=window[0])
     if framing.window == "roi":
         window = image_io.window_limits(knee, framing.window_percentiles)
-    if window == (0.0, 255.0):  # 8-bit grey levels as stored: rounded, never rescaled
-        return np.clip(np.round(knee), 0, 255).astype(np.uint8), points
     return image_io.to_uint8(knee, window), points
 
 

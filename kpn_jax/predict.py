@@ -172,6 +172,10 @@ def draw_overlay(image: np.ndarray, keypoints: np.ndarray | None, schema: kp_lib
     figure.savefig(path, format="png")
 
 
+NEEDS_KEYPOINTS = ("keypoint pooling needs keypoints: pass --keypoints (one CSV/.pts per "
+                   "image) or --landmark_workdir (a trained landmark detector)")
+
+
 @dataclasses.dataclass(frozen=True)
 class Preparation:
     """How the training data's build turned files into knees: its framing (crop, window,
@@ -270,9 +274,11 @@ class Grader:
 
 
 def load_grader(config, workdir: str | Path, landmark_workdir: str | None = None,
-                batch_size: int = 8, detector=None) -> Grader:
+                batch_size: int = 8, detector=None,
+                preparation: Preparation | None = None) -> Grader:
     """Loads a trained workdir or model folder and a landmark detector: ``detector`` (loaded)
-    or the one of ``landmark_workdir``.
+    or the one of ``landmark_workdir``; ``preparation``: its :func:`read_preparation`, when
+    the caller has read it already.
 
     Raises:
       FileNotFoundError / ValueError: not a trained workdir, a config that does not match it.
@@ -280,7 +286,7 @@ def load_grader(config, workdir: str | Path, landmark_workdir: str | None = None
     from kpn_jax import evaluate as eval_lib
     from kpn_jax import train
 
-    preparation = read_preparation(config, workdir)
+    preparation = preparation or read_preparation(config, workdir)
     workdir = Path(workdir).expanduser().resolve()
     model, variables, checkpoint = restore_variables(config, workdir, preparation.image_size,
                                                      preparation.schema.name)
@@ -368,8 +374,7 @@ def grade_prepared(grader: Grader, knees: list[PreparedKnee]) -> list[dict]:
     missing = [i for i, knee in enumerate(knees) if knee.keypoints is None]
     if missing and (grader.needs_keypoints or grader.detector is not None):
         if grader.detector is None:
-            raise ValueError("keypoint pooling needs keypoints: pass --keypoints (one CSV/.pts "
-                             "per image) or --landmark_workdir (a trained landmark detector)")
+            raise ValueError(NEEDS_KEYPOINTS)
         from kpn_jax import landmarks_predict
 
         images = np.stack([knees[i].image[..., None] for i in missing])
@@ -445,8 +450,8 @@ def predict_files(config, workdir: str, images: Sequence[str], keypoint_files: S
     knees = []  # (path, side, where the side came from, keypoint file)
     for path, side, source, keypoint_file in zip(images, sides, side_sources, keypoint_files):
         if source == BILATERAL_WITHOUT_SIDE and detector is not None and not keypoint_file:
-            knees += [(path, "R", "bilateral film, right knee", ""),
-                      (path, "L", "bilateral film, left knee", "")]
+            knees += [(path, knee_side, knee_source, "")
+                      for knee_side, knee_source in sides_in_file(path)]
         else:
             knees.append((path, side, source, keypoint_file))
     assumed = [path for path, _, source, _ in knees if source == "assumed"]
@@ -486,9 +491,8 @@ def predict_files(config, workdir: str, images: Sequence[str], keypoint_files: S
     side_sources = [knees[i][2] for i in readable]
     if (config.model.pooling == "keypoints" and not landmark_workdir
             and any(knee.keypoints is None for knee in prepared)):
-        raise ValueError("keypoint pooling needs keypoints: pass --keypoints (one CSV/.pts per "
-                         "image) or --landmark_workdir (a trained landmark detector)")
-    grader = load_grader(config, workdir, detector=detector)
+        raise ValueError(NEEDS_KEYPOINTS)
+    grader = load_grader(config, workdir, detector=detector, preparation=preparation)
     workdir = grader.workdir
     graded = grade_prepared(grader, prepared)
 
@@ -541,11 +545,22 @@ _SIDE_IN_NAME = re.compile(r"^\d+(?P<side>[LR])$")
 BILATERAL_WITHOUT_SIDE = "bilateral film"
 
 
+def sides_in_file(path: str | Path, name: str | None = None) -> list[tuple[str, str]]:
+    """The knees a file shows, ``[(side, where it came from)]``: a DICOM's ImageLaterality
+    (both knees of a film marked 'B'), else a kneeKL224-style file name ending in the side
+    letter (``name``, default the path's), else one right knee ('assumed')."""
+    laterality = dicom_laterality(path)
+    if laterality in ("R", "L"):
+        return [(laterality, "DICOM ImageLaterality")]
+    if laterality == "B":
+        return [("R", "bilateral film, right knee"), ("L", "bilateral film, left knee")]
+    match = _SIDE_IN_NAME.match(Path(name or path).stem)
+    return [(match.group("side"), "file name")] if match else [("R", "assumed")]
+
+
 def knee_sides(images: Sequence[str], sides: Sequence[str] | None) -> tuple[list[str], list[str]]:
-    """Each image's side and where it came from: ``--sides`` ('flag'), a DICOM's
-    ImageLaterality ('DICOM ImageLaterality'; :data:`BILATERAL_WITHOUT_SIDE` for 'B'), a
-    kneeKL224-style file name ending in the side letter ('file name'), else right
-    ('assumed').
+    """Each image's side and where it came from: ``--sides`` ('flag'), else
+    :func:`sides_in_file` (:data:`BILATERAL_WITHOUT_SIDE` for a film of both knees).
 
     Raises:
       ValueError: a side other than R or L.
@@ -555,20 +570,9 @@ def knee_sides(images: Sequence[str], sides: Sequence[str] | None) -> tuple[list
         if bad:
             raise ValueError(f"--sides: expected R or L for each image, got {bad[0]!r}")
         return list(sides), ["flag"] * len(images)
-    found, sources = [], []
-    for path in images:
-        laterality = dicom_laterality(path)
-        match = _SIDE_IN_NAME.match(Path(path).stem)
-        if laterality in ("R", "L"):
-            found.append(laterality)
-            sources.append("DICOM ImageLaterality")
-        elif laterality == "B":
-            found.append("R")
-            sources.append(BILATERAL_WITHOUT_SIDE)
-        else:
-            found.append(match.group("side") if match else "R")
-            sources.append("file name" if match else "assumed")
-    return found, sources
+    found = [sides_in_file(path) for path in images]
+    return ([knees[0][0] for knees in found],
+            [knees[0][1] if len(knees) == 1 else BILATERAL_WITHOUT_SIDE for knees in found])
 
 
 def dicom_laterality(path: str | Path) -> str:

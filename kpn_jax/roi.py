@@ -104,6 +104,8 @@ def to_uint8(image: np.ndarray, low: float | None = None, high: float | None = N
         high = hi if high is None else high
     if high <= low:
         high = low + 1.0
+    if (low, high) == (0.0, 255.0):  # grey levels already 0..255: rounded, never rescaled
+        return np.clip(np.round(image), 0, 255).astype(np.uint8)
     return np.clip(np.round((image - low) / (high - low) * 255.0), 0, 255).astype(np.uint8)
 
 

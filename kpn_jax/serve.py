@@ -88,17 +88,11 @@ def overlay_data_url(knee: predict.PreparedKnee, schema, result: dict, title: st
 
 def upload_sides(path: Path, filename: str, requested: str) -> list[tuple[str, str]]:
     """``[(side, where it came from)]`` of an uploaded file's knees: the page's choice
-    ('R'/'L'), else the DICOM's ImageLaterality (both knees of a film marked 'B'), a
-    kneeKL224-style original name, or right ('assumed')."""
+    ('R'/'L'), else :func:`kpn_jax.predict.sides_in_file` on the file and its original name
+    (both knees of a film marked bilateral)."""
     if requested in ("R", "L"):
         return [(requested, "chosen in the page")]
-    laterality = predict.dicom_laterality(path)
-    if laterality in ("R", "L"):
-        return [(laterality, "DICOM ImageLaterality")]
-    if laterality == "B":
-        return [("R", "bilateral film, right knee"), ("L", "bilateral film, left knee")]
-    match = predict._SIDE_IN_NAME.match(Path(filename).stem)
-    return [(match.group("side"), "file name")] if match else [("R", "assumed")]
+    return predict.sides_in_file(path, filename)
 
 
 def grade_uploads(grader: predict.Grader, uploads: list[tuple[str, bytes]], side: str = "auto",
@@ -165,17 +159,19 @@ class EvaluatedSplit:
     def graded(self, task: str) -> list[dict]:
         return [r for r in self.rows if int(r[f"{task}_true"]) >= 0]
 
+    def true_and_predicted(self, task: str) -> tuple[np.ndarray, np.ndarray]:
+        """int ``[M]`` true and predicted grades of the knees graded for ``task``."""
+        rows = self.graded(task)
+        return (np.asarray([int(r[f"{task}_true"]) for r in rows], np.int64),
+                np.asarray([int(r[f"{task}_pred"]) for r in rows], np.int64))
+
     def confusion(self, task: str) -> list[list[int]]:
         """``[true][pred]`` counts over the knees graded for ``task``."""
-        rows = self.graded(task)
-        return metrics_lib.confusion_matrix([int(r[f"{task}_true"]) for r in rows],
-                                            [int(r[f"{task}_pred"]) for r in rows],
+        return metrics_lib.confusion_matrix(*self.true_and_predicted(task),
                                             grades_lib.NUM_CLASSES[task]).tolist()
 
     def metrics(self, task: str) -> dict:
-        rows = self.graded(task)
-        true = np.asarray([int(r[f"{task}_true"]) for r in rows])
-        pred = np.asarray([int(r[f"{task}_pred"]) for r in rows])
+        true, pred = self.true_and_predicted(task)
         if not len(true):
             return {"count": 0}
         size = grades_lib.NUM_CLASSES[task]
@@ -404,7 +400,7 @@ def serve(config, workdir: str, landmark_workdir: str | None = None, host: str =
                          "detector (--landmark_workdir=a detector workdir or model folder)")
     report_dir = grader.workdir / "report"
     dataset = None
-    if read_evaluated_splits(report_dir):
+    if any(report_dir.glob(eval_lib.PREDICTIONS_CSV.format(split="*"))):
         from kpn_jax import input_pipeline
 
         try:

@@ -539,13 +539,15 @@ def evaluate_splits(config, report_dir: Path, splits: dict, eval_step, variables
     for split, source in splits.items():
         predictions = eval_lib.predict_split(eval_step, variables, source, checker, mesh,
                                              config.eval_batch_size, loading)
-        result = eval_lib.split_metrics(predictions, tuple(config.tasks), gmm)
+        log_probs = eval_lib.coherence_log_probs(predictions, gmm)
+        result = eval_lib.split_metrics(predictions, tuple(config.tasks), gmm, log_probs)
         result["majority_accuracy"] = eval_lib.majority_baseline(predictions["true"])
         result["checkpoint"] = dict(checkpoint)
         results[split] = result
         if jax.process_index() == 0:
             eval_lib.write_split_report(report_dir, split, result, records, config.method_name)
-            _write_split_predictions(report_dir, split, source, predictions, config.tasks, gmm)
+            _write_split_predictions(report_dir, split, source, predictions, config.tasks,
+                                     log_probs)
         oarsi = result.get("oarsi_average", {}).get("accuracy")
         _print(f"{split}{f' of {other_dataset}' if other_dataset else ''} ({which} checkpoint, "
                f"step {step}): "
@@ -566,15 +568,13 @@ def evaluate_splits(config, report_dir: Path, splits: dict, eval_step, variables
 
 
 def _write_split_predictions(report_dir: Path, split: str, source, predictions: dict, tasks,
-                              gmm) -> Path:
-    """``report_dir/predictions_<split>.csv``: every knee's grades and probabilities (what
-    the page of :mod:`kpn_jax.serve` browses)."""
+                              log_probs) -> Path:
+    """``report_dir/predictions_<split>.csv``: every knee's grades, probabilities and
+    coherence ``log_probs`` (what the page of :mod:`kpn_jax.serve` browses)."""
     try:
         image_ids = input_pipeline.read_field(source, "image_id")
     except KeyError:  # a dataset without image ids: rows are named by their index
         image_ids = None
-    log_probs = (np.asarray(gmm_lib.log_prob(gmm, jnp.asarray(predictions["probabilities"])))
-                 if gmm is not None and len(predictions["probabilities"]) else None)
     return eval_lib.write_predictions_csv(
         Path(report_dir) / eval_lib.PREDICTIONS_CSV.format(split=split), predictions, tasks,
         image_ids, log_probs)

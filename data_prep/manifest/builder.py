@@ -101,9 +101,8 @@ class ManifestOptions:
         if self.image_size <= 0 or self.roi_mm <= 0 or self.roi_px < 0:
             raise ValueError(f"image_size and roi_mm must be positive and roi_px >= 0, got "
                              f"{self.image_size}, {self.roi_mm}, {self.roi_px}")
-        for name, value, choices in (("window", self.window, WINDOWS),
-                                     ("pts_units", self.pts_units, PTS_UNITS),
-                                     ("unlabeled_subjects", self.unlabeled_subjects,
+        self.framing()  # checks window and pts_units as every framing is checked
+        for name, value, choices in (("unlabeled_subjects", self.unlabeled_subjects,
                                       UNLABELED_SUBJECTS),
                                      ("keypoints", self.keypoints, KEYPOINT_SOURCES)):
             if value not in choices:
