@@ -9,9 +9,14 @@ step), so restoring the state is all a resume needs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
+import inspect
 import json
 import os
+import sys
+import time
 from pathlib import Path
 
 import jax
@@ -79,6 +84,10 @@ class Checkpointer:
           CheckpointMismatchError: no checkpoint fits the template (another model), or every
             one is damaged.
         """
+        with _late_read_errors_to_log():
+            return self._restore(state_template, step, which)
+
+    def _restore(self, state_template, step: int | None, which: str):
         manager = self.latest if which == "latest" else self.best
         steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
         if not steps or steps == [None]:
@@ -160,6 +169,52 @@ def _readable_metadata(manager, step: int) -> bool:
     except (OSError, ValueError):
         return False
     return True
+
+
+@contextlib.contextmanager
+def _late_read_errors_to_log(quiet_s: float = 0.5, longest_s: float = 10.0):
+    """Sends to the log, not the console, the errors that orbax's reads of a damaged
+    checkpoint raise after it gave up on it.
+
+    Orbax stops at the first unreadable array but leaves the other reads running; each then
+    ends in an "Event loop is closed" traceback or a coroutine closed mid-read, through
+    ``sys.unraisablehook``: hundreds of lines, and on several processes enough to fill a
+    pipe that a scheduler or test reads one process at a time. They are counted and logged
+    until none has come for ``quiet_s`` (at most ``longest_s``); any other unraisable error
+    goes to the previous hook."""
+    previous = sys.unraisablehook
+    late = {"count": 0, "last": 0.0, "first": ""}
+
+    def hook(unraisable):
+        if not _is_late_read_error(unraisable):
+            previous(unraisable)
+            return
+        late["count"] += 1
+        late["last"] = time.monotonic()
+        late["first"] = late["first"] or f"{type(unraisable.exc_value).__name__}: " \
+                                         f"{_first_line(unraisable.exc_value)}"
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        gc.collect()  # coroutines of the abandoned reads are closed here, inside the hook
+        if late["count"]:
+            deadline = time.monotonic() + longest_s
+            while time.monotonic() < deadline and time.monotonic() - late["last"] < quiet_s:
+                time.sleep(0.05)
+            logging.error("%d reads of a damaged checkpoint failed after orbax gave up on it "
+                         "(the first: %s)", late["count"], late["first"])
+        sys.unraisablehook = previous
+
+
+def _is_late_read_error(unraisable) -> bool:
+    """An abandoned checkpoint read's error: an orbax coroutine closed mid-read, or a
+    TensorStore callback on orbax's closed event loop."""
+    error, source = unraisable.exc_value, unraisable.object
+    if inspect.iscoroutine(source) and "orbax" in source.cr_code.co_filename:
+        return True
+    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
 
 
 def _short_reason(error: Exception) -> str:
