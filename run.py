@@ -13,6 +13,7 @@
 import os
 import re
 import sys
+import tempfile
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -74,10 +75,34 @@ class UsageError(Exception):
 
 
 def _log_file() -> str | None:
-    """``WORKDIR/run.log`` for the modes that write a workdir, else None."""
+    """``WORKDIR/run.log`` for the modes that write a workdir, else None. For a gs://
+    workdir, a local file that :func:`_keep_log` appends to ``WORKDIR/run.log`` at the end
+    (a log handler writes a local file)."""
+    from kpn_jax import storage
+
     if FLAGS.workdir is None or FLAGS.mode in ("report", "compare_torch"):
         return None
+    if storage.is_object_store(FLAGS.workdir):
+        return os.path.join(tempfile.gettempdir(), f"kpn_jax-{os.getpid()}-run.log")
+    if storage.scheme(FLAGS.workdir):
+        return None  # refused by _check_storage
     return os.path.join(os.path.expanduser(FLAGS.workdir), "run.log")
+
+
+def _keep_log() -> None:
+    """For a gs:// workdir: the local log appended to ``WORKDIR/run.log``, then removed (it
+    stays where it is, and the console says so, when the upload fails)."""
+    from kpn_jax import storage
+
+    local = _log_file()
+    if not local or not storage.is_object_store(FLAGS.workdir) or not os.path.exists(local):
+        return
+    try:
+        with open(local, encoding="utf-8") as f:
+            storage.append_text(storage.path(FLAGS.workdir) / "run.log", f.read())
+        os.remove(local)
+    except Exception as error:  # noqa: BLE001  (the run's own outcome is what matters)
+        print(f"note: the log stays in {local} ({type(error).__name__})", file=sys.stderr)
 
 
 def _route_library_errors(log_file: str | None) -> None:
@@ -144,8 +169,7 @@ def _run(argv) -> None:
         raise FileNotFoundError(f"config file {config_file} does not exist")
     if FLAGS.workdir is None and FLAGS.mode != "compare_torch":
         raise UsageError("--workdir is required")
-    _refuse_urls(FLAGS.workdir, FLAGS.config.get("data_dir"), FLAGS.output,
-                 FLAGS.landmark_workdir)
+    _check_storage(FLAGS.config)
     from kpn_jax import parallel
 
     if FLAGS.multihost or (FLAGS.num_processes and FLAGS.num_processes > 1):
@@ -224,8 +248,10 @@ def _workdir_config(config, config_file: str):
 
     if config_file.startswith(os.path.join(REPO, "configs", "workdir.py") + ":"):
         return config  # already the workdir's config, overrides applied by the flag
-    saved_path = os.path.join(os.path.expanduser(FLAGS.workdir), workdir_config.CONFIG_FILE)
-    if not os.path.exists(saved_path):
+    from kpn_jax import storage
+
+    saved_path = storage.path(FLAGS.workdir) / workdir_config.CONFIG_FILE
+    if not saved_path.exists():
         return config  # not trained by this version: the given config is all there is
     from configs import workdir as workdir_configs
 
@@ -240,14 +266,30 @@ def _workdir_config(config, config_file: str):
     return config
 
 
-def _refuse_urls(*paths) -> None:
-    """Object storage (gs://, s3://, ...) is not supported yet: refused before anything is
-    written, instead of becoming a local folder named 'gs:'."""
-    for path in paths:
-        if path and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", str(path)):
-            raise UsageError(f"{path}: object storage paths are not supported (workdirs, data "
-                             "and outputs are local or mounted folders, e.g. a bucket mounted "
-                             "with gcsfuse)")
+OBJECT_STORE_MODES = ("train", "evaluate", "fit_gmm")
+
+
+def _check_storage(config) -> None:
+    """Refuses, before anything is written, a URL that is not gs:// (it would become a
+    local folder named 'gs:'), and gs:// where a mode reads local files only."""
+    from kpn_jax import storage
+
+    given = {"--workdir": FLAGS.workdir, "--config.data_dir": config.get("data_dir"),
+             "--output": FLAGS.output, "--landmark_workdir": FLAGS.landmark_workdir}
+    for flag, value in given.items():
+        if not value:
+            continue
+        try:
+            storage.check_supported(value, flag)
+        except storage.UnsupportedStorage as error:
+            raise UsageError(str(error)) from None
+        if storage.is_object_store(value) and (FLAGS.mode not in OBJECT_STORE_MODES
+                                               or config.get("task") == "landmarks"
+                                               or flag == "--landmark_workdir"):
+            raise UsageError(
+                f"{flag}={value}: gs:// is supported by --mode=train, evaluate and fit_gmm of "
+                f"the grading model; for this one copy the folder to a local disk first "
+                f"(gcloud storage cp -r)")
 
 
 def _stop_on_sigterm():
@@ -340,8 +382,12 @@ def with_workdir_config(argv: list[str]) -> list[str]:
         argv = [*argv, f"--workdir={workdir}"]
     if mode not in WORKDIR_MODES or not workdir or _flag_value(argv, "config") is not None:
         return argv
-    saved = os.path.join(os.path.expanduser(workdir), "config.json")
-    if not os.path.exists(saved):
+    from kpn_jax import storage
+
+    if storage.scheme(workdir) and not storage.is_object_store(workdir):
+        return argv  # refused with the other flags once they are parsed
+    saved = storage.path(workdir) / "config.json"
+    if not saved.exists():
         print(f"error: --mode={mode} without --config reads the workdir's config, but {saved} "
               f"does not exist: is {workdir} a trained workdir? (or give --config=FILE)",
               file=sys.stderr)
@@ -374,6 +420,7 @@ def parse_flags(argv):
 def _exit_now(code: int) -> None:
     """Flushes and leaves at once: background threads (data loading, checkpoint writers) may
     print tracebacks or crash while the interpreter shuts down, after the line that matters."""
+    _keep_log()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -382,6 +429,7 @@ def _exit_now(code: int) -> None:
 def main(argv) -> None:
     try:
         _run(argv)
+        _keep_log()
     except UsageError as error:
         print(f"error: {error} (every flag: python run.py --help)", file=sys.stderr)
         _exit_now(2)

@@ -17,6 +17,9 @@ def get_config():
     # 'builder/config' under data_dir (see docs/DATASETS.md).
     config.dataset = "synthetic_knee"
     config.data_dir = "~/tensorflow_datasets"
+    # With data_dir on gs://, datasets are read from a local copy made here once
+    # (array_record reads local files; grain reads records at random).
+    config.data_cache_dir = "~/.cache/kpn_jax/datasets"
     config.synthetic = ml_collections.ConfigDict(dict(
         image_size=320, num_train=2000, num_validation=500, num_test=500, num_unlabeled=2000,
         seed=0, rater_noise=0.1))

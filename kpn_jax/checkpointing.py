@@ -17,13 +17,12 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from kpn_jax import failures, parallel
+from kpn_jax import failures, parallel, storage
 
 MODEL_KEYS_THAT_CHANGE_SHAPES = ("pooling", "depth", "width", "aggregation", "densify_k",
                                  "feature_layer", "aux_regression", "input_mode", "head")
@@ -37,7 +36,7 @@ class Checkpointer:
     """Saves and restores TrainState pytrees under ``workdir/checkpoints``."""
 
     def __init__(self, workdir: str | os.PathLike, keep: int = 2):
-        root = Path(workdir).expanduser().resolve() / "checkpoints"
+        root = storage.path(workdir) / "checkpoints"
         self.root = root
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
         self.latest = ocp.CheckpointManager(root / "latest", options=options)
@@ -69,8 +68,8 @@ class Checkpointer:
         self.best.save(step, args=ocp.args.StandardSave(saved_items(state)), force=True)
         self.best.wait_until_finished()
         if jax.process_index() == 0:
-            (self.root / "best.json").write_text(
-                json.dumps({"step": int(step), "metric": metric_name, "value": float(value)}))
+            storage.write_atomic(self.root / "best.json", json.dumps(
+                {"step": int(step), "metric": metric_name, "value": float(value)}))
 
     def restore(self, state_template, step: int | None = None, which: str = "latest"):
         """Restores into the structure of ``state_template`` (arrays or ShapeDtypeStructs).
@@ -134,7 +133,7 @@ class Checkpointer:
             target.parent.mkdir(parents=True, exist_ok=True)
             if target.exists():
                 target = target.with_name(f"{target.name}_{os.getpid()}")
-            source.rename(target)
+            storage.move(source, target)
         parallel.barrier(f"kpn_jax: {which} {step} set aside")  # renamed before anyone reloads
         manager.reload()
         # The storage library's message (a TensorStore repr) goes to the log, not the console.
@@ -162,7 +161,7 @@ def saved_items(state) -> dict:
 def _readable_metadata(manager, step: int) -> bool:
     """Whether the checkpoint's metadata files (orbax's step and item ``_METADATA``) exist
     and parse: without them orbax cannot tell the saved tree, and would blame the model."""
-    folder = Path(manager.directory) / str(step)
+    folder = storage.path(manager.directory) / str(step)
     try:
         for path in (folder / "_CHECKPOINT_METADATA", folder / "default" / "_METADATA"):
             json.loads(path.read_text())

@@ -12,7 +12,10 @@ import logging
 import os
 from pathlib import Path
 
+from kpn_jax import storage
+
 SYNTHETIC_BUILDER = "synthetic_knee"
+DEFAULT_CACHE = "~/.cache/kpn_jax/datasets"   # local copies of datasets on gs://
 
 
 def dataset_dir(data_dir: str | os.PathLike, name: str) -> Path:
@@ -35,6 +38,36 @@ def dataset_dir(data_dir: str | os.PathLike, name: str) -> Path:
             + (" (run.py builds the synthetic knees itself)" if builder == SYNTHETIC_BUILDER
                else ""))
     return versions[-1]
+
+
+def readable_data_dir(data_dir: str | os.PathLike, name: str,
+                      cache_root: str | os.PathLike = DEFAULT_CACHE) -> str:
+    """A local folder from which the built dataset ``name`` under ``data_dir`` can be read:
+    ``data_dir`` itself (``~`` expanded), or for ``gs://`` a local copy of the dataset (and
+    of the dataset it was derived from) under ``cache_root`` (:func:`kpn_jax.storage.local_copy`:
+    made once, checked by file sizes).
+
+    Raises:
+      FileNotFoundError: the dataset is not under ``data_dir``.
+      kpn_jax.storage.UnsupportedStorage: another URL scheme.
+    """
+    storage.check_supported(data_dir, "config.data_dir")
+    if not storage.is_object_store(data_dir):
+        return os.path.expanduser(os.fspath(data_dir))
+    local_root = storage.cache_folder(data_dir, cache_root)
+    remote = storage.path(data_dir) / name
+    if not storage.holds_dataset(remote):
+        raise FileNotFoundError(
+            f"dataset {name!r} not found under {data_dir}; build it first, e.g. "
+            f"`python -m data_prep.{name.split('/')[0]} --data_dir=<local folder>` and copy "
+            f"the folder there" + (" (run.py builds the synthetic knees itself)"
+                                   if name.split("/")[0] == SYNTHETIC_BUILDER else ""))
+    storage.local_copy(remote, local_root / name)
+    summary_path = dataset_dir(local_root, name) / "build_summary.json"
+    source = json.loads(summary_path.read_text()).get("source") if summary_path.exists() else None
+    if source and source != name:
+        readable_data_dir(data_dir, source, cache_root)
+    return str(local_root)
 
 
 def stores_png(info) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Callable
 
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kpn_jax import grades as grades_lib
-from kpn_jax import input_pipeline, metrics, trainer
+from kpn_jax import input_pipeline, metrics, storage, trainer
 
 
 def task_probabilities(outputs: dict, tasks) -> dict:
@@ -128,7 +129,7 @@ def write_split_report(report_dir, split: str, result: dict, records=None,
     """Writes ``report_dir`` (a workdir's ``report/``) for ``split`` (tables, json, plots)."""
     from kpn_jax import reporting
 
-    report_dir = Path(report_dir)
+    report_dir = storage.path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     reporting.write_report(report_dir, split, result, metrics_records=records, method_name=method_name)
     return report_dir
@@ -149,7 +150,7 @@ def write_predictions_csv(path, predictions: dict, tasks, image_ids=None, log_pr
     """
     import csv
 
-    path = Path(path)
+    path = storage.path(path)
     tasks = [t for t in grades_lib.TASKS if t in tasks]
     offsets = grades_lib.one_hot_offsets()
     columns = ["index", "image_id"]
@@ -158,19 +159,20 @@ def write_predictions_csv(path, predictions: dict, tasks, image_ids=None, log_pr
                     *(f"{task}_p{g}" for g in range(grades_lib.NUM_CLASSES[task]))]
     if log_probs is not None:
         columns.append("coherence_log_prob")
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        for k in range(len(predictions["true"])):
-            row = [k, "" if image_ids is None else image_ids[k]]
-            for task in tasks:
-                t = grades_lib.TASKS.index(task)
-                start, stop = offsets[t]
-                row += [int(predictions["true"][k, t]), int(predictions["pred"][k, t]),
-                        *(f"{p:.5f}" for p in predictions["probabilities"][k, start:stop])]
-            if log_probs is not None:
-                row.append(f"{float(log_probs[k]):.4f}")
-            writer.writerow(row)
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(columns)
+    for k in range(len(predictions["true"])):
+        row = [k, "" if image_ids is None else image_ids[k]]
+        for task in tasks:
+            t = grades_lib.TASKS.index(task)
+            start, stop = offsets[t]
+            row += [int(predictions["true"][k, t]), int(predictions["pred"][k, t]),
+                    *(f"{p:.5f}" for p in predictions["probabilities"][k, start:stop])]
+        if log_probs is not None:
+            row.append(f"{float(log_probs[k]):.4f}")
+        writer.writerow(row)
+    storage.write_atomic(path, table.getvalue())
     return path
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import errno
 import os
 import re
-from pathlib import Path
+
+from kpn_jax import storage
 
 _NO_SPACE = re.compile(r"No space left on device|os_error_code='?28'?|ENOSPC")
 # Where TensorStore says it was writing, most specific first (its first quoted name may be
@@ -36,7 +37,7 @@ def first_line(error: BaseException, limit: int = 1000) -> str:
 def latest_checkpoint_step(workdir: str | os.PathLike) -> int | None:
     """The newest complete ``checkpoints/latest/<step>`` of a workdir (orbax writes into a
     ``<step>.orbax-checkpoint-tmp`` folder and renames it when done)."""
-    folder = Path(workdir) / "checkpoints" / "latest"
+    folder = storage.path(workdir) / "checkpoints" / "latest"
     steps = [int(p.name) for p in folder.glob("*") if p.is_dir() and p.name.isdigit()] \
         if folder.is_dir() else []
     return max(steps) if steps else None

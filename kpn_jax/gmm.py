@@ -18,6 +18,7 @@ with no inverse and no determinant.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 
@@ -28,6 +29,7 @@ import numpy as np
 from sklearn.mixture import GaussianMixture
 
 from kpn_jax import grades as grades_lib
+from kpn_jax import storage
 
 _FORMAT_VERSION = 1
 _ARRAY_KEYS = ("weights", "means", "precisions_cholesky")
@@ -205,8 +207,9 @@ def log_prob(gmm: GMM, x: jax.Array) -> jax.Array:
 def save(gmm: GMM, path: str | os.PathLike) -> None:
     """Writes the mixture to an ``.npz`` with its grade layout and ``sigma``."""
     path = os.fspath(path)
+    encoded = io.BytesIO()
     np.savez(
-        path if path.endswith(".npz") else path + ".npz",
+        encoded,
         weights=np.asarray(gmm.weights, np.float32),
         means=np.asarray(gmm.means, np.float32),
         precisions_cholesky=np.asarray(gmm.precisions_cholesky, np.float32),
@@ -215,6 +218,9 @@ def save(gmm: GMM, path: str | os.PathLike) -> None:
         sigma=np.float64(np.nan if gmm.sigma is None else gmm.sigma),
         format_version=np.int32(_FORMAT_VERSION),
     )
+    # Whole or not at all (a reader never sees half a file); local or gs://.
+    storage.write_atomic(storage.path(path if path.endswith(".npz") else path + ".npz"),
+                         encoded.getvalue())
 
 
 def load(path: str | os.PathLike) -> GMM:
@@ -226,7 +232,7 @@ def load(path: str | os.PathLike) -> GMM:
     """
     path = os.fspath(path)
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with np.load(io.BytesIO(storage.path(path).read_bytes()), allow_pickle=False) as data:
             contents = {key: data[key] for key in data.files}
     except (OSError, ValueError) as error:
         raise ValueError(f"GMM file {path}: cannot be read as .npz: {error}") from error

@@ -31,7 +31,7 @@ from typing import Iterator, Sequence
 import grain
 import numpy as np
 
-from kpn_jax import datasets
+from kpn_jax import datasets, storage
 from kpn_jax import grades as grades_lib
 
 ARRAY_KEYS = ("image", "keypoints", "keypoints_valid", "grades")
@@ -46,6 +46,7 @@ class DatasetHandle:
     image_size: int
     keypoint_schema: str
     num_examples: dict
+    data_dir: str = ""   # the local folder it is read from (a copy, for data_dir on gs://)
 
     def split(self, split: str):
         if split not in self.sources:
@@ -129,10 +130,13 @@ def resolve_dataset_name(config) -> str:
 
 def open_dataset(config) -> DatasetHandle:
     """Opens ``config.dataset`` under ``config.data_dir``."""
-    data_dir = os.path.expanduser(config.data_dir)
-    if not os.path.isdir(data_dir):
-        raise FileNotFoundError(f"config.data_dir {data_dir!r} does not exist")
     name = resolve_dataset_name(config)
+    if not storage.is_object_store(config.data_dir) and not os.path.isdir(
+            os.path.expanduser(config.data_dir)):
+        raise FileNotFoundError(f"config.data_dir {os.path.expanduser(config.data_dir)!r} "
+                                f"does not exist")
+    data_dir = datasets.readable_data_dir(
+        config.data_dir, name, config.get("data_cache_dir", datasets.DEFAULT_CACHE))
     builder = datasets.open_builder(data_dir, name)
     info = builder.info
     image_size = int(info.metadata.get("image_size", 0) or info.features["image"].shape[0])
@@ -140,7 +144,8 @@ def open_dataset(config) -> DatasetHandle:
     sources = builder.as_data_source()
     return DatasetHandle(name=name, sources=dict(sources), image_size=image_size,
                          keypoint_schema=schema,
-                         num_examples={k: v.num_examples for k, v in info.splits.items()})
+                         num_examples={k: v.num_examples for k, v in info.splits.items()},
+                         data_dir=data_dir)
 
 
 def read_field(source, field: str, batch: int = 256) -> np.ndarray:

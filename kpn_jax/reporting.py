@@ -49,7 +49,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from kpn_jax import workdir_config
+from kpn_jax import storage, workdir_config
 from kpn_jax.grades import NUM_CLASSES, PAPER_NAMES, TASKS
 
 # Table columns in the paper's Table 2 order: the 7 tasks, then the OARSI mean.
@@ -243,10 +243,12 @@ def results_table_csv(rows: Mapping[str, Mapping], metrics: Sequence[str] = TABL
 
 
 def _save(figure: Figure, path) -> Path:
-    path = Path(path)
+    path = storage.path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(figure)
-    figure.savefig(path, dpi=110)
+    encoded = io.BytesIO()  # matplotlib writes local files only; gs:// takes the bytes
+    figure.savefig(encoded, dpi=110, format="png")
+    storage.write_atomic(path, encoded.getvalue())
     return path
 
 
@@ -334,7 +336,7 @@ def load_records(records_or_path) -> list[dict]:
     line, which a trainer may be writing right now and is then skipped.
     """
     if isinstance(records_or_path, (str, os.PathLike)):
-        lines = Path(records_or_path).read_text().splitlines()
+        lines = storage.path(records_or_path).read_text().splitlines()
         numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
         records = []
         for position, (number, line) in enumerate(numbered):
@@ -530,14 +532,6 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    # Write-then-rename so a reader (or a crash) never sees half a file; a
-    # plain open() keeps the usual umask permissions.
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-
-
 def _split_counts_line(result: Mapping) -> str:
     counts = []
     for task in TASKS:
@@ -583,7 +577,7 @@ def write_report(report_dir, split: str, evaluate_dict: Mapping, metrics_records
     if not isinstance(evaluate_dict, Mapping) or not any(
             isinstance(evaluate_dict.get(c), Mapping) for c in COLUMNS):
         raise ValueError(f"evaluate_dict: expected an evaluate() dict with task entries {COLUMNS}")
-    report_dir = Path(report_dir)
+    report_dir = storage.path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
 
@@ -598,7 +592,7 @@ def write_report(report_dir, split: str, evaluate_dict: Mapping, metrics_records
         if not isinstance(merged, dict):
             raise ValueError(f"{json_path}: expected a JSON object of split -> results")
     merged[split] = to_jsonable(evaluate_dict)
-    _write_text_atomic(json_path, json.dumps(merged, indent=2) + "\n")
+    storage.write_atomic(json_path, json.dumps(merged, indent=2) + "\n")
     written["results.json"] = json_path
 
     records = None if metrics_records is None else load_records(metrics_records)
@@ -613,7 +607,7 @@ def write_report(report_dir, split: str, evaluate_dict: Mapping, metrics_records
         evaluate_dict, report_dir / confusion_name, title=f"{method_name}: {split} split")
 
     markdown_path = report_dir / "results.md"
-    _write_text_atomic(markdown_path, _results_markdown(merged, method_name, has_curves))
+    storage.write_atomic(markdown_path, _results_markdown(merged, method_name, has_curves))
     written["results.md"] = markdown_path
     return written
 
@@ -627,7 +621,7 @@ NOT_METRICS = ("checkpoint", "majority_accuracy")
 
 # Config fields that do not make another experiment: the seed, where files are, how fast a
 # run goes and how often it logs or keeps checkpoints.
-NOT_EXPERIMENT_FIELDS = ("seed", "data_dir", "num_data_threads", "num_data_workers",
+NOT_EXPERIMENT_FIELDS = ("seed", "data_dir", "data_cache_dir", "num_data_threads", "num_data_workers",
                          "keep_checkpoints", "eval_batch_size", "log_every_steps",
                          "checkpoint_every_steps", "model.kernels", "eval_split")
 

@@ -25,7 +25,7 @@ from kpn_jax import checkpointing, datasets, evaluate as eval_lib
 from kpn_jax import gmm as gmm_lib
 from kpn_jax import grades as grades_lib
 from kpn_jax import input_pipeline, kernels as kernels_lib, keypoints as kp_lib, losses
-from kpn_jax import model_folder, parallel
+from kpn_jax import model_folder, parallel, storage
 from kpn_jax import trainer, workdir_config, workdir_lock
 from kpn_jax.trainer import MetricLog, TrainState
 
@@ -328,10 +328,7 @@ def fit_or_load_gmm(config, workdir: Path, labeled_grades: np.ndarray):
     if not parallel.agree(path.exists()):
         check_coherence_data(config, labeled_grades)  # a refusal on every process, not one
         if jax.process_index() == 0:
-            fitted = _fit_gmm(config, labeled_grades)
-            partial = path.with_name(path.name + ".partial.npz")
-            gmm_lib.save(fitted, partial)
-            os.replace(partial, path)
+            gmm_lib.save(_fit_gmm(config, labeled_grades), path)  # atomic
         parallel.barrier("kpn_jax: gmm.npz written")
     return gmm_lib.load(path)
 
@@ -389,7 +386,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                          input_pipeline.read_field(validation, "grades"))
     if config.coherence.enabled:
         check_coherence_data(config, labeled_grades)
-    workdir = Path(workdir).expanduser().resolve()
+    workdir = storage.path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     with workdir_lock.held(workdir, jax.process_index() == 0):
         checkpoints = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
@@ -415,8 +412,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 {"dataset": handle.name, "image_size": handle.image_size,
                  "keypoint_schema": handle.keypoint_schema,
                  "data_dir": workdir_config.absolute_data_dir(config.data_dir),
-                 "preprocessing": datasets.preprocessing(os.path.expanduser(config.data_dir),
-                                                         handle.name)}))
+                 "preprocessing": datasets.preprocessing(handle.data_dir, handle.name)}))
         kernels = kernels_lib.for_config(config)
         loading = input_pipeline.loading_for_config(config)
         model = create_model(config, handle.keypoint_schema, kernels)
@@ -576,7 +572,7 @@ def _write_split_predictions(report_dir: Path, split: str, source, predictions: 
     except KeyError:  # a dataset without image ids: rows are named by their index
         image_ids = None
     return eval_lib.write_predictions_csv(
-        Path(report_dir) / eval_lib.PREDICTIONS_CSV.format(split=split), predictions, tasks,
+        report_dir / eval_lib.PREDICTIONS_CSV.format(split=split), predictions, tasks,
         image_ids, log_probs)
 
 
@@ -595,7 +591,7 @@ def evaluate_checkpoint(config, workdir: str, split: str | None = None,
       model_folder.ModelFolderError: a damaged model folder.
     """
     validate_config(config)
-    workdir = Path(workdir).expanduser().resolve()
+    workdir = storage.path(workdir)
     exported = model_folder.is_model_folder(workdir)
     if not exported and not (workdir / "checkpoints").exists():
         raise FileNotFoundError(f"no checkpoints in workdir {workdir}")
@@ -614,7 +610,7 @@ def evaluate_checkpoint(config, workdir: str, split: str | None = None,
     if exported:
         variables, checkpoint = exported_variables(config, model, workdir, handle.image_size,
                                                    schema.num_points)
-        report_root = Path(report_dir or "report").expanduser().resolve()
+        report_root = storage.path(report_dir or "report")
     else:
         tx = make_optimizer(config, 1)
         state = abstract_state(config, model, tx, handle.image_size, schema.num_points, mesh)
@@ -624,7 +620,7 @@ def evaluate_checkpoint(config, workdir: str, split: str | None = None,
         checkpoints.close()
         variables = trainer.eval_variables(state)
         checkpoint = {"which": which, "step": int(jax.device_get(state.step))}
-        report_root = Path(report_dir).expanduser().resolve() if report_dir else workdir / "report"
+        report_root = storage.path(report_dir) if report_dir else workdir / "report"
     checker = input_pipeline.make_example_checker(handle.image_size, schema.num_points,
                                                   config.model.pooling == "keypoints")
     gmm = gmm_lib.load(workdir / "gmm.npz") if (workdir / "gmm.npz").exists() else None
@@ -674,7 +670,7 @@ def fit_gmm_to_workdir(config, workdir: str):
     under it (mean log-density of validation one-hot grades).
     """
     validate_config(config)
-    workdir = Path(workdir).expanduser().resolve()
+    workdir = storage.path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     handle, _, labeled_grades, _ = load_training_data(config, parallel.make_mesh())
     path = workdir / "gmm.npz"

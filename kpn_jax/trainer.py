@@ -23,8 +23,10 @@ a full disk) and started again with the same command ends with the same ``metric
 from __future__ import annotations
 
 import json
-import sys
 import math
+import shutil
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -36,7 +38,7 @@ from absl import logging
 from flax.training import train_state
 from jax.experimental import multihost_utils
 
-from kpn_jax import input_pipeline, parallel
+from kpn_jax import input_pipeline, parallel, storage
 
 RESUME_FILE = "resume.json"  # in checkpoints/: what a Ctrl-C left for the next boundary
 
@@ -134,6 +136,7 @@ class MetricLog:
         self.path = workdir / "metrics.jsonl"
         self.enabled = jax.process_index() == 0
         self.writer = None
+        self._tensorboard_upload = None   # (local staging folder, gs:// folder)
         self.resume_step = resume_step
         # Record layouts already logged at the resumed step: a run interrupted at that step
         # may log them again (the same values), which then replace the old lines.
@@ -148,7 +151,13 @@ class MetricLog:
         try:
             from tensorboardX import SummaryWriter
 
-            self.writer = SummaryWriter(str(workdir / "tensorboard"))
+            logdir = workdir / "tensorboard"
+            if storage.is_object_store(logdir):
+                # Event files are written locally and copied up after each flush.
+                staging = Path(tempfile.mkdtemp(prefix="kpn_jax_tensorboard_"))
+                self._tensorboard_upload = (staging, logdir)
+                logdir = staging
+            self.writer = SummaryWriter(str(logdir))
         except ImportError:  # TensorBoard files are a convenience, metrics.jsonl is the record
             self.writer = None
 
@@ -162,13 +171,17 @@ class MetricLog:
             self._at_resume.discard(frozenset(record))
             _write_records(self.path, [r for r in read_records(self.path)
                                        if not (r.get("step") == step and set(r) == set(record))])
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        storage.append_text(self.path, json.dumps(record) + "\n")
         if self.writer is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, float) and math.isfinite(value):
                     self.writer.add_scalar(key, value, step)
             self.writer.flush()
+            self._upload_tensorboard()
+
+    def _upload_tensorboard(self) -> None:
+        if self._tensorboard_upload is not None:
+            storage.upload(*self._tensorboard_upload)
 
     def records(self) -> list[dict]:
         return read_records(self.path)
@@ -176,6 +189,9 @@ class MetricLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self._upload_tensorboard()
+        if self._tensorboard_upload is not None:
+            shutil.rmtree(self._tensorboard_upload[0], ignore_errors=True)
 
 
 def read_records(path: Path) -> list[dict]:
@@ -192,7 +208,7 @@ def read_records(path: Path) -> list[dict]:
 
 
 def _write_records(path: Path, records: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    storage.write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def format_duration(seconds: float) -> str:
@@ -250,7 +266,7 @@ def write_config(workdir: Path, config_dict: dict, saved_check: Callable[[dict],
 # Settings that change how a run goes, not what it computes (max_steps only stops the same
 # sequence of steps earlier or later).
 NEUTRAL_CONFIG_KEYS = ("num_data_threads", "num_data_workers", "keep_checkpoints", "data_dir",
-                       "eval_batch_size", "max_steps")
+                       "data_cache_dir", "eval_batch_size", "max_steps")
 
 
 def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -283,8 +299,9 @@ def _write_resume(checkpoints, step: int, window: list[dict], log_due: bool,
                   evaluation_due: bool) -> None:
     if jax.process_index() == 0:
         path = checkpoints.root / RESUME_FILE
-        path.write_text(json.dumps({"step": step, "window": window, "log_due": log_due,
-                                    "evaluation_due": evaluation_due}))
+        storage.write_atomic(path, json.dumps({"step": step, "window": window,
+                                                "log_due": log_due,
+                                                "evaluation_due": evaluation_due}))
 
 
 def fit(*, state, health: dict, train_step: Callable, batches: Iterator[dict],

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any, Mapping
 
 import ml_collections
+
+from kpn_jax import storage
 
 CONFIG_FILE = "config.json"
 DATA_INFO = "data_info.json"
@@ -25,7 +26,7 @@ DATA_INFO = "data_info.json"
 # worth a note.
 RUN_SETTINGS = ("num_data_threads", "num_data_workers", "keep_checkpoints", "eval_batch_size",
                 "log_every_steps", "checkpoint_every_steps", "model.kernels", "eval_split",
-                "data_dir")
+                "data_dir", "data_cache_dir")
 
 
 def absolute_data_dir(data_dir: str) -> str:
@@ -37,7 +38,7 @@ def absolute_data_dir(data_dir: str) -> str:
 
 def data_info(workdir: str | os.PathLike) -> dict:
     """``workdir/data_info.json`` (``{}`` when the workdir has none)."""
-    path = Path(workdir).expanduser() / DATA_INFO
+    path = storage.path(workdir) / DATA_INFO
     return json.loads(path.read_text()) if path.exists() else {}
 
 
@@ -67,7 +68,7 @@ def load(workdir: str | os.PathLike, base: ml_collections.ConfigDict) -> ml_coll
     Raises:
       FileNotFoundError: the workdir has no ``config.json``.
     """
-    path = Path(workdir).expanduser() / CONFIG_FILE
+    path = storage.path(workdir) / CONFIG_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {workdir} a trained workdir? (without "
                                 f"one, give --config=FILE)")

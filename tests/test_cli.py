@@ -43,14 +43,20 @@ def fake_workdir(tmp_path):
     return workdir
 
 
-def test_object_storage_paths_are_refused_before_anything_is_written(tmp_path):
+def test_unsupported_storage_urls_are_refused_before_anything_is_written(tmp_path):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    for flag in ("--workdir=gs://bucket/run", "--config.data_dir=s3://bucket/tfds"):
-        args = [f"--config={REPO / 'configs' / 'demo.py'}", f"--workdir={tmp_path / 'w'}", flag]
+    cases = {"--config.data_dir=s3://bucket/tfds": "s3:// is not supported",
+             "--workdir=http://host/run": "http:// is not supported",
+             # gs:// is for training and evaluation; predict reads local files
+             "--mode=predict --workdir=gs://bucket/run --images=x.png":
+                 "gs:// is supported by --mode=train, evaluate and fit_gmm"}
+    for flags, message in cases.items():
+        args = [f"--config={REPO / 'configs' / 'demo.py'}", f"--workdir={tmp_path / 'w'}",
+                *flags.split()]
         result = run_cli(*args, cwd=cwd)
         assert result.returncode == 2, result.stderr[-2000:]
-        assert "object storage paths are not supported" in result.stderr
+        assert message in result.stderr, result.stderr[-2000:]
         assert "Traceback" not in result.stderr
         assert not list(cwd.iterdir()) and not (tmp_path / "w").exists()
 

@@ -27,7 +27,7 @@ from data_prep import features as features_lib
 from kpn_jax import roi as roi_lib
 from data_prep import tfds_util
 from data_prep.synthetic_knee import generator as generator_lib
-from kpn_jax import datasets
+from kpn_jax import datasets, storage
 from kpn_jax import grades as grades_lib
 from kpn_jax import keypoints as kp_lib
 
@@ -253,7 +253,17 @@ def build_for_config(config) -> list[str]:
     if BUILDER_NAME not in datasets_read:
         return []
     syn = config.synthetic
-    return [build(os.path.expanduser(config.data_dir), image_size=syn.image_size,
-                  num_train=syn.num_train, num_validation=syn.num_validation,
-                  num_test=syn.num_test, num_unlabeled=syn.num_unlabeled, seed=syn.seed,
-                  rater_noise=syn.rater_noise)]
+    params = dict(image_size=syn.image_size, num_train=syn.num_train,
+                  num_validation=syn.num_validation, num_test=syn.num_test,
+                  num_unlabeled=syn.num_unlabeled, seed=syn.seed, rater_noise=syn.rater_noise)
+    if not storage.is_object_store(config.data_dir):
+        return [build(os.path.expanduser(config.data_dir), **params)]
+    # On gs://: built once in the local cache, then shared through the bucket.
+    name = datasets.synthetic_dataset_name(syn)
+    remote = storage.path(config.data_dir) / name
+    if not storage.holds_dataset(remote):
+        local_root = storage.cache_folder(config.data_dir, config.get("data_cache_dir",
+                                                                      datasets.DEFAULT_CACHE))
+        build(local_root, **params)
+        storage.upload(local_root / name, remote)
+    return [name]
