@@ -68,7 +68,10 @@ def get_config():
         warmup_epochs=1.0, gmm_seed=0,
         # Noisy copies of each labelled grade vector for EM; 0 = enough for >= 1,000
         # samples per component (1 at the paper's 11.6k knees; kpn_jax.gmm.auto_repeats).
-        gmm_repeats=0))
+        gmm_repeats=0,
+        # The unlabelled pool: every training image, plus the dataset's 'unlabeled' split
+        # when True (the paper's ungraded radiographs).
+        use_unlabeled_split=True))
 
     # Optimisation (the paper: Adam, wd 1e-2, lr 1e-4 halved after epochs 10 and 30).
     config.batch_size = 48            # labelled examples per global batch

@@ -13,6 +13,8 @@ Keys (all optional):
   warmup   epochs of classification-only training before the incoherence
            loss starts (the paper: 1)                                       (1)
   lgmm     lambda_gmm, the weight of the incoherence loss in eq. 5          (1)
+  pool     CL's unlabelled pool: all = the training split and the dataset's
+           'unlabeled' split; train = the training split only               (all)
   seed     training seed (the labelled subset's seed stays fixed)            (0)
   setting  paper = docs/DESIGN.md section 1 on config.dataset (default: synthetic
            knees at 320 px); cpu = the CPU-sized synthetic setting of
@@ -32,7 +34,7 @@ kpn=1,cl=1}; tau sweep = tau in {0.25,0.5,0.75,1.0,1.5}; aux = aux=1.
 from configs import default
 
 DEFAULTS = dict(arch="resnet50", kpn="1", cl="1", labeled="1.0", tau="0.5", aux="0", seed="0",
-                setting="paper", warmup="1", lgmm="1", init="")
+                setting="paper", warmup="1", lgmm="1", init="", pool="all")
 SETTINGS = ("paper", "cpu", "regime", "pretrain")
 ARCH_DEPTH = {"resnet18": 18, "resnet34": 34, "resnet50": 50}
 
@@ -51,6 +53,8 @@ def parse_arguments(config_string: str | None) -> dict:
     for key in ("kpn", "cl", "aux"):
         if args[key] not in ("0", "1"):
             raise ValueError(f"configs/paper.py: {key} must be 0 or 1, got {args[key]!r}")
+    if args["pool"] not in ("all", "train"):
+        raise ValueError(f"configs/paper.py: pool must be all or train, got {args['pool']!r}")
     if args["setting"] not in SETTINGS:
         raise ValueError(f"configs/paper.py: setting must be one of {', '.join(SETTINGS)}, got "
                          f"{args['setting']!r}")
@@ -80,6 +84,8 @@ def method_name(args: dict) -> str:
         parts.append(f"warm-up {float(args['warmup']):g} ep")
     if args["cl"] == "1" and float(args["lgmm"]) != 1.0:
         parts.append(f"lambda_gmm={float(args['lgmm']):g}")
+    if args["cl"] == "1" and args["pool"] != "all":
+        parts.append(f"pool {args['pool']}")
     if args["aux"] == "1":
         parts.append("w. aux regression")
     return " ".join(parts)
@@ -146,6 +152,7 @@ def get_config(config_string: str | None = None):
     config.coherence.tau = float(args["tau"])
     config.coherence.warmup_epochs = float(args["warmup"])
     config.coherence.lambda_gmm = float(args["lgmm"])
+    config.coherence.use_unlabeled_split = args["pool"] == "all"
     config.labeled_fraction = float(args["labeled"])
     # Every labelled fraction trains for the same number of steps (an epoch = the whole
     # training split), so Table 4 compares labels, not training length.
@@ -153,6 +160,7 @@ def get_config(config_string: str | None = None):
     config.model.aux_regression = args["aux"] == "1"
     config.seed = int(args["seed"])
     config.method_name = method_name(args)
+    # Keys at values from before they existed are left out, so older workdirs group alike.
     config.experiment = ",".join(f"{k}={v}" for k, v in sorted(args.items())
-                                 if v or k != "init")  # no init: as before it existed
+                                 if (v or k != "init") and not (k == "pool" and v == "all"))
     return config

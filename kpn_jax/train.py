@@ -36,7 +36,7 @@ DATA_INFO = "data_info.json"  # image size and keypoint schema of the training d
 MATMUL_PRECISIONS = ("default", "high", "highest")
 ADDED_FIELDS = {"lr_schedule": "step", "lr_warmup_epochs": 0.0, "label_smoothing": 0.0,
                 "ema_decay": 0.0, "augment.hflip": False, "eval_hflip": False,
-                "matmul_precision": "default"}
+                "matmul_precision": "default", "coherence.use_unlabeled_split": True}
 
 
 # ----------------------------------------------------------------------------- config
@@ -301,7 +301,7 @@ def load_training_data(config, mesh, handle=None):
     unlabeled_pool = None
     if config.coherence.enabled:
         parts = [(train_source, np.arange(len(train_source)))]
-        if "unlabeled" in handle.sources:
+        if "unlabeled" in handle.sources and config.coherence.get("use_unlabeled_split", True):
             parts.insert(0, (handle.sources["unlabeled"], np.arange(len(handle.sources["unlabeled"]))))
         unlabeled_pool = input_pipeline.Pool(parts)
     return handle, labeled, labeled_grades, unlabeled_pool

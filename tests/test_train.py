@@ -157,3 +157,14 @@ def test_recipe_options_train_and_resume_exactly_with_the_moving_average(data_di
         np.testing.assert_allclose(params_a[key], params_b[key], rtol=1e-5, atol=1e-6, err_msg=key)
     evaluated = train.evaluate_checkpoint(config, str(tmp_path / "full"), "validation")
     assert evaluated["kl"]["accuracy"] == pytest.approx(results["validation"]["kl"]["accuracy"])
+
+
+def test_the_unlabelled_pool_takes_the_unlabeled_split_only_when_asked(data_dir):
+    from kpn_jax import parallel
+
+    sizes = {}
+    for use in (True, False):
+        config = tiny_config(data_dir, **{"coherence.use_unlabeled_split": use})
+        _, _, _, pool = train.load_training_data(config, parallel.make_mesh())
+        sizes[use] = len(pool)
+    assert sizes == {True: 48 + 16, False: 48}  # the training split, plus the unlabeled one
