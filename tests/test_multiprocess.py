@@ -14,14 +14,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
+
+from tests.run_artefacts import artefacts, assert_close
 
 pytestmark = pytest.mark.slow  # three tiny trainings in subprocesses
 
 REPO = Path(__file__).resolve().parents[1]
-TIMING_KEYS = ("train/images_per_sec", "train/input_wait_fraction",
-               "train/transfer_wait_fraction")
 
 
 def _flags(data_dir: Path, workdir: Path) -> list[str]:
@@ -43,7 +42,7 @@ def _start(flags, process_id=None, port=None, devices=1, output=subprocess.PIPE)
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
     extra = ([] if process_id is None else
-             [f"--num_processes=2", f"--process_id={process_id}",
+             ["--num_processes=2", f"--process_id={process_id}",
               f"--coordinator_address=127.0.0.1:{port}"])
     return subprocess.Popen([sys.executable, str(REPO / "run.py"), *flags, *extra], cwd=REPO,
                             env=env, stdout=output, stderr=subprocess.STDOUT, text=True)
@@ -84,35 +83,12 @@ def _two_processes(flags, stop_after_step: int | None = None, workdir: Path | No
     return results
 
 
-def _artefacts(workdir: Path) -> dict:
-    records = [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
-               for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return {"best": json.loads((workdir / "checkpoints" / "best.json").read_text()),
-            "results": json.loads((workdir / "report" / "results.json").read_text()),
-            "metrics": records}
-
-
-def _assert_close(a, b, path="") -> None:
-    if isinstance(a, dict):
-        assert sorted(a) == sorted(b), path
-        for key in a:
-            _assert_close(a[key], b[key], f"{path}/{key}")
-    elif isinstance(a, list):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_close(x, y, f"{path}[{i}]")
-    elif isinstance(a, float):
-        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4, err_msg=path)
-    else:
-        assert a == b, path
-
-
 def test_two_processes_train_stop_together_and_resume_like_one(tmp_path):
     data_dir = tmp_path / "tfds"
     reference = _start(_flags(data_dir, tmp_path / "one"), devices=2)
     output, _ = reference.communicate(timeout=600)
     assert reference.returncode == 0, output[-3000:]
-    expected = _artefacts(tmp_path / "one")
+    expected = artefacts(lambda name: (tmp_path / "one" / name).read_text())
 
     workdir = tmp_path / "two"
     stopped = _two_processes(_flags(data_dir, workdir), stop_after_step=6, workdir=workdir)
@@ -150,4 +126,4 @@ def test_two_processes_train_stop_together_and_resume_like_one(tmp_path):
         assert "Traceback" not in output, output[:3000]
     assert f"checkpoint {newest} is damaged" in resumed[0][1], resumed[0][1][-3000:]
     assert (workdir / "checkpoints" / "damaged" / f"latest_{saved[-1]}").is_dir()
-    _assert_close(_artefacts(workdir), expected)
+    assert_close(artefacts(lambda name: (workdir / name).read_text()), expected)

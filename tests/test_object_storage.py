@@ -14,8 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
+
+from tests.run_artefacts import artefacts, assert_close
 
 # Read when gcsfs is imported: no gRPC probe of the bucket's type (the stand-in speaks HTTP).
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
@@ -25,8 +26,6 @@ emulator = pytest.importorskip("gcp_storage_emulator.server",
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "kpn-test"
-TIMING_KEYS = ("train/images_per_sec", "train/input_wait_fraction",
-               "train/transfer_wait_fraction")
 
 
 def _free_port() -> int:
@@ -114,28 +113,6 @@ def _run(flags, cwd: Path, env: dict) -> subprocess.CompletedProcess:
     return result
 
 
-def _artefacts(read) -> dict:
-    records = [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
-               for line in read("metrics.jsonl").splitlines()]
-    return {"best": json.loads(read("checkpoints/best.json")),
-            "results": json.loads(read("report/results.json")), "metrics": records}
-
-
-def _assert_close(a, b, path=""):
-    if isinstance(a, dict):
-        assert sorted(a) == sorted(b), path
-        for key in a:
-            _assert_close(a[key], b[key], f"{path}/{key}")
-    elif isinstance(a, list):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_close(x, y, f"{path}[{i}]")
-    elif isinstance(a, float):
-        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4, err_msg=path)
-    else:
-        assert a == b, path
-
-
 @pytest.mark.slow
 def test_a_run_on_gs_stops_resumes_and_ends_as_on_a_local_disk(gcs_env, tmp_path):
     from etils import epath
@@ -159,8 +136,8 @@ def test_a_run_on_gs_stops_resumes_and_ends_as_on_a_local_disk(gcs_env, tmp_path
     second = _run(flags, cwd, gcs_env)
     assert "Resuming from" in second.stdout and "at step 5" in second.stdout, second.stdout
 
-    _assert_close(_artefacts(lambda name: (remote / name).read_text()),
-                  _artefacts(lambda name: (local / name).read_text()))
+    assert_close(artefacts(lambda name: (remote / name).read_text()),
+                  artefacts(lambda name: (local / name).read_text()))
     for name in ("config.json", "data_info.json", "gmm.npz", "report/results.md",
                  "report/predictions_test.csv", "report/confusion_matrices_test.png",
                  "report/learning_curves.png"):
