@@ -25,7 +25,8 @@ def _chain(error: BaseException):
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         yield error
-        error = error.__cause__ or error.__context__
+        # ``raise ... from None`` hides the context: it is not what went wrong.
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
 
 
 def first_line(error: BaseException, limit: int = 1000) -> str:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from kpn_jax import workdir_lock
+from kpn_jax import failures, workdir_lock
 
 
 def _write_lock(workdir, **record):
@@ -24,8 +24,11 @@ def test_a_live_run_on_this_host_is_named_and_refused(tmp_path):
                     renewed=time.time())
         with pytest.raises(workdir_lock.WorkdirInUse,
                            match=rf"in use by another run: host {socket.gethostname()}, "
-                                 rf"process {sleeper.pid}, started 20"):
+                                 rf"process {sleeper.pid}, started 20") as refused:
             workdir_lock.WorkdirLock(tmp_path).acquire()
+        # The console's one line (run.py) says so too, not the lock file's "File exists".
+        line = failures.one_line(refused.value, tmp_path)
+        assert line.startswith("WorkdirInUse: ") and "in use by another run" in line, line
     finally:
         sleeper.kill()
         sleeper.wait()
