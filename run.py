@@ -107,8 +107,9 @@ def _keep_log() -> None:
 
 def _route_library_errors(log_file: str | None) -> None:
     """Library log records go to ``log_file`` too; errors and tracebacks only there. orbax's
-    background threads log every failed write with its traceback (dozens for one full disk);
-    the console keeps warnings and the one line :func:`main` prints."""
+    background threads log every failed write with its traceback (dozens for one full disk),
+    and TensorStore's callbacks on orbax's closed event loop raise hundreds of unraisable
+    errors; the console keeps warnings and the one line :func:`main` prints."""
     import logging as std_logging
 
     import threading
@@ -120,7 +121,13 @@ def _route_library_errors(log_file: str | None) -> None:
             "exception in thread %s", getattr(args.thread, "name", "?"),
             exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
+    def log_unraisable(unraisable) -> None:  # storage callbacks after a failed write, ...
+        std_logging.getLogger("kpn_jax").error(
+            "unraisable exception (%s)", unraisable.err_msg or "ignored",
+            exc_info=(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback))
+
     threading.excepthook = log_thread_exception
+    sys.unraisablehook = log_unraisable
     logging.get_absl_handler().addFilter(
         lambda record: record.levelno < std_logging.ERROR and not record.exc_info)
     if log_file:
