@@ -58,8 +58,14 @@ print("| row | n | " + " | ".join(keys) + " |")
 print("| --- | ---: | " + " | ".join("---:" for _ in keys) + " |")
 for row, seeds in table.items():
     done = [m for m in seeds.values() if m]
-    cells = [f"{np.mean([m[k] for m in done]):.3f} ± {np.std([m[k] for m in done], ddof=1) if len(done) > 1 else 0:.3f}"
-             for k in keys] if done else ["-"] * len(keys)
+    cells = []
+    for k in keys:
+        values = [m[k] for m in done]
+        if not values or not np.all(np.isfinite(values)):  # no GMM in a run without CL
+            cells.append("-")
+            continue
+        spread = np.std(values, ddof=1) if len(values) > 1 else 0.0
+        cells.append(f"{np.mean(values):.3f} ± {spread:.3f}")
     print(f"| {row} | {len(done)} | " + " | ".join(cells) + " |")
 print("\nPaired differences (same seed), mean ± std [per seed]\n")
 print("| difference | " + " | ".join(keys[:5]) + " |")
