@@ -8,6 +8,7 @@ preconditions), latency and retries."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -121,20 +122,33 @@ def test_a_run_on_gs_stops_resumes_and_ends_as_on_a_local_disk(gcs_env, tmp_path
     cwd.mkdir()
     cache = tmp_path / "cache"
     local = tmp_path / "local"
-    # The same two commands on a local disk and on gs://: stopped after 5 of 12 steps (a
-    # checkpoint at step 4 and one at the stop), then the same command finishes the run.
-    local_flags = _flags(str(local), str(tmp_path / "tfds"), cache)
-    _run(local_flags + ["--config.max_steps=5"], cwd, gcs_env)
-    _run(local_flags, cwd, gcs_env)
+    _run(_flags(str(local), str(tmp_path / "tfds"), cache), cwd, gcs_env)  # the reference
 
+    # On gs://: stopped by SIGTERM (a scheduler's stop) once step 4 is logged, then the
+    # same command finishes the run.
     workdir, data_dir = f"gs://{BUCKET}/runs/one", f"gs://{BUCKET}/tfds"
     flags = _flags(workdir, data_dir, cache)
-    first = _run(flags + ["--config.max_steps=5"], cwd, gcs_env)
-    assert "Traceback" not in first.stderr, first.stderr[-3000:]
     remote = epath.Path(workdir)
-    assert (remote / "checkpoints" / "latest" / "4").exists()
+    first = subprocess.Popen([sys.executable, str(REPO / "run.py"), *flags], cwd=cwd,
+                             env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
+                                      **gcs_env),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and first.poll() is None:
+        metrics = remote / "metrics.jsonl"
+        if metrics.exists() and any(json.loads(line)["step"] >= 4
+                                    for line in metrics.read_text().splitlines()):
+            first.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.5)
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 143, (out + err)[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    stopped_at = max(int(p.name) for p in (remote / "checkpoints" / "latest").iterdir()
+                     if p.name.isdigit())
+    assert 4 <= stopped_at < 12, stopped_at
     second = _run(flags, cwd, gcs_env)
-    assert "Resuming from" in second.stdout and "at step 5" in second.stdout, second.stdout
+    assert f"at step {stopped_at}" in second.stdout, second.stdout[-3000:]
 
     assert_close(artefacts(lambda name: (remote / name).read_text()),
                   artefacts(lambda name: (local / name).read_text()))
