@@ -437,6 +437,16 @@ def main(argv) -> None:
     try:
         _run(argv)
         _keep_log()
+        jax = sys.modules.get("jax")  # (not imported by every mode)
+        if jax is not None and jax.process_count() > 1:
+            # Every process done before any leaves, then out without the interpreter's
+            # teardown: left to atexit, one process tore down its collectives and
+            # coordination client while its peer was still finishing, and a process
+            # sometimes aborted (SIGABRT) after a complete run.
+            from kpn_jax import parallel
+
+            parallel.finish("kpn_jax: run finished")
+            _exit_now(0)
     except UsageError as error:
         print(f"error: {error} (every flag: python run.py --help)", file=sys.stderr)
         _exit_now(2)

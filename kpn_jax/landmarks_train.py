@@ -40,7 +40,7 @@ import numpy as np
 import optax
 
 from kpn_jax import augment as augment_lib
-from kpn_jax import checkpointing, input_pipeline, parallel
+from kpn_jax import checkpointing, input_pipeline, parallel, storage
 from kpn_jax import kernels as kernels_lib
 from kpn_jax import keypoints as kp_lib
 from kpn_jax.models import landmarks as lm
@@ -579,7 +579,7 @@ def train_and_evaluate_landmarks(config: ml_collections.ConfigDict, workdir: str
                              allow_config_change, checkpoints.latest_step(),
                              absent_means={"matmul_precision": "default"})
         if jax.process_index() == 0:
-            (workdir / DATA_INFO).write_text(json.dumps(
+            storage.write_atomic(workdir / DATA_INFO, json.dumps(
                 {"task": TASK, "image_size": image_size, "input_size": input_size,
                  "keypoint_schema": schema.name,
                  "sources": {s.name: {"dataset": s.handle.name, "train": len(s.train),

@@ -95,6 +95,15 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def finish(name: str) -> None:
+    """The end of a multi-process run: every process waits for the others here, then the
+    distributed system is shut down while every part of JAX is still alive (a no-op for
+    one process)."""
+    if jax.process_count() > 1:
+        barrier(name)
+        jax.distributed.shutdown()
+
+
 def stop_agreed(step: int, requested) -> bool:
     """Before ``step``: whether to stop there. One process: ``requested()`` (a SIGTERM or
     Ctrl-C flag). Several: JAX's preemption sync point, so that a SIGTERM to any process

@@ -408,7 +408,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         gmm = fit_or_load_gmm(config, workdir, labeled_grades) if config.coherence.enabled else None
 
         if jax.process_index() == 0:
-            (workdir / DATA_INFO).write_text(json.dumps(
+            storage.write_atomic(workdir / DATA_INFO, json.dumps(
                 {"dataset": handle.name, "image_size": handle.image_size,
                  "keypoint_schema": handle.keypoint_schema,
                  "data_dir": workdir_config.absolute_data_dir(config.data_dir),

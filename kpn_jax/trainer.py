@@ -258,9 +258,10 @@ def write_config(workdir: Path, config_dict: dict, saved_check: Callable[[dict],
                     f"new --workdir, or pass --allow_config_change to continue with this one")
             if jax.process_index() == 0:
                 kept = workdir / f"config.before_step{resume_step or 0}.json"
-                kept.write_text(path.read_text())
+                storage.write_atomic(kept, path.read_text())
     if jax.process_index() == 0:
-        path.write_text(json.dumps(config_dict, indent=2, sort_keys=True))
+        # Whole or not at all: the other processes read it at the same time.
+        storage.write_atomic(path, json.dumps(config_dict, indent=2, sort_keys=True))
 
 
 # Settings that change how a run goes, not what it computes (max_steps only stops the same

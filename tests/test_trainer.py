@@ -182,3 +182,31 @@ def test_a_pipeline_that_does_not_stop_is_left_behind_not_waited_for():
     assert not trainer.close_within(stuck.wait, 0.2)   # returns although close() hangs
     stuck.set()
     assert trainer.close_within(lambda: None, 5.0)
+
+
+def test_config_json_is_never_seen_half_written(tmp_path):
+    # Process 0 rewrites config.json on every start while the other processes read it.
+    import threading
+
+    config = {"model": {f"field_{i}": "x" * 40 for i in range(200)}}
+    trainer.write_config(tmp_path, config, lambda saved: None, False, None)
+    failures, stop = [], threading.Event()
+
+    def read_repeatedly():
+        while not stop.is_set():
+            try:
+                json.loads((tmp_path / "config.json").read_text())
+            except ValueError as error:
+                failures.append(error)
+
+    reader = threading.Thread(target=read_repeatedly)
+    reader.start()
+    try:
+        for _ in range(100):
+            trainer.write_config(tmp_path, config, lambda saved: None, False, 1)
+            if failures:
+                break
+    finally:
+        stop.set()
+        reader.join()
+    assert not failures, failures[:1]
