@@ -436,7 +436,6 @@ def _exit_now(code: int) -> None:
 def main(argv) -> None:
     try:
         _run(argv)
-        _keep_log()
         jax = sys.modules.get("jax")  # (not imported by every mode)
         if jax is not None and jax.process_count() > 1:
             # Every process done before any leaves, then out without the interpreter's
@@ -446,7 +445,8 @@ def main(argv) -> None:
             from kpn_jax import parallel
 
             parallel.finish("kpn_jax: run finished")
-            _exit_now(0)
+            _exit_now(0)  # (keeps the log, as every exit does)
+        _keep_log()
     except UsageError as error:
         print(f"error: {error} (every flag: python run.py --help)", file=sys.stderr)
         _exit_now(2)

@@ -48,12 +48,15 @@ def readable_data_dir(data_dir: str | os.PathLike, name: str,
     made once, checked by file sizes).
 
     Raises:
-      FileNotFoundError: the dataset is not under ``data_dir``.
+      FileNotFoundError: ``data_dir`` does not exist, or (gs://) the dataset is not there.
       kpn_jax.storage.UnsupportedStorage: another URL scheme.
     """
     storage.check_supported(data_dir, "config.data_dir")
     if not storage.is_object_store(data_dir):
-        return os.path.expanduser(os.fspath(data_dir))
+        local = os.path.expanduser(os.fspath(data_dir))
+        if not os.path.isdir(local):
+            raise FileNotFoundError(f"config.data_dir {local!r} does not exist")
+        return local
     local_root = storage.cache_folder(data_dir, cache_root)
     remote = storage.path(data_dir) / name
     if not storage.holds_dataset(remote):

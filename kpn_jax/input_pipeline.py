@@ -31,7 +31,7 @@ from typing import Iterator, Sequence
 import grain
 import numpy as np
 
-from kpn_jax import datasets, storage
+from kpn_jax import datasets
 from kpn_jax import grades as grades_lib
 
 ARRAY_KEYS = ("image", "keypoints", "keypoints_valid", "grades")
@@ -131,10 +131,6 @@ def resolve_dataset_name(config) -> str:
 def open_dataset(config) -> DatasetHandle:
     """Opens ``config.dataset`` under ``config.data_dir``."""
     name = resolve_dataset_name(config)
-    if not storage.is_object_store(config.data_dir) and not os.path.isdir(
-            os.path.expanduser(config.data_dir)):
-        raise FileNotFoundError(f"config.data_dir {os.path.expanduser(config.data_dir)!r} "
-                                f"does not exist")
     data_dir = datasets.readable_data_dir(
         config.data_dir, name, config.get("data_cache_dir", datasets.DEFAULT_CACHE))
     builder = datasets.open_builder(data_dir, name)

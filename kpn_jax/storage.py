@@ -64,11 +64,6 @@ def path(location):
     return Path(location).expanduser().resolve()
 
 
-def text(location) -> str:
-    """``location`` as a string: the URL itself for object storage."""
-    return os.fspath(location)
-
-
 def write_atomic(target, data: str | bytes) -> None:
     """Writes ``target`` so that a reader sees the old content or the new, never a part."""
     payload = data.encode() if isinstance(data, str) else data
@@ -89,7 +84,7 @@ def create_exclusive(target, data: str) -> None:
         filesystem, key = _filesystem(), _bucket_key(target)
         filesystem.invalidate_cache(key)
         if filesystem.exists(key):  # the common case, without relying on the precondition
-            raise FileExistsError(text(target))
+            raise FileExistsError(os.fspath(target))
         filesystem.pipe_file(key, data.encode(), mode="create")
         return
     descriptor = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -117,7 +112,7 @@ def _filesystem():
 
 
 def _bucket_key(location) -> str:
-    return text(location).split("://", 1)[1].rstrip("/")
+    return os.fspath(location).split("://", 1)[1].rstrip("/")
 
 
 def move(source, target) -> None:
@@ -149,7 +144,7 @@ def local_copy(remote_dir, local_dir: Path) -> Path:
     are missing there or differ in size are downloaded. Returns ``local_dir``."""
     wanted = files_under(remote_dir)
     if not wanted:
-        raise FileNotFoundError(f"{text(remote_dir)}: no files there")
+        raise FileNotFoundError(f"{os.fspath(remote_dir)}: no files there")
     present = files_under(local_dir) if Path(local_dir).is_dir() else {}
     filesystem = _filesystem()
     root = _bucket_key(remote_dir)

@@ -3,7 +3,6 @@ something, then started again with the same command, ends with the artefacts of 
 uninterrupted run."""
 
 import concurrent.futures
-import json
 import os
 import subprocess
 import sys
@@ -11,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.run_artefacts import artefacts
+
 pytestmark = pytest.mark.slow  # dozens of training processes
 
 WORKER = Path(__file__).parent / "workers" / "train_with_faults.py"
-TIMING_KEYS = ("train/images_per_sec", "train/input_wait_fraction",
-               "train/transfer_wait_fraction")
 
 
 def fault_config(data_dir: str):
@@ -37,17 +36,6 @@ def run(config_path: Path, workdir: Path, kill_at: int = 0, signal: str = "kill"
                           capture_output=True, text=True, env=env, timeout=600)
 
 
-def artefacts(workdir: Path) -> dict:
-    """What a run leaves that must not depend on interruptions (timings aside)."""
-    records = []
-    for line in (workdir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        records.append({k: v for k, v in record.items() if k not in TIMING_KEYS})
-    return {"best": json.loads((workdir / "checkpoints" / "best.json").read_text()),
-            "results": json.loads((workdir / "report" / "results.json").read_text()),
-            "metrics": records}
-
-
 def test_killed_at_every_boundary_and_resumed_ends_as_uninterrupted(tmp_path):
     config = fault_config(str(tmp_path / "tfds"))
     config_path = tmp_path / "config.json"
@@ -55,7 +43,7 @@ def test_killed_at_every_boundary_and_resumed_ends_as_uninterrupted(tmp_path):
     reference = run(config_path, tmp_path / "reference")
     assert reference.returncode == 0, reference.stderr[-3000:]
     num_events = int(reference.stdout.split("events")[-1])
-    expected = artefacts(tmp_path / "reference")
+    expected = artefacts(lambda name: (tmp_path / "reference" / name).read_text())
     assert num_events >= 8
     # SIGKILL at every event; Ctrl-C (which saves and leaves a resume record) at a few:
     # inside a log window, during a validation, and at the end.
@@ -76,7 +64,7 @@ def test_killed_at_every_boundary_and_resumed_ends_as_uninterrupted(tmp_path):
         assert killed.returncode in codes[signal], killed.stderr[-2000:]
         again = run(config_path, workdir)
         assert again.returncode == 0, again.stderr[-3000:]
-        return signal, n, artefacts(workdir) == expected
+        return signal, n, artefacts(lambda name: (workdir / name).read_text()) == expected
 
     # Two at a time: each process is mostly Python start-up and tiny steps.
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
