@@ -80,6 +80,8 @@ def get_config():
     config.num_epochs = 60
     config.learning_rate = 1e-4
     config.weight_decay = 1e-2
+    config.optimizer = "adam"         # 'adam' (paper) or 'sgd' (Nesterov momentum)
+    config.momentum = 0.9             # SGD only
     config.weight_decay_style = "l2"  # 'l2' = torch Adam(weight_decay) (paper); 'decoupled' = AdamW
     config.lr_decay_epochs = (10, 30)
     config.lr_decay_factor = 0.5

@@ -34,9 +34,11 @@ DATA_INFO = "data_info.json"  # image size and keypoint schema of the training d
 # Config fields added after workdirs were trained, with the value that is the behaviour
 # before them: resuming an older workdir with these values is no config change.
 MATMUL_PRECISIONS = ("default", "high", "highest")
+OPTIMIZERS = ("adam", "sgd")
 ADDED_FIELDS = {"lr_schedule": "step", "lr_warmup_epochs": 0.0, "label_smoothing": 0.0,
                 "ema_decay": 0.0, "augment.hflip": False, "eval_hflip": False,
-                "matmul_precision": "default", "coherence.use_unlabeled_split": True}
+                "matmul_precision": "default", "coherence.use_unlabeled_split": True,
+                "optimizer": "adam", "momentum": 0.9}
 
 
 # ----------------------------------------------------------------------------- config
@@ -68,6 +70,14 @@ def validate_config(config) -> None:
     if config.weight_decay_style not in ("l2", "decoupled"):
         raise ValueError(f"config.weight_decay_style must be 'l2' or 'decoupled', got "
                          f"{config.weight_decay_style!r}")
+    if config.get("optimizer", "adam") not in OPTIMIZERS:
+        raise ValueError(f"config.optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}")
+    if config.get("optimizer", "adam") == "sgd":
+        if not 0 <= config.momentum < 1:
+            raise ValueError(f"config.momentum must be in [0, 1), got {config.momentum!r}")
+        if config.weight_decay_style != "l2":
+            raise ValueError("config.optimizer='sgd' takes config.weight_decay_style='l2' "
+                             "(torch SGD's weight_decay); 'decoupled' is AdamW's")
     for name in ("batch_size", "eval_batch_size", "num_epochs"):
         if int(config[name]) <= 0:
             raise ValueError(f"config.{name} must be positive, got {config[name]}")
@@ -191,12 +201,17 @@ def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
 
 
 def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
-    """Adam with the paper's weight decay and the schedule of ``config.lr_schedule``.
+    """Adam (the paper's) or SGD, with weight decay and the schedule of ``config.lr_schedule``.
 
     ``weight_decay_style='l2'`` adds ``wd * w`` to the gradient before Adam, as
     torch's ``Adam(weight_decay=...)`` (the paper's PyTorch setting) does.
+    ``optimizer='sgd'`` is torch's ``SGD(momentum=config.momentum, nesterov=True,
+    weight_decay=wd)``.
     """
     schedule = learning_rate_schedule(config, steps_per_epoch)
+    if config.get("optimizer", "adam") == "sgd":
+        return optax.chain(optax.add_decayed_weights(config.weight_decay),
+                           optax.sgd(schedule, momentum=config.momentum or None, nesterov=True))
     if config.weight_decay_style == "decoupled":
         return optax.adamw(schedule, weight_decay=config.weight_decay)
     return optax.chain(optax.add_decayed_weights(config.weight_decay), optax.adam(schedule))

@@ -91,6 +91,38 @@ def test_moving_average_of_the_weights_follows_its_formula():
                                                                       "batch_stats": stats}
 
 
+def test_sgd_follows_torchs_nesterov_sgd_with_weight_decay_in_float64():
+    # torch.optim.SGD(momentum=mu, nesterov=True, weight_decay=wd), dampening 0:
+    #   g += wd * w;  b = mu * b + g;  w -= lr_t * (g + mu * b)
+    config = _config(optimizer="sgd", momentum=0.9, weight_decay=5e-4, learning_rate=0.05,
+                     lr_schedule="cosine", lr_warmup_epochs=1.0, num_epochs=4)
+    train.validate_config(config)
+    steps_per_epoch = 3
+    tx = train.make_optimizer(config, steps_per_epoch)
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(4, 3))
+    grads = [rng.normal(size=(4, 3)) for _ in range(8)]
+    params = jnp.asarray(w, jnp.float32)
+    opt_state = tx.init(params)
+    buf = np.zeros_like(w)
+    for step, grad in enumerate(grads):
+        g = grad + 5e-4 * w
+        buf = 0.9 * buf + g
+        w = w - train.learning_rate_at(config, steps_per_epoch, step) * (g + 0.9 * buf)
+        updates, opt_state = tx.update(jnp.asarray(grad, jnp.float32), opt_state, params)
+        params = params + updates
+    np.testing.assert_allclose(np.asarray(params), w, rtol=1e-5, atol=1e-6)
+
+
+def test_optimizer_typos_are_refused_naming_the_field():
+    with pytest.raises(ValueError, match="config.optimizer must be one of"):
+        train.validate_config(_config(optimizer="sgdm"))
+    with pytest.raises(ValueError, match="config.momentum"):
+        train.validate_config(_config(optimizer="sgd", momentum=1.0))
+    with pytest.raises(ValueError, match="weight_decay_style"):
+        train.validate_config(_config(optimizer="sgd", weight_decay_style="decoupled"))
+
+
 def test_mirroring_is_refused_for_grades_with_a_side():
     for field in ("augment.hflip", "eval_hflip"):
         with pytest.raises(ValueError, match=f"config.{field} mirrors knees"):
