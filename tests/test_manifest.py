@@ -185,6 +185,10 @@ def test_row_problems_are_reported_with_row_numbers(tmp_path, radiographs):
         "garbage.png" in summary["row_problems"][0]
     with pytest.raises(mf.ManifestError, match="row 2: image"):
         list(mf.generate_examples(split_jobs, mf.ManifestOptions(), summary, strict=True))
+    # Found while writing, after the table's problems, it still takes its row's place.
+    summary = dict(summary, row_problems=["row 1: x", "row 3: y"])
+    list(mf.generate_examples(split_jobs, mf.ManifestOptions(image_size=IMAGE_SIZE), summary))
+    assert [p[:6] for p in summary["row_problems"]] == ["row 1:", "row 2:", "row 3:"]
 
 
 def test_missing_values_ids_sides_and_points_are_never_silently_wrong(tmp_path, radiographs):

@@ -257,6 +257,11 @@ def _has_keypoints(fields: dict) -> bool:
     return fields["keypoints"] is not None or fields["pts_path"] is not None
 
 
+def by_row(problems: list[str]) -> list[str]:
+    """Row problems (``'row N: ...'``) in the manifest's row order."""
+    return sorted(problems, key=lambda p: int(re.match(r"row (\d+)", p).group(1)))
+
+
 def _duplicate_problems(fields: dict, seen_ids: dict, seen_images: dict,
                         detector: bool = False) -> list[str]:
     """A row that repeats an earlier knee: the same ``image_id``, or the same whole image
@@ -383,8 +388,7 @@ def plan_manifest(manifest_path: str | os.PathLike, options: ManifestOptions = M
         summary["planned"][job.split] += 1
         if job.keypoints is not None or job.pts_path is not None:
             summary["with_keypoints"][job.split] += 1
-    problems.sort(key=lambda p: int(re.match(r"row (\d+)", p).group(1)))
-    summary["row_problems"] = problems
+    summary["row_problems"] = by_row(problems)
     if problems:
         if strict:
             raise ManifestError(f"{manifest_path}: {len(problems)} row problem(s):\n  "
@@ -462,7 +466,8 @@ def generate_examples(jobs: Iterable[RowJob], options: ManifestOptions, summary:
             if strict:
                 raise ManifestError(problem) from e
             logger.debug("%s (row skipped)", problem)
-            summary["row_problems"].append(problem)
+            # Found while writing, after the table's problems: kept in row order.
+            summary["row_problems"] = by_row(summary["row_problems"] + [problem])
             continue
         summary["written"][job.split] += 1
         written += 1
