@@ -225,7 +225,7 @@ def test_missing_values_ids_sides_and_points_are_never_silently_wrong(tmp_path, 
     written = list(mf.generate_examples([by_row[2], by_row[6]],
                                         mf.ManifestOptions(image_size=IMAGE_SIZE), summary))
     assert [key for key, _ in written] == ["grey-L"]
-    assert summary["row_problems"][-1] == (
+    assert summary["row_problems"][1] == (                              # in row order
         "row 6: keypoints: inline points: keypoint 4 at (94.0, 20.0) lies outside the 64x64 "
         "image; are the keypoints in pixels of this image?")
 
