@@ -98,7 +98,8 @@ def get_config():
         max_translation_px=10.0, max_rotation_deg=5.0, scale_range=(0.95, 1.05),
         # Mirror half the examples: only for grades without a side (tasks=('kl',)); the
         # OARSI grades are lateral/medial, which a mirror would swap.
-        hflip=False))
+        hflip=False,
+        contrast=0.0, brightness=0.0, gamma=0.0))  # grey levels: see kpn_jax.augment.adjust_intensity
     config.eval_hflip = False         # evaluate each knee and its mirror, average (KL only)
 
     # Bookkeeping.

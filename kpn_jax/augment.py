@@ -267,3 +267,49 @@ def augment(rng: jax.Array, images: jax.Array, keypoints: jax.Array, *, max_tran
     matrices = random_affine_params(rng, images.shape[0], translation, rotation, (low, high),
                                     image_size=images.shape[1:3], hflip=hflip)
     return warp_images(images, matrices, fill_value), warp_keypoints(keypoints, matrices)
+
+
+def check_intensity_ranges(contrast: float, brightness: float, gamma: float) -> None:
+    for name, value, high in (("contrast", contrast, 1.0), ("brightness", brightness, 1.0),
+                              ("gamma", gamma, math.inf)):
+        if not (0 <= float(value) < high):
+            raise ValueError(f"augment.{name} must be in [0, {high:g}), got {value!r}")
+
+
+def random_intensity_params(rng: jax.Array, batch_size: int, *, contrast: float,
+                            brightness: float, gamma: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Draws per-example grey-level changes: ``(gamma_exponent, contrast_factor, offset)``,
+    each float32 ``[B]``: ``exp(U[-gamma, gamma])``, ``U[1 - contrast, 1 + contrast]`` and
+    ``U[-brightness, brightness]`` (zero ranges give 1, 1 and 0 exactly)."""
+    check_intensity_ranges(contrast, brightness, gamma)
+    key_g, key_c, key_b = jax.random.split(rng, 3)
+    shape = (int(batch_size),)
+    exponent = jnp.exp(jax.random.uniform(key_g, shape, jnp.float32, -gamma, gamma))
+    factor = jax.random.uniform(key_c, shape, jnp.float32, 1.0 - contrast, 1.0 + contrast)
+    offset = jax.random.uniform(key_b, shape, jnp.float32, -brightness, brightness)
+    return exponent, factor, offset
+
+
+def adjust_intensity(images: jax.Array, exponent: jax.Array, factor: jax.Array,
+                     offset: jax.Array) -> jax.Array:
+    """Grey levels in [0, 1] ``[B, H, W, C]`` -> ``clip((x ** exponent - m) * factor + m + offset,
+    0, 1)`` per example, ``m`` the mean of ``x ** exponent`` over the image: a gamma curve,
+    then a contrast change about the image's mean, then a brightness shift (exposure and
+    processing differ between radiographs)."""
+    per_example = (-1, 1, 1, 1)
+    curved = jnp.power(jnp.clip(images, 0.0, 1.0), exponent.reshape(per_example))
+    mean = jnp.mean(curved, axis=(1, 2, 3), keepdims=True)
+    adjusted = (curved - mean) * factor.reshape(per_example) + mean + offset.reshape(per_example)
+    return jnp.clip(adjusted, 0.0, 1.0)
+
+
+def augment_intensity(rng: jax.Array, images: jax.Array, *, contrast: float = 0.0,
+                      brightness: float = 0.0, gamma: float = 0.0) -> jax.Array:
+    """Random grey-level changes of a batch ``[B, H, W, C]`` in [0, 1] (see
+    :func:`adjust_intensity`); with all ranges 0 the images are returned unchanged."""
+    check_intensity_ranges(contrast, brightness, gamma)
+    if contrast == brightness == gamma == 0:
+        return images  # a static decision under jit: nothing is computed
+    params = random_intensity_params(rng, images.shape[0], contrast=contrast,
+                                     brightness=brightness, gamma=gamma)
+    return adjust_intensity(images, *params)

@@ -38,7 +38,8 @@ OPTIMIZERS = ("adam", "sgd")
 ADDED_FIELDS = {"lr_schedule": "step", "lr_warmup_epochs": 0.0, "label_smoothing": 0.0,
                 "ema_decay": 0.0, "augment.hflip": False, "eval_hflip": False,
                 "matmul_precision": "default", "coherence.use_unlabeled_split": True,
-                "optimizer": "adam", "momentum": 0.9}
+                "optimizer": "adam", "momentum": 0.9, "augment.contrast": 0.0,
+                "augment.brightness": 0.0, "augment.gamma": 0.0}
 
 
 # ----------------------------------------------------------------------------- config
@@ -102,6 +103,12 @@ def validate_config(config) -> None:
         if on and any(task != "kl" for task in config.tasks):
             raise ValueError(f"config.{name} mirrors knees, which swaps lateral and medial: only "
                              f"for tasks=('kl',), not {tuple(config.tasks)}")
+    try:
+        augment_lib.check_intensity_ranges(config.augment.get("contrast", 0.0),
+                                           config.augment.get("brightness", 0.0),
+                                           config.augment.get("gamma", 0.0))
+    except ValueError as error:
+        raise ValueError(f"config.{error}") from None
     if not 0 < config.lr_decay_factor <= 1:
         raise ValueError(f"config.lr_decay_factor must be in (0, 1], got {config.lr_decay_factor!r}")
     if not config.weight_decay >= 0:
@@ -275,6 +282,10 @@ def make_train_step(config, model, class_weights: dict, gmm, warmup_steps: int =
             rng, images, batch["keypoints"].astype(jnp.float32),
             max_translation_px=aug.max_translation_px, max_rotation_deg=aug.max_rotation_deg,
             scale_range=tuple(aug.scale_range), hflip=bool(aug.hflip))
+        # A key of its own, so that runs without grey-level changes draw what they drew before.
+        images = augment_lib.augment_intensity(
+            jax.random.fold_in(rng, 1), images, contrast=aug.get("contrast", 0.0),
+            brightness=aug.get("brightness", 0.0), gamma=aug.get("gamma", 0.0))
         images = images.astype(dtype)
 
         def loss_fn(params):

@@ -212,3 +212,38 @@ def test_bad_shapes_raise():
         aug.warp_images(np.zeros((1, 4, 4, 1), np.uint8), np.eye(3)[None])
     with pytest.raises(ValueError, match="matrices"):
         aug.warp_keypoints(np.zeros((2, 3, 2), np.float32), np.eye(3)[None])
+
+
+# ----------------------------------------------------------------------------- grey levels
+
+
+def test_intensity_adjustment_matches_float64():
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 1, size=(3, 9, 7, 1)).astype(np.float32)
+    exponent = np.array([0.7, 1.0, 1.4], np.float32)
+    factor = np.array([1.3, 0.8, 1.0], np.float32)
+    offset = np.array([0.1, -0.05, 0.0], np.float32)
+    got = aug.adjust_intensity(jnp.asarray(images), jnp.asarray(exponent),
+                                   jnp.asarray(factor), jnp.asarray(offset))
+    x = images.astype(np.float64) ** exponent[:, None, None, None].astype(np.float64)
+    mean = x.mean(axis=(1, 2, 3), keepdims=True)
+    want = np.clip((x - mean) * factor[:, None, None, None] + mean + offset[:, None, None, None],
+                   0, 1)
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-6)
+    assert np.asarray(got).min() >= 0 and np.asarray(got).max() <= 1
+
+
+def test_intensity_parameters_stay_in_their_ranges_and_zero_ranges_change_nothing():
+    exponent, factor, offset = aug.random_intensity_params(
+        jax.random.PRNGKey(3), 4000, contrast=0.2, brightness=0.1, gamma=0.3)
+    assert np.exp(-0.3) - 1e-6 <= float(exponent.min()) < 0.8 and 1.3 < float(exponent.max()) <= np.exp(0.3) + 1e-6
+    assert 0.8 <= float(factor.min()) < 0.81 and 1.19 < float(factor.max()) <= 1.2
+    assert -0.1 <= float(offset.min()) < -0.09 and 0.09 < float(offset.max()) <= 0.1
+    images = jnp.asarray(np.random.default_rng(1).uniform(0, 1, (2, 5, 5, 1)), jnp.float32)
+    assert aug.augment_intensity(jax.random.PRNGKey(0), images) is images
+    changed = aug.augment_intensity(jax.random.PRNGKey(0), images, contrast=0.2)
+    assert not np.allclose(np.asarray(changed), np.asarray(images))
+    with pytest.raises(ValueError, match=r"augment.gamma must be in \[0, inf\)"):
+        aug.augment_intensity(jax.random.PRNGKey(0), images, gamma=-0.1)
+    with pytest.raises(ValueError, match=r"augment.contrast must be in \[0, 1\)"):
+        aug.augment_intensity(jax.random.PRNGKey(0), images, contrast=1.0)

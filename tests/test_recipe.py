@@ -121,6 +121,8 @@ def test_optimizer_typos_are_refused_naming_the_field():
         train.validate_config(_config(optimizer="sgd", momentum=1.0))
     with pytest.raises(ValueError, match="weight_decay_style"):
         train.validate_config(_config(optimizer="sgd", weight_decay_style="decoupled"))
+    with pytest.raises(ValueError, match=r"config.augment.contrast must be in \[0, 1\)"):
+        train.validate_config(_config(**{"augment.contrast": 1.5}))
 
 
 def test_mirroring_is_refused_for_grades_with_a_side():

@@ -139,12 +139,13 @@ def test_another_architecture_in_the_workdir_is_refused(data_dir, tmp_path):
 
 
 def test_recipe_options_train_and_resume_exactly_with_the_moving_average(data_dir, tmp_path):
-    """KL only, mirrored knees, cosine with warm-up, label smoothing and a moving average of
-    the weights: the average is checkpointed (a resumed run ends equal to an uninterrupted
-    one) and is what evaluation uses."""
+    """KL only, mirrored knees, grey-level changes, SGD, cosine with warm-up, label smoothing
+    and a moving average of the weights: the average is checkpointed (a resumed run ends
+    equal to an uninterrupted one) and is what evaluation uses."""
     options = {"tasks": ("kl",), "coherence.enabled": False, "augment.hflip": True,
-               "eval_hflip": True, "lr_schedule": "cosine", "lr_warmup_epochs": 0.5,
-               "label_smoothing": 0.1, "ema_decay": 0.9}
+               "augment.contrast": 0.2, "augment.brightness": 0.05, "augment.gamma": 0.2,
+               "optimizer": "sgd", "eval_hflip": True, "lr_schedule": "cosine",
+               "lr_warmup_epochs": 0.5, "label_smoothing": 0.1, "ema_decay": 0.9}
     config = tiny_config(data_dir, max_steps=4, **options)
     results = train.train_and_evaluate(config, str(tmp_path / "full"))
     train.train_and_evaluate(tiny_config(data_dir, max_steps=2, **options), str(tmp_path / "cut"))
