@@ -478,13 +478,14 @@ def predict_files(config, workdir: str, images: Sequence[str], keypoint_files: S
             reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
             name = _image_name(path, id_salt)
             reason = reason.replace(str(path), name)
-            skipped.append((name, reason))
-            print(f"skipped {name}: {reason}", flush=True)
+            if (name, reason) not in skipped:  # a film listed once per knee: said once
+                skipped.append((name, reason))
+                print(f"skipped {name}: {reason}", flush=True)
             continue
         readable.append(i)
     if not readable:
         raise ValueError(skipped[0][1] if len(skipped) == 1 else
-                         f"none of the {len(knees)} images could be read; the first: "
+                         f"none of the {len(listed)} images could be graded; the first: "
                          f"{skipped[0][0]}: {skipped[0][1]}")
     images = [knees[i][0] for i in readable]
     sides = [knees[i][1] for i in readable]

@@ -154,3 +154,19 @@ def test_console_script_grades_a_folder_with_the_shipped_models(tmp_path, capsys
     assert exit_info.value.code == 1
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("error:") and "missing.png" in error
+
+
+def test_a_film_of_both_knees_is_refused_once_for_a_model_of_knee_crops(tmp_path, capsys):
+    """The shipped grader learnt on knee crops: a bilateral film listed once per knee is
+    refused, and said once, not once per knee."""
+    from tests.dicom_files import write_dicom
+
+    write_dicom(tmp_path / "both.dcm", np.full((64, 128), 1000, np.uint16), laterality="B")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["predict", str(tmp_path / "both.dcm"), str(tmp_path / "both.dcm"),
+                  "--sides", "R,L", "--detector", "none", "--output", str(tmp_path / "out")])
+    assert exit_info.value.code != 0
+    captured = capsys.readouterr()
+    said = captured.out + captured.err
+    assert said.count("skipped ") == 1, said
+    assert "bilateral film" in said and "none of the 2 images" not in said
