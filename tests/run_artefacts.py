@@ -1,12 +1,24 @@
 """What two runs of one training must agree on: ``metrics.jsonl`` (without timings),
-``checkpoints/best.json`` and ``report/results.json``, compared within float tolerance."""
+``checkpoints/best.json`` and ``report/results.json``, compared within float tolerance;
+and the environment of trainings that tests start as processes."""
 
 import json
+import os
 
 import numpy as np
 
 TIMING_KEYS = ("train/images_per_sec", "train/input_wait_fraction",
                "train/transfer_wait_fraction")
+
+
+def process_env(compilation_cache, **extra) -> dict:
+    """The environment of a training a test starts as a process: CPU, and one persistent
+    JAX compilation cache for all of the test's processes (each would otherwise compile
+    the same steps again: half of a tiny run's time). A cached executable is the one a
+    compile gives, so the runs' artefacts are the same with or without it."""
+    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(compilation_cache),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", **extra)
 
 
 def artefacts(read) -> dict:

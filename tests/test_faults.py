@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.run_artefacts import artefacts
+from tests.run_artefacts import artefacts, process_env
 
 pytestmark = pytest.mark.slow  # dozens of training processes
 
@@ -30,7 +30,7 @@ def fault_config(data_dir: str):
 
 
 def run(config_path: Path, workdir: Path, kill_at: int = 0, signal: str = "kill"):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = process_env(config_path.parent / "compilation_cache")
     return subprocess.run([sys.executable, str(WORKER), str(config_path), str(workdir),
                            f"--kill_at={kill_at}", f"--signal={signal}"],
                           capture_output=True, text=True, env=env, timeout=600)

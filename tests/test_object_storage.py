@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.run_artefacts import artefacts, assert_close
+from tests.run_artefacts import artefacts, assert_close, process_env
 
 # Read when gcsfs is imported: no gRPC probe of the bucket's type (the stand-in speaks HTTP).
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
@@ -107,8 +107,8 @@ def _flags(workdir: str, data_dir: str, cache: Path) -> list[str]:
 
 def _run(flags, cwd: Path, env: dict) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, str(REPO / "run.py"), *flags], cwd=cwd,
-                            env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-                                     **env),
+                            env=process_env(cwd.parent / "compilation_cache",
+                                            PYTHONPATH=str(REPO), **env),
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     return result
@@ -130,8 +130,8 @@ def test_a_run_on_gs_stops_resumes_and_ends_as_on_a_local_disk(gcs_env, tmp_path
     flags = _flags(workdir, data_dir, cache)
     remote = epath.Path(workdir)
     first = subprocess.Popen([sys.executable, str(REPO / "run.py"), *flags], cwd=cwd,
-                             env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-                                      **gcs_env),
+                             env=process_env(cwd.parent / "compilation_cache",
+                                             PYTHONPATH=str(REPO), **gcs_env),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and first.poll() is None:
