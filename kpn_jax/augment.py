@@ -270,6 +270,7 @@ def augment(rng: jax.Array, images: jax.Array, keypoints: jax.Array, *, max_tran
 
 
 def check_intensity_ranges(contrast: float, brightness: float, gamma: float) -> None:
+    """Raises ValueError naming the grey-level range that is negative or too wide."""
     for name, value, high in (("contrast", contrast, 1.0), ("brightness", brightness, 1.0),
                               ("gamma", gamma, math.inf)):
         if not (0 <= float(value) < high):

@@ -31,10 +31,10 @@ from kpn_jax.trainer import MetricLog, TrainState
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DATA_INFO = "data_info.json"  # image size and keypoint schema of the training data
-# Config fields added after workdirs were trained, with the value that is the behaviour
-# before them: resuming an older workdir with these values is no config change.
 MATMUL_PRECISIONS = ("default", "high", "highest")
 OPTIMIZERS = ("adam", "sgd")
+# Config fields added after workdirs were trained, with the value that is the behaviour
+# before them: resuming an older workdir with these values is no config change.
 ADDED_FIELDS = {"lr_schedule": "step", "lr_warmup_epochs": 0.0, "label_smoothing": 0.0,
                 "ema_decay": 0.0, "augment.hflip": False, "eval_hflip": False,
                 "matmul_precision": "default", "coherence.use_unlabeled_split": True,
