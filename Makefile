@@ -9,12 +9,10 @@ EXTRAS ?= test,cpu
 
 .PHONY: demo test venv clean
 
-# --no-compile: Python compiles what is imported when it is first imported, instead of
-# pip compiling every file of the 6.7 GB test install one by one (about a minute).
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install --no-compile -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 venv: $(STAMP)
