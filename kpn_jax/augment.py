@@ -307,8 +307,8 @@ def adjust_intensity(images: jax.Array, exponent: jax.Array, factor: jax.Array,
 def augment_intensity(rng: jax.Array, images: jax.Array, *, contrast: float = 0.0,
                       brightness: float = 0.0, gamma: float = 0.0) -> jax.Array:
     """Random grey-level changes of a batch ``[B, H, W, C]`` in [0, 1] (see
-    :func:`adjust_intensity`); with all ranges 0 the images are returned unchanged."""
-    check_intensity_ranges(contrast, brightness, gamma)
+    :func:`adjust_intensity`); with all ranges 0 the images are returned unchanged (other
+    ranges are checked where they are drawn)."""
     if contrast == brightness == gamma == 0:
         return images  # a static decision under jit: nothing is computed
     params = random_intensity_params(rng, images.shape[0], contrast=contrast,

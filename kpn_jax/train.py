@@ -71,9 +71,10 @@ def validate_config(config) -> None:
     if config.weight_decay_style not in ("l2", "decoupled"):
         raise ValueError(f"config.weight_decay_style must be 'l2' or 'decoupled', got "
                          f"{config.weight_decay_style!r}")
-    if config.get("optimizer", "adam") not in OPTIMIZERS:
-        raise ValueError(f"config.optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}")
-    if config.get("optimizer", "adam") == "sgd":
+    optimizer = config.get("optimizer", "adam")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"config.optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    if optimizer == "sgd":
         if not 0 <= config.momentum < 1:
             raise ValueError(f"config.momentum must be in [0, 1), got {config.momentum!r}")
         if config.weight_decay_style != "l2":
