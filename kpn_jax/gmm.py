@@ -21,15 +21,18 @@ from __future__ import annotations
 import io
 import math
 import os
+from typing import TYPE_CHECKING
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from sklearn.mixture import GaussianMixture
 
 from kpn_jax import grades as grades_lib
 from kpn_jax import storage
+
+if TYPE_CHECKING:
+    from sklearn.mixture import GaussianMixture
 
 _FORMAT_VERSION = 1
 _ARRAY_KEYS = ("weights", "means", "precisions_cholesky")
@@ -168,6 +171,10 @@ def fit(grades, num_components: int = 10, sigma: float = 0.2, repeats: int | Non
     samples = np.repeat(one_hot, repeats, axis=0)                             # [M' * r, 29]
     rng = np.random.default_rng(seed)
     samples = samples + rng.normal(0.0, sigma, size=samples.shape)
+    # Imported here: scikit-learn (with scipy) costs every process that only loads a fitted
+    # mixture (a resumed run, predict, the page) about a second of start-up.
+    from sklearn.mixture import GaussianMixture
+
     gm = GaussianMixture(n_components=num_components, covariance_type="full",
                          reg_covar=reg_covar, max_iter=max_iter, n_init=n_init,
                          random_state=seed)

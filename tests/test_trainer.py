@@ -2,7 +2,9 @@
 the best metric following the tasks."""
 
 import json
+import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -141,6 +143,36 @@ def test_metric_log_drops_a_torn_line_and_replaces_a_record_logged_again(tmp_pat
     assert [(r["step"], sorted(r)) for r in records] == [
         (2, ["step", "train/loss"]), (4, ["step", "train/loss"]),
         (4, ["step", "validation/kl/accuracy"])]
+
+
+def test_metric_log_writes_tensorboard_events_without_importing_torch_or_sklearn(tmp_path):
+    # A training process imports neither (each costs seconds of every run's start-up):
+    # torch only because tensorboardX reaches for it, scikit-learn only to fit a new GMM.
+    script = f"""
+import struct, sys
+from pathlib import Path
+from kpn_jax import gmm, train, trainer
+log = trainer.MetricLog(Path({str(tmp_path)!r}), 0)
+log.write(3, {{"train/loss": 0.25}})
+log.close()
+print(sorted(m for m in ("torch", "sklearn") if m in sys.modules))
+from tensorboardX.proto import event_pb2
+data = next(Path({str(tmp_path)!r}, "tensorboard").glob("events.out.tfevents.*")).read_bytes()
+while data:
+    (length,) = struct.unpack("<Q", data[:8])
+    event = event_pb2.Event.FromString(data[12:12 + length])
+    data = data[16 + length:]
+    for value in event.summary.value:
+        print(event.step, value.tag, value.simple_value)
+try:
+    import torch  # still importable where installed
+except ModuleNotFoundError as e:
+    assert e.name == "torch", e
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300, cwd=str(Path(__file__).resolve().parents[1]))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines() == ["[]", "3 train/loss 0.25"], result.stdout
 
 
 def test_best_metric_follows_the_trained_tasks_and_the_graded_data():
