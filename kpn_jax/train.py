@@ -559,7 +559,7 @@ def evaluate_splits(config, report_dir: Path, splits: dict, eval_step, variables
     ``{split: metrics}``."""
     which, step = checkpoint["which"], checkpoint["step"]
     results = {}
-    for split, source in splits.items():
+    for index, (split, source) in enumerate(splits.items()):
         predictions = eval_lib.predict_split(eval_step, variables, source, checker, mesh,
                                              config.eval_batch_size, loading)
         log_probs = eval_lib.coherence_log_probs(predictions, gmm)
@@ -568,7 +568,9 @@ def evaluate_splits(config, report_dir: Path, splits: dict, eval_step, variables
         result["checkpoint"] = dict(checkpoint)
         results[split] = result
         if jax.process_index() == 0:
-            eval_lib.write_split_report(report_dir, split, result, records, config.method_name)
+            # The learning curves are the same for every split: drawn once.
+            eval_lib.write_split_report(report_dir, split, result, records if index == 0 else None,
+                                        config.method_name)
             _write_split_predictions(report_dir, split, source, predictions, config.tasks,
                                      log_probs)
         oarsi = result.get("oarsi_average", {}).get("accuracy")
