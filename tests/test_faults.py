@@ -1,8 +1,11 @@
-"""Fault injection: a tiny run killed (SIGKILL, Ctrl-C or SIGTERM) at every moment it writes
+"""Fault injection: a tiny run stopped (SIGKILL, Ctrl-C or SIGTERM) at every moment it writes
 something, then started again with the same command, ends with the artefacts of an
-uninterrupted run."""
+uninterrupted run. ``KPN_FAULTS_FULL=1`` stops a fresh run at each moment in turn (Ctrl-C
+at every one too); by default one run is stopped again and again, at each moment after
+the last."""
 
 import concurrent.futures
+import json
 import os
 import subprocess
 import sys
@@ -29,10 +32,10 @@ def fault_config(data_dir: str):
         "coherence.warmup_epochs": 1.0})
 
 
-def run(config_path: Path, workdir: Path, kill_at: int = 0, signal: str = "kill"):
+def run(config_path: Path, workdir: Path, stop_at: str = "", signal: str = "kill"):
     env = process_env(config_path.parent / "compilation_cache")
     return subprocess.run([sys.executable, str(WORKER), str(config_path), str(workdir),
-                           f"--kill_at={kill_at}", f"--signal={signal}"],
+                           f"--stop_at={stop_at}", f"--signal={signal}"],
                           capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -42,33 +45,41 @@ def test_killed_at_every_boundary_and_resumed_ends_as_uninterrupted(tmp_path):
     config_path.write_text(config.to_json_best_effort())
     reference = run(config_path, tmp_path / "reference")
     assert reference.returncode == 0, reference.stderr[-3000:]
-    num_events = int(reference.stdout.split("events")[-1])
+    events = json.loads(reference.stdout.split("events")[-1])
     expected = artefacts(lambda name: (tmp_path / "reference" / name).read_text())
-    assert num_events >= 8
+    assert len(events) >= 8 and events[-1] == "report:test", events
     # SIGKILL at every event; Ctrl-C (which saves and leaves a resume record) at a few:
-    # inside a log window, during a validation, and at the end.
-    # (KPN_FAULTS_FULL=1: Ctrl-C at every event too.)
-    points = [("kill", n) for n in range(1, num_events + 1)]
-    int_points = (range(1, num_events + 1) if os.environ.get("KPN_FAULTS_FULL")
-                  else (1, 2, num_events - 1))
-    points += [("int", n) for n in int_points]
-    # SIGTERM (a scheduler's stop): the run stops before its next step with a checkpoint
-    # (exit 143); sent during the final evaluation it lets the run finish (exit 0).
-    points += [("term", n) for n in (1, 2, num_events - 1)]
+    # inside a log window, during a validation, and at the end. SIGTERM (a scheduler's
+    # stop) at the same three: the run stops before its next step with a checkpoint (exit
+    # 143); sent during the final evaluation it lets the run finish (exit 0).
+    few = [events[0], events[1], events[-2]]
     codes = {"kill": (-9,), "int": (130,), "term": (143, 0)}
+    if os.environ.get("KPN_FAULTS_FULL"):
+        # Each stop in a workdir of its own, Ctrl-C at every event too.
+        chains = ([("kill", [e]) for e in events] + [("int", [e]) for e in events]
+                  + [("term", [e]) for e in few])
+    else:
+        # One workdir stopped again and again, each resumed run at the next event, as a
+        # preemptible machine is: every event is still a stop, with half the processes.
+        # (Two SIGKILL chains, so that two run beside each other.)
+        chains = [("kill", events[0::2]), ("kill", events[1::2]), ("int", few),
+                  ("term", few)]
 
-    def kill_and_resume(point):
-        signal, n = point
-        workdir = tmp_path / f"{signal}{n}"
-        killed = run(config_path, workdir, n, signal)
-        assert killed.returncode in codes[signal], killed.stderr[-2000:]
+    def stop_and_resume(chain):
+        signal, stops = chain
+        workdir = tmp_path / f"{signal}-{events.index(stops[0])}-{len(stops)}"
+        for stop in stops:
+            stopped = run(config_path, workdir, stop, signal)
+            assert stopped.returncode in codes[signal], (
+                f"{signal} at {stop}: exit {stopped.returncode} (the run did not reach it?)\n"
+                + stopped.stderr[-2000:])
         again = run(config_path, workdir)
         assert again.returncode == 0, again.stderr[-3000:]
-        return signal, n, artefacts(lambda name: (workdir / name).read_text()) == expected
+        return signal, stops, artefacts(lambda name: (workdir / name).read_text()) == expected
 
     # Two at a time: each process is mostly Python start-up and tiny steps.
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        table = list(pool.map(kill_and_resume, points))
-    print("\n".join(f"{signal} at event {n}: {'identical' if same else 'DIFFERENT'}"
-                    for signal, n, same in table))
+        table = list(pool.map(stop_and_resume, chains))
+    print("\n".join(f"{signal} at {', '.join(stops)}: {'identical' if same else 'DIFFERENT'}"
+                    for signal, stops, same in table))
     assert all(same for *_, same in table), table
