@@ -1,7 +1,7 @@
 """Summarises kneeKL224 runs: the best checkpoint's validation metrics, the last three
-evaluations' accuracy (stability), and the wall time from the run's config.json (written at
-its start) to its last metrics record (file modification times; a resumed run counts the
-pause too).
+evaluations' accuracy (stability), and the wall time from the run's config.json (written when
+it starts or resumes) to its last metrics record (file modification times; for a resumed
+run, the time since its last start, pauses while it was running included).
 
   python summarize.py WORKDIR [WORKDIR ...]
 """
