@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from kpn_jax import checkpointing, image_io
@@ -362,6 +361,9 @@ def _padded_batches(arrays: np.ndarray, size: int):
         yield np.concatenate([chunk, pad]), len(chunk)
 
 
+_gmm_log_prob = jax.jit(gmm_lib.log_prob)
+
+
 def grade_prepared(grader: Grader, knees: list[PreparedKnee]) -> list[dict]:
     """Grades prepared knees: keypoints from the detector where the model pools at them
     (or, with a detector, for the overlay) and none were given; then each knee's
@@ -388,17 +390,22 @@ def grade_prepared(grader: Grader, knees: list[PreparedKnee]) -> list[dict]:
     keypoints = np.stack([knee.keypoints if knee.keypoints is not None
                           else np.zeros((num_points, 2), np.float32)
                           for knee in knees]).astype(np.float32)
-    preds, probs = [], []
+    preds, probs, batch_log_probs = [], [], []
     for (image_batch, count), (keypoint_batch, _) in zip(
             _padded_batches(images, grader.batch_size),
             _padded_batches(keypoints, grader.batch_size)):
-        pred, prob = jax.device_get(grader.eval_step(
-            grader.variables, {"image": image_batch, "keypoints": keypoint_batch}))
+        pred, prob = grader.eval_step(grader.variables,
+                                      {"image": image_batch, "keypoints": keypoint_batch})
+        # On the padded batch too: one program whatever the number of knees, so that a
+        # knee's log-density does not depend on what else was graded with it.
+        log_prob = None if grader.gmm is None else _gmm_log_prob(grader.gmm, prob)
+        pred, prob, log_prob = jax.device_get((pred, prob, log_prob))
         preds.append(np.asarray(pred)[:count])
         probs.append(np.asarray(prob)[:count])
+        batch_log_probs.append(None if log_prob is None else np.asarray(log_prob)[:count])
     pred, probabilities = np.concatenate(preds), np.concatenate(probs)
-    log_probs = (np.asarray(gmm_lib.log_prob(grader.gmm, jnp.asarray(probabilities)))
-                 if grader.gmm is not None else [None] * len(knees))
+    log_probs = (np.concatenate(batch_log_probs) if grader.gmm is not None
+                 else [None] * len(knees))
     offsets = grades_lib.one_hot_offsets()
     results = []
     for i, knee in enumerate(knees):

@@ -122,6 +122,19 @@ def test_evaluation_writes_every_knee_of_each_split(trained):
         assert all(np.isfinite(float(r["coherence_log_prob"])) for r in rows)
 
 
+def test_a_knee_grades_the_same_alone_and_beside_others(grader, knee_png):
+    """Every number of a knee's answer, the coherence log-density included, is independent
+    of the other knees of its request (a page upload or a dropped file)."""
+    from kpn_jax import predict
+
+    knees = [predict.prepare_knee(grader.preparation, path, "R") for path in knee_png]
+    alone = predict.grade_prepared(grader, knees[:1])[0]
+    beside = predict.grade_prepared(grader, [predict.prepare_knee(grader.preparation,
+                                                                  knee_png[0], "R"), *knees[1:]])
+    assert np.isfinite(alone["coherence_log_prob"])
+    assert beside[0] == alone
+
+
 def test_grading_an_upload_gives_what_predict_gives(client, grader, knee_png):
     answer = client.post("/api/grade", files=[_upload(p) for p in knee_png],
                          data={"side": "L"}).json()
