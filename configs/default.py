@@ -92,6 +92,9 @@ def get_config():
     # > 0: an exponential moving average of the weights (and BatchNorm statistics) with this
     # decay is what validation, the best checkpoint's tests and predict use.
     config.ema_decay = 0.0
+    # > 0: mixup (Zhang et al. 2018) of the training images and their targets with a weight
+    # drawn from Beta(mixup_alpha, mixup_alpha) per batch; global pooling without coherence.
+    config.mixup_alpha = 0.0
 
     # Augmentation at 320 px (translation scales with image size).
     config.augment = ml_collections.ConfigDict(dict(

@@ -314,3 +314,18 @@ def augment_intensity(rng: jax.Array, images: jax.Array, *, contrast: float = 0.
     params = random_intensity_params(rng, images.shape[0], contrast=contrast,
                                      brightness=brightness, gamma=gamma)
     return adjust_intensity(images, *params)
+
+
+def mixup_params(rng: jax.Array, batch_size: int, alpha: float) -> tuple[jax.Array, jax.Array]:
+    """Mixup's draw (Zhang et al. 2018): one weight ``lam ~ Beta(alpha, alpha)`` for the batch
+    (float32 scalar) and a permutation ``[B]`` pairing each example with a partner."""
+    if not (math.isfinite(float(alpha)) and float(alpha) > 0):
+        raise ValueError(f"mixup: alpha must be a positive number, got {alpha!r}")
+    key_lam, key_perm = jax.random.split(rng)
+    lam = jax.random.beta(key_lam, float(alpha), float(alpha)).astype(jnp.float32)
+    return lam, jax.random.permutation(key_perm, int(batch_size))
+
+
+def mix_images(images: jax.Array, lam: jax.Array, permutation: jax.Array) -> jax.Array:
+    """``lam * x + (1 - lam) * x[permutation]`` for images ``[B, H, W, C]``."""
+    return lam * images + (1.0 - lam) * images[permutation]

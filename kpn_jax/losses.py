@@ -226,6 +226,29 @@ def total_loss(outputs: Mapping[str, jax.Array | Mapping[str, jax.Array]], grade
     return loss, metrics
 
 
+def mixup_loss(loss_of_targets, grades: jax.Array, labeled_mask: jax.Array, lam: jax.Array,
+               permutation: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The loss of mixed images: ``lam * L(grades) + (1 - lam) * L(grades[permutation])``.
+
+    Cross entropy is linear in its target, so this is the cross entropy against the mixed
+    (smoothed) one-hot targets; terms that do not depend on the grades (the incoherence
+    loss) come out unchanged.
+
+    Args:
+      loss_of_targets: ``(grades [B, 7], labeled_mask [B]) -> (loss, metrics)``, e.g.
+        :func:`total_loss` with the outputs of the mixed images bound.
+      grades, labeled_mask: of the unmixed batch.
+      lam: float scalar, the weight of each example's own image.
+      permutation: int ``[B]``, each example's partner (:func:`kpn_jax.augment.mixup_params`).
+
+    Returns:
+      ``(loss, metrics)``, each metric mixed the same way.
+    """
+    own = loss_of_targets(grades, labeled_mask)
+    partner = loss_of_targets(grades[permutation], labeled_mask[permutation])
+    return jax.tree.map(lambda a, b: lam * a + (1.0 - lam) * b, own, partner)
+
+
 def _check_loss_inputs(outputs: dict, grades: jax.Array, labeled_mask: jax.Array,
                        tasks: Sequence[str], gmm) -> None:
     """The shapes :func:`total_loss` relies on; raises ValueError naming the argument."""

@@ -39,7 +39,7 @@ ADDED_FIELDS = {"lr_schedule": "step", "lr_warmup_epochs": 0.0, "label_smoothing
                 "ema_decay": 0.0, "augment.hflip": False, "eval_hflip": False,
                 "matmul_precision": "default", "coherence.use_unlabeled_split": True,
                 "optimizer": "adam", "momentum": 0.9, "augment.contrast": 0.0,
-                "augment.brightness": 0.0, "augment.gamma": 0.0}
+                "augment.brightness": 0.0, "augment.gamma": 0.0, "mixup_alpha": 0.0}
 
 
 # ----------------------------------------------------------------------------- config
@@ -100,6 +100,14 @@ def validate_config(config) -> None:
         raise ValueError(f"config.label_smoothing must be in [0, 1), got {config.label_smoothing!r}")
     if not 0 <= config.ema_decay < 1:
         raise ValueError(f"config.ema_decay must be in [0, 1) (0 = off), got {config.ema_decay!r}")
+    mixup_alpha = config.get("mixup_alpha", 0.0)
+    if not (isinstance(mixup_alpha, (int, float)) and 0 <= mixup_alpha < math.inf):
+        raise ValueError(f"config.mixup_alpha must be a number >= 0 (0 = off), got {mixup_alpha!r}")
+    if mixup_alpha and (config.coherence.enabled or config.model.pooling != "global"):
+        # A blend of two knees has no one set of keypoints, nor one 29-dim grade vector for
+        # the GMM to judge.
+        raise ValueError("config.mixup_alpha needs config.model.pooling='global' and "
+                         "config.coherence.enabled=False")
     for name, on in (("augment.hflip", config.augment.hflip), ("eval_hflip", config.eval_hflip)):
         if on and any(task != "kl" for task in config.tasks):
             raise ValueError(f"config.{name} mirrors knees, which swaps lateral and medial: only "
@@ -275,6 +283,7 @@ def make_train_step(config, model, class_weights: dict, gmm, warmup_steps: int =
     aug = config.augment
     coherence = config.coherence
     tasks = tuple(config.tasks)
+    mixup_alpha = float(config.get("mixup_alpha", 0.0))
 
     def step(state: TrainState, batch: dict, health: dict, step_index: jax.Array):
         rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), state.step)
@@ -287,18 +296,30 @@ def make_train_step(config, model, class_weights: dict, gmm, warmup_steps: int =
         images = augment_lib.augment_intensity(
             jax.random.fold_in(rng, 1), images, contrast=aug.get("contrast", 0.0),
             brightness=aug.get("brightness", 0.0), gamma=aug.get("gamma", 0.0))
+        if mixup_alpha:
+            lam, partner = augment_lib.mixup_params(jax.random.fold_in(rng, 2), images.shape[0],
+                                                    mixup_alpha)
+            images = augment_lib.mix_images(images, lam, partner)
         images = images.astype(dtype)
 
         def loss_fn(params):
             outputs, updates = model.apply(
                 {"params": params, "batch_stats": state.batch_stats}, images, keypoints,
                 train=True, mutable=["batch_stats"])
-            loss, aux = losses.total_loss(
-                outputs, batch["grades"], class_weights, gmm=gmm, tau=coherence.tau,
-                lambda_cls=config.lambda_cls, lambda_gmm=coherence.lambda_gmm,
-                use_gmm=step_index >= warmup_steps, labeled_mask=batch["labeled"], tasks=tasks,
-                aux_regression_weight=config.aux_regression_weight,
-                label_smoothing=config.label_smoothing)
+
+            def loss_of_targets(grades, labeled_mask):
+                return losses.total_loss(
+                    outputs, grades, class_weights, gmm=gmm, tau=coherence.tau,
+                    lambda_cls=config.lambda_cls, lambda_gmm=coherence.lambda_gmm,
+                    use_gmm=step_index >= warmup_steps, labeled_mask=labeled_mask, tasks=tasks,
+                    aux_regression_weight=config.aux_regression_weight,
+                    label_smoothing=config.label_smoothing)
+
+            if mixup_alpha:
+                loss, aux = losses.mixup_loss(loss_of_targets, batch["grades"], batch["labeled"],
+                                              lam, partner)
+            else:
+                loss, aux = loss_of_targets(batch["grades"], batch["labeled"])
             return loss, (aux, updates["batch_stats"])
 
         (loss, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

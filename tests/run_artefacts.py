@@ -21,6 +21,13 @@ def process_env(compilation_cache, **extra) -> dict:
                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", **extra)
 
 
+def xla_flags_with_devices(device_count: int) -> str:
+    """The inherited ``XLA_FLAGS`` (the tests' compile flags among them) plus a count of
+    fake CPU devices, for a process a multi-device test starts."""
+    return (os.environ.get("XLA_FLAGS", "") +
+            f" --xla_force_host_platform_device_count={device_count}")
+
+
 def artefacts(read) -> dict:
     """The artefacts of a workdir whose files ``read(relative name)`` returns as text."""
     records = [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}

@@ -5,7 +5,6 @@ set aside by both, a SIGKILL of both loses only what came after the last checkpo
 same commands then finish the run as if it had never stopped."""
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.run_artefacts import artefacts, assert_close, process_env
+from tests.run_artefacts import artefacts, assert_close, process_env, xla_flags_with_devices
 
 pytestmark = pytest.mark.slow  # three tiny trainings in subprocesses
 
@@ -41,8 +40,7 @@ def _start(flags, process_id=None, port=None, devices=1, output=subprocess.PIPE)
     # One compilation cache for every run of a test: beside its data folder.
     data_dir = next(f.split("=", 1)[1] for f in flags if f.startswith("--config.data_dir="))
     env = process_env(Path(data_dir).parent / "compilation_cache", PYTHONPATH=str(REPO),
-                      XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
-                                 f" --xla_force_host_platform_device_count={devices}"),
+                      XLA_FLAGS=xla_flags_with_devices(devices),
                       JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
     extra = ([] if process_id is None else
              ["--num_processes=2", f"--process_id={process_id}",

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.run_artefacts import xla_flags_with_devices
+
 pytestmark = pytest.mark.slow  # multi-device and multi-process runs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,8 +19,7 @@ WORKER = REPO / "tests" / "workers" / "one_train_step.py"
 
 def _env(device_count: int) -> dict:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                        f" --xla_force_host_platform_device_count={device_count}")
+    env["XLA_FLAGS"] = xla_flags_with_devices(device_count)
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env

@@ -1,12 +1,12 @@
 """Training-recipe options: cosine schedule with warm-up, label smoothing, a moving average of
-the weights, mirrored knees in training and evaluation (grades without a side)."""
+the weights, mirrored knees in training and evaluation (grades without a side), mixup."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kpn_jax import evaluate, losses, train, trainer
+from kpn_jax import augment, evaluate, losses, train, trainer
 
 
 def _config(**fields):
@@ -62,6 +62,59 @@ def test_label_smoothing_matches_float64():
     np.testing.assert_allclose(
         float(losses.weighted_cross_entropy(logits.astype(np.float32), labels, None, 0.0)),
         float(losses.weighted_cross_entropy(logits.astype(np.float32), labels)))
+
+
+def test_mixup_loss_is_cross_entropy_against_mixed_smoothed_targets_in_float64():
+    rng = np.random.default_rng(1)
+    batch, e, lam = 10, 0.1, 0.3
+    logits = rng.normal(0, 2, (batch, 5))
+    grades = np.full((batch, 7), -1)
+    grades[:, 0] = rng.integers(0, 5, batch)
+    permutation = rng.permutation(batch)
+    labeled = np.ones(batch, bool)
+    got, metrics = losses.mixup_loss(
+        lambda g, m: losses.total_loss({"kl": jnp.asarray(logits, jnp.float32)}, g, None,
+                                       labeled_mask=m, tasks=("kl",), label_smoothing=e),
+        jnp.asarray(grades), jnp.asarray(labeled), jnp.float32(lam), jnp.asarray(permutation))
+
+    def smoothed(labels):
+        target = np.full((batch, 5), e / 5)
+        target[np.arange(batch), labels] += 1 - e
+        return target
+
+    target = lam * smoothed(grades[:, 0]) + (1 - lam) * smoothed(grades[permutation, 0])
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    want = -(target * log_p).sum(-1).mean()
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["cls/kl"]), want, rtol=1e-5)
+
+
+def test_mixup_blends_each_image_with_its_partner():
+    images = jnp.asarray(np.random.default_rng(2).uniform(0, 1, (6, 4, 4, 1)), jnp.float32)
+    lam, permutation = augment.mixup_params(jax.random.PRNGKey(0), 6, alpha=0.4)
+    assert 0.0 <= float(lam) <= 1.0
+    assert sorted(np.asarray(permutation).tolist()) == list(range(6))
+    mixed = np.asarray(augment.mix_images(images, lam, permutation))
+    x = np.asarray(images, np.float64)
+    np.testing.assert_allclose(mixed, float(lam) * x + (1 - float(lam)) * x[np.asarray(permutation)],
+                               rtol=1e-6, atol=1e-6)
+    draws = [float(augment.mixup_params(jax.random.PRNGKey(k), 6, alpha=0.4)[0]) for k in range(200)]
+    # Beta(0.4, 0.4) is symmetric about 1/2 with most of its mass near 0 and 1.
+    assert abs(np.mean(draws) - 0.5) < 0.08
+    assert np.mean([min(d, 1 - d) < 0.2 for d in draws]) > 0.4
+    with pytest.raises(ValueError, match="alpha must be a positive number"):
+        augment.mixup_params(jax.random.PRNGKey(0), 6, alpha=0.0)
+
+
+def test_mixup_is_refused_where_a_blend_has_no_meaning():
+    global_kl = {"tasks": ("kl",), "coherence.enabled": False, "model.pooling": "global"}
+    train.validate_config(_config(mixup_alpha=0.2, **global_kl))
+    with pytest.raises(ValueError, match="mixup_alpha must be a number >= 0"):
+        train.validate_config(_config(mixup_alpha=-0.1, **global_kl))
+    with pytest.raises(ValueError, match="mixup_alpha needs config.model.pooling='global'"):
+        train.validate_config(_config(mixup_alpha=0.2, **{**global_kl, "model.pooling": "keypoints"}))
+    with pytest.raises(ValueError, match="coherence.enabled=False"):
+        train.validate_config(_config(mixup_alpha=0.2, **{"model.pooling": "global"}))
 
 
 class _State:

@@ -121,6 +121,18 @@ def test_global_pooling_baseline_trains_without_gmm(data_dir, tmp_path):
         assert 0.0 <= results["validation"][task]["accuracy"] <= 1.0
 
 
+def test_mixup_trains_and_changes_what_is_learned(data_dir, tmp_path):
+    options = {"model.pooling": "global", "coherence.enabled": False, "tasks": ("kl",)}
+    plain = tiny_config(data_dir, max_steps=2, **options)
+    mixed = tiny_config(data_dir, max_steps=2, mixup_alpha=0.4, **options)
+    results = train.train_and_evaluate(mixed, str(tmp_path / "mixup"))
+    assert 0.0 <= results["validation"]["kl"]["accuracy"] <= 1.0
+    train.train_and_evaluate(plain, str(tmp_path / "plain"))
+    _, params_mixed = latest_params(tmp_path / "mixup", mixed)
+    _, params_plain = latest_params(tmp_path / "plain", plain)
+    assert any(not np.allclose(params_mixed[key], params_plain[key]) for key in params_plain)
+
+
 def test_subset_of_tasks_and_coherence_refuses_partial_tasks(data_dir, tmp_path):
     config = tiny_config(data_dir, max_steps=2, tasks=("kl",), **{"coherence.enabled": False})
     results = train.train_and_evaluate(config, str(tmp_path / "kl_only"))
