@@ -49,6 +49,8 @@ def get_config():
         head="softmax",               # 'softmax' (a Dense per grade: the paper) or 'cumulative'
                                       # (ordinal: one score, ordered thresholds per grade)
         input_mode="repeat",          # 'repeat' grey -> 3 channels, or 'single' channel stem
+        stem_max_pool=True,           # False: no max-pool after the stem convolution (every
+                                      # feature map twice as fine, ~4x the multiply-adds)
         kernels="auto",               # 'auto', 'xla', 'cpu' or 'onednn': how convolutions run
                                       # (kpn_jax/kernels.py; same parameters, same numbers)
     ))

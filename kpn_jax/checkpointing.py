@@ -24,8 +24,11 @@ from absl import logging
 
 from kpn_jax import failures, parallel, storage
 
-MODEL_KEYS_THAT_CHANGE_SHAPES = ("pooling", "depth", "width", "aggregation", "densify_k",
-                                 "feature_layer", "aux_regression", "input_mode", "head")
+# Model fields that make another network: the parameters' shapes, or (stem_max_pool) what
+# the same parameters compute.
+MODEL_KEYS_OF_THE_NETWORK = ("pooling", "depth", "width", "aggregation", "densify_k",
+                             "feature_layer", "aux_regression", "input_mode", "head",
+                             "stem_max_pool")
 
 
 class CheckpointMismatchError(ValueError):
@@ -238,7 +241,7 @@ def _is_structure_mismatch(error: Exception) -> bool:
 def check_config_compatible(saved: dict, config) -> None:
     """Raises CheckpointMismatchError when ``workdir/config.json`` describes another model."""
     saved_model = saved.get("model", {})
-    for key in MODEL_KEYS_THAT_CHANGE_SHAPES:
+    for key in MODEL_KEYS_OF_THE_NETWORK:
         if key in saved_model and key in config.model and saved_model[key] != config.model[key]:
             raise CheckpointMismatchError(
                 f"the workdir was trained with model.{key}={saved_model[key]!r} but the config "

@@ -39,7 +39,8 @@ ADDED_FIELDS = {"lr_schedule": "step", "lr_warmup_epochs": 0.0, "label_smoothing
                 "ema_decay": 0.0, "augment.hflip": False, "eval_hflip": False,
                 "matmul_precision": "default", "coherence.use_unlabeled_split": True,
                 "optimizer": "adam", "momentum": 0.9, "augment.contrast": 0.0,
-                "augment.brightness": 0.0, "augment.gamma": 0.0, "mixup_alpha": 0.0}
+                "augment.brightness": 0.0, "augment.gamma": 0.0, "mixup_alpha": 0.0,
+                "model.stem_max_pool": True}
 
 
 # ----------------------------------------------------------------------------- config
@@ -195,7 +196,7 @@ def create_model(config, keypoint_schema: str = "kneel16",
     kernels = kernels or kernels_lib.for_config(config)
     kwargs = dict(depth=m.depth, width=m.width, tasks=tuple(config.tasks),
                   aux_regression=m.aux_regression, head=m.get("head", "softmax"),
-                  input_mode=m.input_mode,
+                  input_mode=m.input_mode, stem_max_pool=m.get("stem_max_pool", True),
                   dtype=DTYPES[config.dtype], conv=kernels.conv, max_pool=kernels.max_pool)
     if m.pooling == "keypoints":
         kwargs.update(schema_name=keypoint_schema, densify_k=(m.densify_k or None),

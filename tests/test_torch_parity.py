@@ -90,6 +90,22 @@ def test_resnet_eval_matches_torchvision(depth):
         assert rel_diff(out[name], nhwc(value)) < REL_TOL, name
 
 
+def test_resnet_without_stem_max_pool_is_torchvision_with_an_identity_maxpool():
+    net = torchvision_resnet(18).eval()
+    net.maxpool = torch.nn.Identity()
+    variables = torch_weights.resnet_from_torch(net.state_dict(), 18)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        stages = tr.backbone_features(net, x)
+        torch_logits = net(x).numpy()
+    out = jax.jit(ResNet(18, num_classes=10, stem_max_pool=False).apply)(
+        variables, jnp.asarray(nhwc(x)))
+    assert out["layer3"].shape == (2, 8, 8, 256)   # stride 8 instead of 16
+    assert rel_diff(out["logits"], torch_logits) < REL_TOL
+    for name, value in stages.items():
+        assert rel_diff(out[name], nhwc(value)) < REL_TOL, name
+
+
 # ResNet-50 at 2 x 64 px normalises layer4 over 8 values per channel; there even
 # torch float32 is 7e-5 from float64 on the logits, so it runs at 4 x 96 px.
 @pytest.mark.parametrize("depth, batch, size", [(18, 2, 64), (50, 4, 96)])
@@ -273,11 +289,13 @@ KPN_CASES = [
     (dict(depth=18), True),
     (dict(depth=18, width=16, aggregation="mean", densify_k=4, input_mode="single",
           aux_regression=True, feature_layer="layer2"), True),
+    (dict(depth=18, width=8, stem_max_pool=False), True),
 ]
 
 
 @pytest.mark.parametrize("config, train", KPN_CASES,
-                         ids=["r18-concat-eval", "r18-concat-train", "r18w16-variants-train"])
+                         ids=["r18-concat-eval", "r18-concat-train", "r18w16-variants-train",
+                              "r18w8-no-stem-max-pool-train"])
 def test_kpn_forward_losses_and_head_gradients_match_reference(config, train, fitted):
     gmm, class_weights, _ = fitted
     torch_model = tr.TorchKPN(**config)

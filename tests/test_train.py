@@ -150,6 +150,33 @@ def test_another_architecture_in_the_workdir_is_refused(data_dir, tmp_path):
                                  str(tmp_path / "w"))
 
 
+def test_the_stem_max_pool_is_part_of_the_network(data_dir):
+    """``model.stem_max_pool`` reaches the model (same parameters, another function), an
+    older config without the field builds the max-pool, and a workdir trained with the
+    other setting is refused."""
+    import jax.numpy as jnp
+    from ml_collections import ConfigDict
+
+    config = tiny_config(data_dir, tasks=("kl",), **{"coherence.enabled": False,
+                                                      "model.pooling": "global"})
+    images = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 64, 64, 1)), jnp.float32)
+    with_pool = train.create_model(config)
+    variables = with_pool.init(jax.random.key(0), images)
+    config.model.stem_max_pool = False
+    without_pool = train.create_model(config)
+    assert not without_pool.stem_max_pool
+    assert (jax.tree.structure(without_pool.init(jax.random.key(0), images))
+            == jax.tree.structure(variables))
+    assert not np.allclose(with_pool.apply(variables, images)["kl"],
+                           without_pool.apply(variables, images)["kl"])
+    older = ConfigDict(config.to_dict())
+    del older.model["stem_max_pool"]
+    assert train.create_model(older).stem_max_pool
+    saved = {"model": {"stem_max_pool": True}}
+    with pytest.raises(checkpointing.CheckpointMismatchError, match="model.stem_max_pool"):
+        checkpointing.check_config_compatible(saved, config)
+
+
 def test_recipe_options_train_and_resume_exactly_with_the_moving_average(data_dir, tmp_path):
     """KL only, mirrored knees, grey-level changes, SGD, cosine with warm-up, label smoothing
     and a moving average of the weights: the average is checkpointed (a resumed run ends

@@ -184,7 +184,8 @@ class TorchKPN(nn.Module):
                  tasks: Sequence[str] = grades_lib.TASKS, schema_name: str = "kneel16",
                  densify_k: int | None = None, aggregation: str = "concat",
                  feature_layer: str = "layer3", aux_regression: bool = False,
-                 input_mode: str = "repeat", pooling: str = "keypoints"):
+                 input_mode: str = "repeat", pooling: str = "keypoints",
+                 stem_max_pool: bool = True):
         super().__init__()
         if input_mode not in ("repeat", "single"):
             raise ValueError(f"input_mode: expected 'repeat' or 'single', got {input_mode!r}")
@@ -203,6 +204,9 @@ class TorchKPN(nn.Module):
         self.last_stage = feature_layer if pooling == "keypoints" else "layer4"
         self.backbone = torchvision_backbone(depth, width, 3 if input_mode == "repeat" else 1,
                                              self.last_stage)
+        self.stem_max_pool = stem_max_pool
+        if not stem_max_pool:
+            self.backbone.maxpool = nn.Identity()
         expansion = 4 if depth == 50 else 1
         schema = get_schema(schema_name)
         self._indices: dict[str, list[int]] = {}
@@ -255,8 +259,8 @@ class TorchKPN(nn.Module):
             points = keypoints.to(torch.promote_types(keypoints.dtype, torch.float32))
             if self.densify_k is not None:
                 points = densify_keypoints(points, self.schema_name, self.densify_k)
-            pooled = grid_sample_keypoints(features[self.feature_layer], points,
-                                           FEATURE_STRIDES[self.feature_layer])
+            stride = FEATURE_STRIDES[self.feature_layer] // (1 if self.stem_max_pool else 2)
+            pooled = grid_sample_keypoints(features[self.feature_layer], points, stride)
             for task in self.tasks:
                 selected = pooled[:, self._indices[task], :]                      # [B, n, C]
                 head_inputs[task] = (selected.flatten(1) if self.aggregation == "concat"
@@ -533,8 +537,8 @@ def _flax_side(flax_model, variables, gmm, images, keypoints, grades, labeled_ma
             points = keypoints_lib.densify(points, keypoints_lib.get_schema(flax_model.schema_name),
                                            flax_model.densify_k)
         layer = flax_model.feature_layer
-        features["pooled"] = keypoints_lib.bilinear_gather(features[layer], points,
-                                                           FEATURE_STRIDES[layer])
+        stride = FEATURE_STRIDES[layer] // (1 if flax_model.stem_max_pool else 2)
+        features["pooled"] = keypoints_lib.bilinear_gather(features[layer], points, stride)
     return jax.tree.map(lambda x: np.asarray(x, np.float32),
                         (outputs, metrics, features, new_stats, grads))
 

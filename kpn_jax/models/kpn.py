@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from kpn_jax import grades
 from kpn_jax.keypoints import bilinear_gather, densified_schema, densify, get_schema
 from kpn_jax.models.layers import torch_linear
-from kpn_jax.models.resnet import FEATURE_STRIDES, ModuleDef, ResNet
+from kpn_jax.models.resnet import ModuleDef, ResNet, feature_stride
 
 Dtype = Any
 
@@ -158,13 +158,15 @@ class KPN(nn.Module):
     JSN heads read every point, each osteophyte head only its compartment's.
 
     Attributes:
-      depth, width, dtype, param_dtype, conv, max_pool: the backbone's (see ``ResNet``).
+      depth, width, dtype, param_dtype, conv, max_pool, stem_max_pool: the backbone's
+        (see ``ResNet``).
       tasks: grade tasks to predict, a subset of ``grades.TASKS``.
       schema_name: keypoint schema of the ``keypoints`` argument (``kneel16``).
       densify_k: when set, each compartment's polyline is resampled to this many
         points (``kpn_jax.keypoints.densify``) before pooling.
       aggregation: ``'concat'`` (the paper: ``[n_points * C]``) or ``'mean'`` (``[C]``).
-      feature_layer: ``layer3`` (the paper; stride 16), or ``layer1``/``layer2``/``layer4``.
+      feature_layer: ``layer3`` (the paper; stride 16, or 8 without ``stem_max_pool``), or
+        ``layer1``/``layer2``/``layer4``.
         The backbone is built only up to this stage (``ResNet(last_stage=...)``).
       aux_regression: add a Dense(1) regression of each grade (Antony et al.).
       head: ``'softmax'`` (a Dense per grade: the paper) or ``'cumulative'`` (an ordinal
@@ -187,6 +189,7 @@ class KPN(nn.Module):
     param_dtype: Dtype = jnp.float32
     conv: ModuleDef = nn.Conv
     max_pool: Callable[..., jax.Array] = nn.max_pool
+    stem_max_pool: bool = True
 
     @nn.compact
     def __call__(self, images: jax.Array, keypoints: jax.Array,
@@ -209,7 +212,8 @@ class KPN(nn.Module):
         # (and, through weight decay, shrink weights nothing reads).
         feature_maps = ResNet(self.depth, None, self.dtype, self.param_dtype, self.width,
                               last_stage=self.feature_layer, conv=self.conv,
-                              max_pool=self.max_pool, name="backbone")(x, train)
+                              max_pool=self.max_pool, stem_max_pool=self.stem_max_pool,
+                              name="backbone")(x, train)
         feature_map = feature_maps[self.feature_layer]
 
         # Coordinates and pooled averages stay in >= float32 for a bfloat16 backbone.
@@ -219,7 +223,8 @@ class KPN(nn.Module):
             keypoints = densify(keypoints, schema, self.densify_k)
             schema = densified_schema(schema, self.densify_k)
         # [B, N, C] in the backbone's dtype.
-        pooled = bilinear_gather(feature_map, keypoints, FEATURE_STRIDES[self.feature_layer])
+        pooled = bilinear_gather(feature_map, keypoints,
+                                 feature_stride(self.feature_layer, self.stem_max_pool))
 
         head_inputs = {}
         for task in self.tasks:
@@ -273,6 +278,7 @@ class GlobalPoolNet(nn.Module):
     param_dtype: Dtype = jnp.float32
     conv: ModuleDef = nn.Conv
     max_pool: Callable[..., jax.Array] = nn.max_pool
+    stem_max_pool: bool = True
 
     @nn.compact
     def __call__(self, images: jax.Array, keypoints: jax.Array | None = None,
@@ -281,7 +287,8 @@ class GlobalPoolNet(nn.Module):
         del keypoints  # The baseline sees the whole image.
         x = normalize_images(images, self.input_mode, self.dtype)
         feature_maps = ResNet(self.depth, None, self.dtype, self.param_dtype, self.width,
-                              conv=self.conv, max_pool=self.max_pool, name="backbone")(x, train)
+                              conv=self.conv, max_pool=self.max_pool,
+                              stem_max_pool=self.stem_max_pool, name="backbone")(x, train)
         pooled = jnp.mean(feature_maps["layer4"].astype(_real_dtype(self.dtype)), axis=(1, 2))
         return _heads({task: pooled for task in self.tasks}, tuple(self.tasks),
                       self.aux_regression, self.dtype, self.param_dtype, self.head)

@@ -46,6 +46,12 @@ FEATURE_STRIDES: dict[str, int] = {"stem": 4, "layer1": 4, "layer2": 8, "layer3"
                                    "layer4": 32}
 STAGES: tuple[str, ...] = ("layer1", "layer2", "layer3", "layer4")
 
+
+def feature_stride(name: str, stem_max_pool: bool = True) -> int:
+    """Input pixels per cell of feature map ``name``; without the stem's max-pool every map
+    is twice as fine (``layer3``: 8 instead of 16)."""
+    return FEATURE_STRIDES[name] if stem_max_pool else FEATURE_STRIDES[name] // 2
+
 # torch nn.BatchNorm2d: eps 1e-5, momentum 0.1 on the new value == flax momentum 0.9.
 BN_EPSILON = 1e-5
 # kernel size -> torchvision's explicit padding (flax 'SAME' would put a stride-2
@@ -144,6 +150,9 @@ class ResNet(nn.Module):
         :func:`kpn_jax.kernels.choose` gives the one for the backend. Its parameter
         must be ``kernel [kh, kw, in, out]``.
       max_pool: the stem's max-pool, called like ``nn.max_pool`` (the default).
+      stem_max_pool: ``False`` leaves the stem's max-pool out (every map twice as fine,
+        about four times the multiply-adds after the stem; no parameter changes), as
+        torchvision's model with ``maxpool = nn.Identity()``.
     """
 
     depth: int = 50
@@ -155,6 +164,7 @@ class ResNet(nn.Module):
     last_stage: str = "layer4"
     conv: ModuleDef = nn.Conv
     max_pool: Callable[..., jax.Array] = nn.max_pool
+    stem_max_pool: bool = True
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
@@ -167,7 +177,8 @@ class ResNet(nn.Module):
 
         Returns:
           ``stem`` ``[B, H/4, W/4, width]`` (after the max-pool), ``layer1`` (stride 4),
-          ``layer2`` (8), ``layer3`` (16), ``layer4`` (32) up to ``last_stage``, all in
+          ``layer2`` (8), ``layer3`` (16), ``layer4`` (32) up to ``last_stage`` (half
+          these strides without ``stem_max_pool``: :func:`feature_stride`), all in
           ``dtype`` (sizes rounded up), and ``logits [B, num_classes]`` float32 (float64 for a
           float64 ``dtype``) when ``num_classes`` is set.
         """
@@ -193,8 +204,9 @@ class ResNet(nn.Module):
 
         x = conv(self.width, (7, 7), 2, padding=_PAD[7], name="conv1")(images)
         x = nn.relu(norm(name="bn1")(x))
-        # Pads with -inf, like torch's MaxPool2d(3, 2, padding=1).
-        x = self.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        if self.stem_max_pool:
+            # Pads with -inf, like torch's MaxPool2d(3, 2, padding=1).
+            x = self.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         features = {"stem": x}
         for k, num_blocks in enumerate(blocks_per_stage[:stages]):
             for i in range(num_blocks):
