@@ -488,7 +488,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                             kernels.compiler_options, hflip=config.eval_hflip)
 
         _print(f"kpn-jax: {config.model.pooling} pooling, ResNet-{config.model.depth} "
-               f"(width {config.model.width}), {handle.name} at {handle.image_size} px, "
+               f"(width {config.model.width}"
+               + ("" if model.stem_max_pool else ", no stem max-pool")
+               + f"), {handle.name} at {handle.image_size} px, "
                f"{len(labeled)} labelled train examples"
                + (f" + {len(unlabeled_pool)} in the unlabelled pool, GMM K={gmm.num_components}"
                   if gmm is not None else "")
