@@ -3,8 +3,10 @@
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from ml_collections import ConfigDict
 
 from data_prep import synthetic_knee
 from kpn_jax import checkpointing, train
@@ -154,9 +156,6 @@ def test_the_stem_max_pool_is_part_of_the_network(data_dir):
     """``model.stem_max_pool`` reaches the model (same parameters, another function), an
     older config without the field builds the max-pool, and a workdir trained with the
     other setting is refused."""
-    import jax.numpy as jnp
-    from ml_collections import ConfigDict
-
     config = tiny_config(data_dir, tasks=("kl",), **{"coherence.enabled": False,
                                                       "model.pooling": "global"})
     images = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 64, 64, 1)), jnp.float32)

@@ -511,7 +511,7 @@ def _flax_side(flax_model, variables, gmm, images, keypoints, grades, labeled_ma
 
     from kpn_jax import keypoints as keypoints_lib
     from kpn_jax import losses
-    from kpn_jax.models.resnet import ResNet
+    from kpn_jax.models.resnet import ResNet, feature_stride
 
     def is_backbone(module, method_name):
         return isinstance(module, ResNet) and method_name == "__call__"
@@ -537,8 +537,8 @@ def _flax_side(flax_model, variables, gmm, images, keypoints, grades, labeled_ma
             points = keypoints_lib.densify(points, keypoints_lib.get_schema(flax_model.schema_name),
                                            flax_model.densify_k)
         layer = flax_model.feature_layer
-        stride = FEATURE_STRIDES[layer] // (1 if flax_model.stem_max_pool else 2)
-        features["pooled"] = keypoints_lib.bilinear_gather(features[layer], points, stride)
+        features["pooled"] = keypoints_lib.bilinear_gather(
+            features[layer], points, feature_stride(layer, flax_model.stem_max_pool))
     return jax.tree.map(lambda x: np.asarray(x, np.float32),
                         (outputs, metrics, features, new_stats, grads))
 
