@@ -91,6 +91,9 @@ def get_config():
                                       # 'cosine' (to 0 at the last epoch)
     config.lr_warmup_epochs = 0.0     # 'cosine': linear warm-up from 0 over these epochs
     config.label_smoothing = 0.0      # cross entropy against (1 - e) one-hot + e uniform
+    # > 0: soft ordinal labels (SORD) instead of one-hot: the target of grade y is
+    # softmax_k(-(k - y)^2 / (2 sigma^2)), mass on the neighbouring grades (0.4: 0.04 each).
+    config.ordinal_label_sigma = 0.0
     # > 0: an exponential moving average of the weights (and BatchNorm statistics) with this
     # decay is what validation, the best checkpoint's tests and predict use.
     config.ema_decay = 0.0

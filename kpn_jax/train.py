@@ -40,7 +40,7 @@ ADDED_FIELDS = {"lr_schedule": "step", "lr_warmup_epochs": 0.0, "label_smoothing
                 "matmul_precision": "default", "coherence.use_unlabeled_split": True,
                 "optimizer": "adam", "momentum": 0.9, "augment.contrast": 0.0,
                 "augment.brightness": 0.0, "augment.gamma": 0.0, "mixup_alpha": 0.0,
-                "model.stem_max_pool": True}
+                "model.stem_max_pool": True, "ordinal_label_sigma": 0.0}
 
 
 # ----------------------------------------------------------------------------- config
@@ -99,6 +99,10 @@ def validate_config(config) -> None:
         raise ValueError("config.lr_warmup_epochs needs config.lr_schedule='cosine'")
     if not 0 <= config.label_smoothing < 1:
         raise ValueError(f"config.label_smoothing must be in [0, 1), got {config.label_smoothing!r}")
+    ordinal_label_sigma = config.get("ordinal_label_sigma", 0.0)
+    if not (isinstance(ordinal_label_sigma, (int, float)) and 0 <= ordinal_label_sigma < math.inf):
+        raise ValueError(f"config.ordinal_label_sigma must be a number >= 0 (0 = off), got "
+                         f"{ordinal_label_sigma!r}")
     if not 0 <= config.ema_decay < 1:
         raise ValueError(f"config.ema_decay must be in [0, 1) (0 = off), got {config.ema_decay!r}")
     mixup_alpha = config.get("mixup_alpha", 0.0)
@@ -314,7 +318,8 @@ def make_train_step(config, model, class_weights: dict, gmm, warmup_steps: int =
                     lambda_cls=config.lambda_cls, lambda_gmm=coherence.lambda_gmm,
                     use_gmm=step_index >= warmup_steps, labeled_mask=labeled_mask, tasks=tasks,
                     aux_regression_weight=config.aux_regression_weight,
-                    label_smoothing=config.label_smoothing)
+                    label_smoothing=config.label_smoothing,
+                    ordinal_label_sigma=float(config.get("ordinal_label_sigma", 0.0)))
 
             if mixup_alpha:
                 loss, aux = losses.mixup_loss(loss_of_targets, batch["grades"], batch["labeled"],

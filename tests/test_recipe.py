@@ -64,6 +64,33 @@ def test_label_smoothing_matches_float64():
         float(losses.weighted_cross_entropy(logits.astype(np.float32), labels)))
 
 
+def test_soft_ordinal_labels_match_float64():
+    rng = np.random.default_rng(2)
+    logits = rng.normal(0, 2, (12, 5))
+    labels = rng.integers(-1, 5, 12)
+    labels[:2] = (-1, 2)
+    weights = rng.uniform(0.5, 2.0, 5)
+    present = labels >= 0
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    w = np.where(present, weights[np.maximum(labels, 0)], 0.0)
+    for sigma, e in ((0.4, 0.0), (0.7, 0.1)):
+        closeness = np.exp(-(np.arange(5)[None, :] - np.maximum(labels, 0)[:, None]) ** 2
+                           / (2 * sigma ** 2))
+        target = (1 - e) * closeness / closeness.sum(-1, keepdims=True) + e / 5
+        want = (w * -(target * log_p).sum(-1)).sum() / w.sum()
+        got = losses.weighted_cross_entropy(logits.astype(np.float32), labels,
+                                            weights.astype(np.float32), label_smoothing=e,
+                                            ordinal_label_sigma=sigma)
+        np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    # sigma 0.4 keeps on a middle grade what label smoothing 0.1 keeps, on its neighbours.
+    middle = np.asarray(losses.ordinal_targets(jnp.asarray([2]), 5, 0.4))[0]
+    np.testing.assert_allclose(middle, [0, 0.04, 0.92, 0.04, 0], atol=0.005)
+    with pytest.raises(ValueError, match="ordinal_label_sigma must be a number >= 0"):
+        train.validate_config(_config(ordinal_label_sigma=-0.5))
+    with pytest.raises(ValueError, match="ordinal_label_sigma must be a number >= 0"):
+        train.validate_config(_config(ordinal_label_sigma=float("inf")))
+
+
 def test_mixup_loss_is_cross_entropy_against_mixed_smoothed_targets_in_float64():
     rng = np.random.default_rng(1)
     batch, e, lam = 10, 0.1, 0.3

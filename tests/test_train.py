@@ -123,16 +123,18 @@ def test_global_pooling_baseline_trains_without_gmm(data_dir, tmp_path):
         assert 0.0 <= results["validation"][task]["accuracy"] <= 1.0
 
 
-def test_mixup_trains_and_changes_what_is_learned(data_dir, tmp_path):
+def test_mixup_and_soft_ordinal_labels_train_and_change_what_is_learned(data_dir, tmp_path):
     options = {"model.pooling": "global", "coherence.enabled": False, "tasks": ("kl",)}
     plain = tiny_config(data_dir, max_steps=2, **options)
-    mixed = tiny_config(data_dir, max_steps=2, mixup_alpha=0.4, **options)
-    results = train.train_and_evaluate(mixed, str(tmp_path / "mixup"))
-    assert 0.0 <= results["validation"]["kl"]["accuracy"] <= 1.0
     train.train_and_evaluate(plain, str(tmp_path / "plain"))
-    _, params_mixed = latest_params(tmp_path / "mixup", mixed)
     _, params_plain = latest_params(tmp_path / "plain", plain)
-    assert any(not np.allclose(params_mixed[key], params_plain[key]) for key in params_plain)
+    for name, change in (("mixup", {"mixup_alpha": 0.4}), ("sord", {"ordinal_label_sigma": 0.4})):
+        changed = tiny_config(data_dir, max_steps=2, **change, **options)
+        results = train.train_and_evaluate(changed, str(tmp_path / name))
+        assert 0.0 <= results["validation"]["kl"]["accuracy"] <= 1.0
+        _, params_changed = latest_params(tmp_path / name, changed)
+        assert any(not np.allclose(params_changed[key], params_plain[key])
+                   for key in params_plain), name
 
 
 def test_subset_of_tasks_and_coherence_refuses_partial_tasks(data_dir, tmp_path):
