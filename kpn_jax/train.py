@@ -46,6 +46,14 @@ ADDED_FIELDS = {"lr_schedule": "step", "lr_warmup_epochs": 0.0, "label_smoothing
 # ----------------------------------------------------------------------------- config
 
 
+def _check_off_or_positive(config, name: str) -> float:
+    """The value of ``config.<name>``, a number >= 0 where 0 means off; else ValueError."""
+    value = config.get(name, 0.0)
+    if not (isinstance(value, (int, float)) and 0 <= value < math.inf):
+        raise ValueError(f"config.{name} must be a number >= 0 (0 = off), got {value!r}")
+    return value
+
+
 def validate_config(config) -> None:
     """Checks values a typo or a bad override would get wrong; raises ValueError naming the field."""
     unknown = [t for t in config.tasks if t not in grades_lib.TASKS]
@@ -99,15 +107,10 @@ def validate_config(config) -> None:
         raise ValueError("config.lr_warmup_epochs needs config.lr_schedule='cosine'")
     if not 0 <= config.label_smoothing < 1:
         raise ValueError(f"config.label_smoothing must be in [0, 1), got {config.label_smoothing!r}")
-    ordinal_label_sigma = config.get("ordinal_label_sigma", 0.0)
-    if not (isinstance(ordinal_label_sigma, (int, float)) and 0 <= ordinal_label_sigma < math.inf):
-        raise ValueError(f"config.ordinal_label_sigma must be a number >= 0 (0 = off), got "
-                         f"{ordinal_label_sigma!r}")
+    _check_off_or_positive(config, "ordinal_label_sigma")
     if not 0 <= config.ema_decay < 1:
         raise ValueError(f"config.ema_decay must be in [0, 1) (0 = off), got {config.ema_decay!r}")
-    mixup_alpha = config.get("mixup_alpha", 0.0)
-    if not (isinstance(mixup_alpha, (int, float)) and 0 <= mixup_alpha < math.inf):
-        raise ValueError(f"config.mixup_alpha must be a number >= 0 (0 = off), got {mixup_alpha!r}")
+    mixup_alpha = _check_off_or_positive(config, "mixup_alpha")
     if mixup_alpha and (config.coherence.enabled or config.model.pooling != "global"):
         # A blend of two knees has no one set of keypoints, nor one 29-dim grade vector for
         # the GMM to judge.
@@ -289,6 +292,7 @@ def make_train_step(config, model, class_weights: dict, gmm, warmup_steps: int =
     coherence = config.coherence
     tasks = tuple(config.tasks)
     mixup_alpha = float(config.get("mixup_alpha", 0.0))
+    ordinal_label_sigma = float(config.get("ordinal_label_sigma", 0.0))
 
     def step(state: TrainState, batch: dict, health: dict, step_index: jax.Array):
         rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), state.step)
@@ -319,7 +323,7 @@ def make_train_step(config, model, class_weights: dict, gmm, warmup_steps: int =
                     use_gmm=step_index >= warmup_steps, labeled_mask=labeled_mask, tasks=tasks,
                     aux_regression_weight=config.aux_regression_weight,
                     label_smoothing=config.label_smoothing,
-                    ordinal_label_sigma=float(config.get("ordinal_label_sigma", 0.0)))
+                    ordinal_label_sigma=ordinal_label_sigma)
 
             if mixup_alpha:
                 loss, aux = losses.mixup_loss(loss_of_targets, batch["grades"], batch["labeled"],
